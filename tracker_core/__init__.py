@@ -1,0 +1,72 @@
+"""tracker-core: fine-tuning iterations tracked in MLflow, best models kept in object storage."""
+
+from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.codecs import ModelCodec, StateDictCodec
+from tracker_core.connect import connect
+from tracker_core.errors import (
+    ArtifactStoreError,
+    BackendNotInstalledError,
+    ConfigurationError,
+    InvalidMetricError,
+    InvalidNameError,
+    InvalidParamsError,
+    IterationFailedError,
+    MaxAttemptsReachedException,
+    ModelNotFoundError,
+    NoActiveIterationError,
+    NoActiveRunError,
+    TrackerError,
+    TrackingStoreError,
+    TransientError,
+    UnknownSchemeError,
+)
+from tracker_core.manager import ExperimentsManager
+from tracker_core.params import FineTuningParams
+from tracker_core.registry import Backend, available_schemes, register_backend
+from tracker_core.retry import RetryConfig, RetryParams
+from tracker_core.stores import ArtifactStore, TrackingStore
+from tracker_core.values import (
+    ExperimentRecord,
+    FineTuningIteration,
+    MetricValue,
+    RunRecord,
+    RunStatus,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactStore",
+    "ArtifactStoreError",
+    "Backend",
+    "BackendNotInstalledError",
+    "ConfigurationError",
+    "ExperimentRecord",
+    "ExperimentsManager",
+    "FineTuningIteration",
+    "FineTuningParams",
+    "InvalidMetricError",
+    "InvalidNameError",
+    "InvalidParamsError",
+    "IterationFailedError",
+    "MaxAttemptsReachedException",
+    "MetricValue",
+    "MetricsAccumulator",
+    "ModelCodec",
+    "ModelNotFoundError",
+    "NoActiveIterationError",
+    "NoActiveRunError",
+    "RetryConfig",
+    "RetryParams",
+    "RunRecord",
+    "RunStatus",
+    "StateDictCodec",
+    "TrackerError",
+    "TrackingStore",
+    "TrackingStoreError",
+    "TransientError",
+    "UnknownSchemeError",
+    "available_schemes",
+    "connect",
+    "register_backend",
+]

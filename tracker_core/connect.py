@@ -1,0 +1,58 @@
+"""``tracker_core.connect``: one call from an artifact URI to a ready manager."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.codecs import ModelFactory
+from tracker_core.manager import ExperimentsManager
+from tracker_core.params import FineTuningParams
+from tracker_core.retry import RetryConfig
+
+__all__ = ["connect"]
+
+
+def connect(
+    artifact_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    main_metric: str,
+    plugin_name: str,
+    is_loss: bool = False,
+    n_top_runs: int = 10,
+    accumulators: Iterable[MetricsAccumulator] = (),
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryConfig | None = None,
+    keep: int = 1,
+    model_format: str | None = None,
+    model_factory: ModelFactory | None = None,
+    params_type: type[FineTuningParams] | None = None,
+    requirements: Sequence[str] | None = None,
+) -> ExperimentsManager:
+    """A manager whose models live at ``artifact_uri`` and whose runs are tracked at ``tracking_uri``.
+
+    The scheme of ``artifact_uri`` picks the backend: ``file://`` or a plain path (local),
+    ``s3://bucket/prefix`` (S3), ``gs://`` / ``gcs://`` (GCS). ``tracking_uri`` defaults to
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. ``storage_options`` pass through
+    to the fsspec filesystem. Raises
+    :class:`~tracker_core.errors.UnknownSchemeError` (listing the installed schemes) for a
+    scheme no installed backend serves.
+    """
+    return ExperimentsManager(
+        tracking_uri,
+        main_metric,
+        plugin_name,
+        accumulators,
+        is_loss,
+        n_top_runs,
+        requirements,
+        retry,
+        artifact_uri=artifact_uri,
+        storage_options=storage_options,
+        keep=keep,
+        model_format=model_format,
+        model_factory=model_factory,
+        params_type=params_type,
+    )

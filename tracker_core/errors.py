@@ -1,0 +1,120 @@
+"""One exception hierarchy for everything tracker-core raises.
+
+Every error names what failed. Messages never contain credentials: anything that
+formats user-supplied configuration goes through :func:`redact` first.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ArtifactStoreError",
+    "BackendNotInstalledError",
+    "ConfigurationError",
+    "InvalidMetricError",
+    "InvalidNameError",
+    "InvalidParamsError",
+    "IterationFailedError",
+    "MaxAttemptsReachedException",
+    "ModelNotFoundError",
+    "NoActiveIterationError",
+    "NoActiveRunError",
+    "TrackerError",
+    "TrackingStoreError",
+    "TransientError",
+    "UnknownSchemeError",
+    "redact",
+]
+
+
+class TrackerError(Exception):
+    """Base class of every error raised by tracker-core and its backends."""
+
+
+class ConfigurationError(TrackerError, ValueError):
+    """An argument or setting is invalid; raised before anything is written."""
+
+
+class InvalidNameError(ConfigurationError):
+    """A plugin, experiment or metric name is empty, or contains a path separator or ``..``."""
+
+
+class InvalidMetricError(ConfigurationError):
+    """A metric value is not a finite number, or the main metric is not a non-empty string."""
+
+
+class InvalidParamsError(ConfigurationError):
+    """Fine-tuning params hold a type that cannot round-trip through MLflow."""
+
+
+class UnknownSchemeError(ConfigurationError):
+    """No backend is registered for the scheme of an artifact URI."""
+
+
+class BackendNotInstalledError(UnknownSchemeError, ImportError):
+    """The scheme is known, but the distribution that serves it is not installed."""
+
+
+class NoActiveIterationError(TrackerError, RuntimeError):
+    """An operation needs a current fine-tuning iteration and none is set."""
+
+
+class NoActiveRunError(TrackerError, RuntimeError):
+    """An operation needs a current run and none is set."""
+
+
+class ModelNotFoundError(TrackerError, LookupError):
+    """No model is stored where one was expected."""
+
+
+class IterationFailedError(TrackerError, RuntimeError):
+    """Every run of a fine-tuning iteration failed; the previous iteration was kept."""
+
+
+class TrackingStoreError(TrackerError):
+    """The tracking side (MLflow) refused or failed an operation."""
+
+
+class ArtifactStoreError(TrackerError):
+    """The artifact side (local disk, S3, GCS) refused or failed an operation."""
+
+
+class TransientError(TrackerError):
+    """A failure worth retrying (connection, timeout, 5xx, 429, throttling).
+
+    Backends raise it, or classify their own exceptions as transient, so that the
+    single retry policy of :mod:`tracker_core.retry` can act on it.
+    """
+
+
+class MaxAttemptsReachedException(TrackerError):
+    """A remote operation kept failing with transient errors until its attempts ran out.
+
+    The last transient error is chained as ``__cause__``.
+    """
+
+    def __init__(self, operation: str, attempts: int) -> None:
+        super().__init__(f"{operation}: gave up after {attempts} attempt(s)")
+        self.operation = operation
+        self.attempts = attempts
+
+
+_SECRET_PATTERNS = [
+    # key=value / key: value pairs whose key looks secret
+    re.compile(
+        r"(?i)((?:secret|password|passwd|token|private_key|access_key|signature|credential)"
+        r"[\w\-]*[\"']?\s*[=:]\s*[\"']?)([^\s\"',&}]+)"
+    ),
+    # user:password@ in URLs
+    re.compile(r"(://[^/\s:@]+:)([^@\s/]+)(@)"),
+]
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with known secrets and secret-looking values replaced by ``***``."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = _SECRET_PATTERNS[0].sub(r"\1***", text)
+    return _SECRET_PATTERNS[1].sub(r"\1***\3", text)

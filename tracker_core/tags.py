@@ -1,0 +1,50 @@
+"""Names of the tags and marker metrics the manager writes, in one place.
+
+Tags are what the manager filters on server-side; the seed's marker metrics
+(``model_uploaded``, ``model_deleted``) are logged too, so the model's state stays visible as
+a chart in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KIND_INITIAL",
+    "KIND_ITERATION",
+    "METRIC_MODEL_DELETED",
+    "METRIC_MODEL_UPLOADED",
+    "MODEL_DIR",
+    "TAG_BATCH",
+    "TAG_KIND",
+    "TAG_MODEL_DELETED",
+    "TAG_MODEL_FORMAT",
+    "TAG_MODEL_UPLOADED",
+    "TAG_MODEL_URI",
+    "TAG_PARAMS_ID",
+    "TAG_PARAMS_TYPE",
+    "TAG_PLUGIN",
+    "TRUE",
+]
+
+TRUE = "true"
+FALSE = "false"
+
+TAG_PLUGIN = "tracker.plugin"
+TAG_KIND = "tracker.kind"
+TAG_BATCH = "tracker.batch_id"
+KIND_INITIAL = "initial"
+KIND_ITERATION = "iteration"
+
+TAG_PARAMS_ID = "tracker.params_id"
+TAG_PARAMS_TYPE = "tracker.params_type"
+
+#: "true" once the model files are completely written; the only thing that makes a model servable
+TAG_MODEL_UPLOADED = "tracker.model_uploaded"
+TAG_MODEL_DELETED = "tracker.model_deleted"
+TAG_MODEL_URI = "tracker.model_uri"
+TAG_MODEL_FORMAT = "tracker.model_format"
+
+METRIC_MODEL_UPLOADED = "model_uploaded"
+METRIC_MODEL_DELETED = "model_deleted"
+
+#: the model's folder below the run's artifact URI, as MLflow's ``runs:/<id>/model``
+MODEL_DIR = "model"
