@@ -1,0 +1,55 @@
+# tracker-core build and test entry points. `make test` is what CI runs (via .ci/run).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+VPY         := $(VENV)/bin/python
+CONSTRAINTS := requirements/constraints.txt
+STAMP       := $(VENV)/.installed
+
+# Backends are separate distributions; install only those that already have a pyproject.toml.
+BACKEND_PROJECTS := $(wildcard backends/*/pyproject.toml)
+BACKEND_DIRS     := $(patsubst %/pyproject.toml,%,$(BACKEND_PROJECTS))
+EDITABLES        := -e . $(foreach d,$(BACKEND_DIRS),-e $(d))
+TYPED_SOURCES    := tracker_core $(wildcard backends)
+
+PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input -c $(CONSTRAINTS)
+
+# The test command; README quotes it. Extra pytest options: make test PYTEST_ARGS="-k s3 -x".
+PYTEST_ARGS ?=
+TEST_CMD    := $(VPY) -m pytest tests/ --timeout=900 $(PYTEST_ARGS)
+
+.PHONY: venv test lint format demo clean
+
+venv: $(STAMP)
+
+# The stamp holds the list of editables it installed: a backend added since forces a re-install,
+# as does any newer pyproject/requirements file. It is dated from the *start* of the install, so a
+# file edited while pip runs is picked up next time.
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(EDITABLES)))
+.PHONY: $(STAMP)
+endif
+
+$(STAMP): pyproject.toml $(BACKEND_PROJECTS) $(wildcard requirements/*.txt)
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@echo '$(strip $(EDITABLES))' > $@.new
+	$(PIP_INSTALL) $(EDITABLES) -r requirements/dev.txt
+	@mv $@.new $@
+
+test: venv
+	$(TEST_CMD)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(TYPED_SOURCES)
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: venv
+	$(VPY) examples/finetune_embeddings.py
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -name '*.egg-info' -prune -exec rm -rf {} + -o -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Test helpers for tracker-core and its backends (real servers as subprocesses)."""
