@@ -42,6 +42,12 @@ class RetryParams:
     max_wait_seconds: float = attrs.field(default=30.0, validator=_positive)
 
 
+def _frozen_operations(value: Mapping[str, RetryParams]) -> Mapping[str, RetryParams]:
+    from types import MappingProxyType
+
+    return MappingProxyType(dict(value))
+
+
 @attrs.frozen
 class RetryConfig:
     """Retry parameters by operation name, with a default.
@@ -52,7 +58,7 @@ class RetryConfig:
     """
 
     default_params: RetryParams = RetryParams()
-    operations: Mapping[str, RetryParams] = attrs.field(factory=dict, converter=dict)
+    operations: Mapping[str, RetryParams] = attrs.field(factory=dict, converter=_frozen_operations)
 
     def __getitem__(self, operation: str) -> RetryParams:
         return self.operations.get(operation, self.default_params)

@@ -1,0 +1,159 @@
+"""How MLflow failures become tracker-core errors.
+
+:func:`classify_mlflow_error` tells transient failures (worth a retry) from permanent ones;
+:func:`tracking_errors` is the one place where a failed MLflow call is turned into a
+:class:`~tracker_core.errors.TrackingStoreError` naming the operation, with credentials
+scrubbed from its message *and* from the chained originals (MLflow puts the full tracking URL,
+``user:password@`` included, into its own messages).
+
+Transient failures are raised as :class:`TransientTrackingStoreError`, which is both a
+``TrackingStoreError`` and a :class:`~tracker_core.errors.TransientError`, so the retrier
+retries them without knowing MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from tracker_core.errors import TrackerError, TrackingStoreError, TransientError, redact
+
+__all__ = [
+    "PERMANENT_CODES",
+    "TRANSIENT_CODES",
+    "TransientTrackingStoreError",
+    "classify_mlflow_error",
+    "error_code",
+    "scrub_chain",
+    "tracking_errors",
+]
+
+#: MLflow error codes that are worth a retry whatever their origin
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+#: MLflow error codes that no retry can fix
+PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "RESOURCE_ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "ENDPOINT_NOT_FOUND",
+        "NOT_IMPLEMENTED",
+    }
+)
+_RETRYABLE_STATUS = frozenset({408, 429})
+# "failed with error code 503 != 200" (non-JSON error body) and urllib3's
+# "too many 503 error responses" (MLflow's own HTTP retries exhausted)
+_STATUS_IN_MESSAGE = re.compile(r"(?:error code|too many) (\d{3})\b")
+
+
+class TransientTrackingStoreError(TrackingStoreError, TransientError):
+    """A tracking-store failure worth retrying (connection, timeout, 5xx, 429, locked DB)."""
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The MLflow error code name (``"RESOURCE_DOES_NOT_EXIST"``...) of an MlflowException."""
+    code = getattr(exc, "error_code", None)
+    return code if isinstance(code, str) else None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    match = _STATUS_IN_MESSAGE.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _classify_one(exc: BaseException) -> bool | None:
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(exc, requests.exceptions.RetryError):
+        return True  # MLflow's own retries on 408/429/5xx ran out
+    if type(exc).__name__ == "OperationalError" and "database is locked" in str(exc):
+        return True  # SQLAlchemy / sqlite3 busy database
+    if not isinstance(exc, MlflowException):
+        return None
+    code = error_code(exc)
+    if code in TRANSIENT_CODES:
+        return True
+    status = _http_status(exc)
+    if status is not None:
+        return status >= 500 or status in _RETRYABLE_STATUS
+    if isinstance(exc, RestException) and code == "INTERNAL_ERROR":
+        return True  # the server answered 500
+    if code in PERMANENT_CODES:
+        return False
+    http = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
+    if code != "INTERNAL_ERROR" and 400 <= http < 500:
+        return http in _RETRYABLE_STATUS
+    return None  # a local INTERNAL_ERROR: look at what caused it
+
+
+def classify_mlflow_error(exc: BaseException) -> bool | None:
+    """True if ``exc`` (or what caused it) is transient, False if permanent, None if unknown.
+
+    Transient: requests connection errors and timeouts, MLflow's exhausted HTTP retries,
+    HTTP 5xx / 408 / 429, ``TEMPORARILY_UNAVAILABLE`` / ``REQUEST_LIMIT_EXCEEDED``, a server
+    ``INTERNAL_ERROR``, SQLite's "database is locked". Permanent: invalid parameter, missing
+    or existing resource, permission denied, other 4xx. A wrapped
+    :class:`~tracker_core.errors.TrackingStoreError` is judged by its cause.
+    """
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, TrackerError):
+        cause = exc.__cause__
+        return bool(cause is not None and classify_mlflow_error(cause))
+    for link in _chain(exc):
+        verdict = _classify_one(link)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+def scrub_chain(exc: BaseException, *secrets: str | None) -> None:
+    """Redact credentials in place from ``exc`` and every exception it chains to."""
+    for link in _chain(exc):
+        with contextlib.suppress(Exception):  # exotic exception types: best effort
+            link.args = tuple(
+                redact(arg, *secrets) if isinstance(arg, str) else arg for arg in link.args
+            )
+            message: Any = getattr(link, "message", None)
+            if isinstance(message, str):
+                link.message = redact(message, *secrets)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def tracking_errors(operation: str, uri: str, *secrets: str | None) -> Iterator[None]:
+    """Turn any failure inside the block into a (possibly transient) TrackingStoreError.
+
+    Tracker errors pass through unchanged. The original is chained as ``__cause__``; every
+    message in the chain is redacted.
+    """
+    try:
+        yield
+    except TrackerError:
+        raise
+    except Exception as exc:
+        scrub_chain(exc, *secrets)
+        transient = classify_mlflow_error(exc)
+        kind = TransientTrackingStoreError if transient else TrackingStoreError
+        detail = f"{type(exc).__name__}: {exc}"
+        message = redact(f"{operation} on tracking store {uri} failed: {detail}", *secrets)
+        raise kind(message) from exc

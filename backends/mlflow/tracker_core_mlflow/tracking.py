@@ -1,0 +1,313 @@
+"""The MLflow tracking store: :class:`~tracker_core.stores.TrackingStore` over ``MlflowClient``.
+
+Only ``mlflow.MlflowClient(tracking_uri)`` is used, never the fluent API, so any number of
+stores live in one process and are used from any thread.
+
+The store does not retry. MLflow's HTTP layer has its own retries (``urllib3.Retry`` on
+408/429/5xx and connection errors): ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7, with
+exponential backoff factor ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` = 2, i.e. minutes) and
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s). Those are process-wide environment variables
+read at each request; a library must not set them. Under tracker-core's own retry policy,
+deployments should set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` (or a small number) and a
+moderate ``MLFLOW_HTTP_REQUEST_TIMEOUT`` so the retries do not multiply; otherwise each of
+our attempts may itself take minutes. Credentials are best passed as
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``; ``user:password@`` in the URI
+works too and is redacted from every error this store raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+from tracker_core.errors import TrackingStoreError, redact
+from tracker_core.stores import ExperimentQuery, RunQuery, TrackingStore
+from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
+from tracker_core_mlflow import filters
+from tracker_core_mlflow.errors import classify_mlflow_error, error_code, tracking_errors
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+
+__all__ = ["MlflowTrackingStore", "batches"]
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: MLflow's per-request limits for log_batch
+MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
+#: page size when a search has no (or a large) limit
+PAGE_SIZE = 1000
+_CREATE_ATTEMPTS = 3
+
+
+def _operation(fn: F) -> F:
+    """Run the method inside :func:`tracking_errors`, named after the method."""
+
+    @functools.wraps(fn)
+    def wrapper(self: MlflowTrackingStore, *args: Any, **kwargs: Any) -> Any:
+        with tracking_errors(fn.__name__, self.display_uri, self._password):
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def batches(
+    metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]
+) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:
+    """Split into requests within MLflow's limits: 1000 metrics, 100 params, 100 tags,
+    1000 entities in all. Params and tags go first."""
+    m = p = t = 0
+    while m < len(metrics) or p < len(params) or t < len(tags):
+        chunk_p = list(params[p : p + MAX_PARAMS])
+        chunk_t = list(tags[t : t + MAX_TAGS])
+        room = min(MAX_METRICS, MAX_ENTITIES - len(chunk_p) - len(chunk_t))
+        chunk_m = list(metrics[m : m + room])
+        m, p, t = m + len(chunk_m), p + len(chunk_p), t + len(chunk_t)
+        yield chunk_m, chunk_p, chunk_t
+
+
+def _experiment_record(exp: Experiment) -> ExperimentRecord:
+    return ExperimentRecord(
+        experiment_id=str(exp.experiment_id),
+        name=exp.name,
+        artifact_location=exp.artifact_location,
+        creation_time_ms=int(exp.creation_time or 0),
+        tags=dict(exp.tags or {}),
+        lifecycle_stage=exp.lifecycle_stage,
+    )
+
+
+def _run_record(run: Run) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        run_id=info.run_id,
+        experiment_id=str(info.experiment_id),
+        run_name=info.run_name or "",
+        status=RunStatus(info.status),
+        artifact_uri=info.artifact_uri or "",
+        start_time_ms=int(info.start_time or 0),
+        end_time_ms=int(info.end_time) if info.end_time else None,
+        metrics=dict(data.metrics),
+        params=dict(data.params),
+        tags=dict(data.tags),
+    )
+
+
+def _deleted_name(name: str, experiment_id: str) -> str:
+    return f"{name} (deleted {experiment_id})"
+
+
+class MlflowTrackingStore(TrackingStore):
+    """Experiments and runs in MLflow (SQLite/PostgreSQL/... directly, or an MLflow server).
+
+    Thread-safe: ``MlflowClient`` keeps no per-call state; the SQL store it uses is shared
+    per URI by MLflow and opens a session per call. Failures raise
+    :class:`~tracker_core.errors.TrackingStoreError` naming the operation (transient ones as
+    :class:`~tracker_core_mlflow.errors.TransientTrackingStoreError`).
+    """
+
+    def __init__(self, tracking_uri: str, client: MlflowClient | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri
+        self._password = urlsplit(tracking_uri).password
+        self.display_uri = redact(tracking_uri, self._password)
+        self.client = client if client is not None else MlflowClient(tracking_uri=tracking_uri)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.display_uri!r})"
+
+    def classify_error(self, exc: BaseException) -> bool | None:
+        return classify_mlflow_error(exc)
+
+    # -- experiments ------------------------------------------------------------------
+    @_operation
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        try:
+            return _experiment_record(self.client.get_experiment(experiment_id))
+        except Exception as exc:
+            if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    @_operation
+    def get_experiment_by_name(self, name: str) -> ExperimentRecord | None:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            return None
+        return _experiment_record(exp)
+
+    @_operation
+    def create_experiment(
+        self, name: str, artifact_location: str, tags: Mapping[str, str]
+    ) -> ExperimentRecord:
+        for _ in range(_CREATE_ATTEMPTS):
+            holder = self.client.get_experiment_by_name(name)
+            if holder is not None and holder.lifecycle_stage == "active":
+                return _experiment_record(holder)
+            if holder is not None:  # deleted by another tool: move it out of the way
+                self._free_name(holder.experiment_id, name, restore=True)
+            try:
+                experiment_id = self.client.create_experiment(
+                    name, artifact_location=artifact_location, tags=dict(tags)
+                )
+            except Exception as exc:
+                if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                log.debug("experiment %r was created concurrently; using it", name)
+                continue
+            return _experiment_record(self.client.get_experiment(experiment_id))
+        raise TrackingStoreError(
+            f"create_experiment: {name!r} kept being created and deleted concurrently"
+        )
+
+    def _free_name(self, experiment_id: str, name: str, *, restore: bool) -> None:
+        """Rename the experiment to a unique deleted name and delete it.
+
+        MLflow renames active experiments only, so a deleted one is restored first; between
+        the restore and the delete it is briefly visible (under its old name, then the new).
+        """
+        if restore:
+            self.client.restore_experiment(experiment_id)
+        self.client.rename_experiment(experiment_id, _deleted_name(name, experiment_id))
+        self.client.delete_experiment(experiment_id)
+
+    @_operation
+    def search_experiments(
+        self, query: ExperimentQuery, max_results: int, page_token: str | None = None
+    ) -> tuple[list[ExperimentRecord], str | None]:
+        """One page, newest first (``creation_time DESC, experiment_id DESC``).
+
+        A filter MLflow cannot express (a value with both quote kinds) is applied to the
+        page locally, so such a page may hold fewer than ``max_results`` experiments.
+        """
+        from mlflow.entities import ViewType
+
+        filter_string, local = filters.experiment_filter(query)
+        page = self.client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY,
+            max_results=max_results,
+            filter_string=filter_string or None,
+            order_by=["creation_time DESC", "experiment_id DESC"],
+            page_token=page_token,
+        )
+        kept = [e for e in page if all(check(e) for check in local)]
+        return [_experiment_record(e) for e in kept], page.token or None
+
+    @_operation
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Rename to ``"<name> (deleted <id>)"``, then delete; a no-op if already deleted.
+
+        Retrying after a crash between the two steps completes the deletion.
+        """
+        exp = self.client.get_experiment(experiment_id)
+        if exp.lifecycle_stage != "active":
+            return
+        suffix = f" (deleted {experiment_id})"
+        if exp.name.endswith(suffix):
+            self.client.delete_experiment(experiment_id)
+        else:
+            self._free_name(experiment_id, exp.name, restore=False)
+
+    # -- runs ---------------------------------------------------------------------------
+    @_operation
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
+        run = self.client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
+        return _run_record(run)
+
+    @_operation
+    def get_run(self, run_id: str) -> RunRecord | None:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return None if run.info.lifecycle_stage != "active" else _run_record(run)
+
+    @_operation
+    def search_runs(self, query: RunQuery) -> list[RunRecord]:
+        """Runs matching ``query``, in MLflow's order: the metric (runs without it last), then
+        start time descending, then run id. Paged through with ``PAGE_SIZE``."""
+        from mlflow.entities import ViewType
+
+        limit = query.max_results
+        if not query.experiment_ids or (limit is not None and limit <= 0):
+            return []
+        filter_string, local = filters.run_filter(query)
+        page_size = min(limit, PAGE_SIZE) if limit is not None and not local else PAGE_SIZE
+        found: list[Run] = []
+        token: str | None = None
+        while True:
+            page = self.client.search_runs(
+                list(query.experiment_ids),
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=page_size,
+                order_by=filters.run_order_by(query),
+                page_token=token,
+            )
+            found.extend(r for r in page if all(check(r) for check in local))
+            token = page.token or None
+            if token is None or (limit is not None and len(found) >= limit):
+                break
+        return [_run_record(r) for r in found[:limit]]
+
+    @_operation
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricValue] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log in chunks within MLflow's limits; synchronous, so failures surface here.
+
+        Idempotent for metrics: MLflow's SQL store keys metric rows on (run, key, timestamp,
+        step, value) and skips rows that already exist, so a retried batch records each point
+        once. Re-logging a param with the same value is accepted; a different value is a
+        permanent ``INVALID_PARAMETER_VALUE``.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        m = [Metric(v.name, v.value, v.timestamp_ms, v.step or 0) for v in metrics]
+        p = [Param(k, str(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for chunk_m, chunk_p, chunk_t in batches(m, p, t):
+            self.client.log_batch(run_id, chunk_m, chunk_p, chunk_t, synchronous=True)
+
+    @_operation
+    def get_metric_history(self, run_id: str, key: str) -> list[MetricValue]:
+        """Every value of ``key`` in (step, timestamp) order. NaN values, which MLflow accepts
+        from other clients but a :class:`MetricValue` cannot hold, are skipped with a warning."""
+        history = sorted(
+            self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
+        )
+        finite = [m for m in history if math.isfinite(m.value)]
+        if len(finite) < len(history):
+            log.warning("%s: skipped %d NaN value(s) of metric %r",
+                        run_id, len(history) - len(finite), key)
+        return [MetricValue(key, m.value, step=m.step, timestamp_ms=m.timestamp) for m in finite]
+
+    @_operation
+    def set_terminated(self, run_id: str, status: RunStatus) -> None:
+        self.client.set_terminated(run_id, status=str(RunStatus(status)))
+
+    @_operation
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    @_operation
+    def delete_tag(self, run_id: str, key: str) -> None:
+        try:
+            self.client.delete_tag(run_id, key)
+        except Exception as exc:
+            if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.client.get_run(run_id)  # a missing run is still an error
