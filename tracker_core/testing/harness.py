@@ -1,0 +1,71 @@
+"""What a backend supplies to run the behaviour suite: one :class:`BackendUnderTest`.
+
+The suite (:mod:`tracker_core.testing.suite`) takes a pytest fixture named ``backend`` that
+yields a :class:`BackendUnderTest`. tracker-core's own tests parametrise it over
+local / S3 / GCS x SQLite / ``mlflow server``; a third-party backend runs the whole suite by
+defining that one fixture and importing the tests::
+
+    from tracker_core.testing.suite import *  # noqa: F403
+
+    @pytest.fixture
+    def backend(tmp_path):
+        yield BackendUnderTest("mine", artifact_root="mine://bucket", tracking_uri=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from tracker_core.connect import connect
+from tracker_core.manager import ExperimentsManager
+from tracker_core.retry import RetryConfig, RetryParams
+
+__all__ = ["FAST_RETRY", "BackendUnderTest"]
+
+#: retries for tests: few attempts, short waits
+FAST_RETRY = RetryConfig(RetryParams(max_attempts=3, wait_time_seconds=0.05, max_wait_seconds=0.2))
+
+
+@attrs.define
+class BackendUnderTest:
+    """One leg of the matrix: where models go and where runs are tracked.
+
+    ``artifact_root`` should be unique per test (a fresh folder, bucket or prefix).
+    ``env`` holds the environment plain MLflow needs to read the models (endpoints,
+    credentials); :meth:`mlflow_env` applies it for interoperability checks.
+    """
+
+    id: str
+    artifact_root: str
+    tracking_uri: str
+    storage_options: Mapping[str, Any] | None = None
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    capabilities: frozenset[str] = frozenset()
+
+    def connect(self, **kwargs: Any) -> ExperimentsManager:
+        """A manager on this backend; a unique plugin name unless one is given."""
+        kwargs.setdefault("plugin_name", f"plugin-{uuid.uuid4().hex[:8]}")
+        kwargs.setdefault("main_metric", "quality")
+        kwargs.setdefault("retry", FAST_RETRY)
+        kwargs.setdefault("storage_options", self.storage_options)
+        return connect(self.artifact_root, tracking_uri=self.tracking_uri, **kwargs)
+
+    @contextlib.contextmanager
+    def mlflow_env(self) -> Iterator[None]:
+        """Apply :attr:`env` (and MLFLOW_TRACKING_URI) for the duration of the block."""
+        saved = {k: os.environ.get(k) for k in (*self.env, "MLFLOW_TRACKING_URI")}
+        os.environ.update({**self.env, "MLFLOW_TRACKING_URI": self.tracking_uri})
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
