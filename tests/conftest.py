@@ -20,8 +20,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-from tracker_core.testing import servers  # noqa: E402
-from tracker_core.testing.harness import BackendUnderTest  # noqa: E402
+from tracker_core.testing import servers
+from tracker_core.testing.harness import BackendUnderTest
 
 ARTIFACT_SIDES = ("local", "s3", "gcs")
 TRACKING_SIDES = ("sqlite", "server")

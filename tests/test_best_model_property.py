@@ -22,7 +22,9 @@ qualities = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(values=qualities, is_loss=st.booleans(), keep=st.integers(1, 3))
 def test_exactly_the_best_keep_models_exist(
     tmp_path: Path, values: list[float], is_loss: bool, keep: int

@@ -121,14 +121,20 @@ def test_from_mlflow_rejects_garbage() -> None:
 
 
 def test_accumulator_constant_work_values() -> None:
-    acc = MetricsAccumulator("loss", calc_mean=True, calc_sliding=True, calc_min=True,
-                             calc_max=True, window_size=3)
+    acc = MetricsAccumulator(
+        "loss", calc_mean=True, calc_sliding=True, calc_min=True, calc_max=True, window_size=3
+    )
     values = [5.0, 1.0, 3.0, 2.0, 8.0]
     out = []
     for v in values:
         out = dict(acc.accumulate(MetricValue("loss", v)))
-    assert out == {"loss": 8.0, "mean_loss": pytest.approx(19 / 5),
-                   "sliding_loss": pytest.approx(13 / 3), "min_loss": 1.0, "max_loss": 8.0}
+    assert out == {
+        "loss": 8.0,
+        "mean_loss": pytest.approx(19 / 5),
+        "sliding_loss": pytest.approx(13 / 3),
+        "min_loss": 1.0,
+        "max_loss": 8.0,
+    }
     assert acc.accumulate(MetricValue("other", 1.0)) == []
     acc.clear()
     assert dict(acc.accumulate(MetricValue("loss", 2.0)))["mean_loss"] == 2.0
@@ -162,7 +168,9 @@ def test_unknown_scheme_lists_installed() -> None:
 def test_known_but_missing_backend_names_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
     from tracker_core import registry
 
-    monkeypatch.setitem(registry.KNOWN_BACKENDS, "azure", {"dist": "tracker-core-azure", "err": "x"})
+    monkeypatch.setitem(
+        registry.KNOWN_BACKENDS, "azure", {"dist": "tracker-core-azure", "err": "x"}
+    )
     with pytest.raises(BackendNotInstalledError, match="tracker-core-azure"):
         get_backend("azure")
 
@@ -201,7 +209,9 @@ def test_retry_config_per_operation() -> None:
     config = RetryConfig(RetryParams(max_attempts=2), {"upload_model": RetryParams(max_attempts=7)})
     assert config["upload_model"].max_attempts == 7
     assert config["anything"].max_attempts == 2
-    assert config == RetryConfig(RetryParams(max_attempts=2), {"upload_model": RetryParams(max_attempts=7)})
+    assert config == RetryConfig(
+        RetryParams(max_attempts=2), {"upload_model": RetryParams(max_attempts=7)}
+    )
 
 
 def test_redact() -> None:

@@ -20,6 +20,12 @@ pytest.importorskip("mlflow")
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from tracker_core.errors import TrackingStoreError, TransientError
+from tracker_core.retry import Retrier
+from tracker_core.stores import ExperimentQuery, RunQuery
+from tracker_core.testing.servers import free_port, mlflow_server
+from tracker_core.values import MetricValue, RunStatus
 from tracker_core_mlflow import (
     MlflowBackend,
     MLflowClientWrapper,
@@ -28,12 +34,6 @@ from tracker_core_mlflow import (
     default_tracking_uri,
 )
 from tracker_core_mlflow.tracking import batches
-
-from tracker_core.errors import TrackingStoreError, TransientError
-from tracker_core.retry import Retrier
-from tracker_core.stores import ExperimentQuery, RunQuery
-from tracker_core.testing.servers import free_port, mlflow_server
-from tracker_core.values import MetricValue, RunStatus
 
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -109,8 +109,9 @@ def test_racing_create_returns_the_existing_experiment(
 ) -> None:
     name, location = unique(), (tmp_path / "a").as_uri()
     with ThreadPoolExecutor(8) as pool:
-        ids = set(pool.map(lambda _: store.create_experiment(name, location, {}).experiment_id,
-                           range(8)))
+        ids = set(
+            pool.map(lambda _: store.create_experiment(name, location, {}).experiment_id, range(8))
+        )
     assert len(ids) == 1
 
     # Deterministic loss of the race: the name looks free, then creation conflicts.
@@ -150,13 +151,18 @@ def test_search_experiments(store: MlflowTrackingStore, tmp_path: Path) -> None:
     page, token = store.search_experiments(query, 2)
     assert len(page) == 2 and token
 
-    excluded = ExperimentQuery(tags={"group": group}, exclude_names=(created[0].name,
-                                                                     created[4].name))
+    excluded = ExperimentQuery(
+        tags={"group": group}, exclude_names=(created[0].name, created[4].name)
+    )
     assert [e.experiment_id for e in store.iter_experiments(excluded)] == newest_first[1:4]
 
     cutoff = created[2].creation_time_ms
-    before = [e for e in store.iter_experiments(
-        ExperimentQuery(tags={"group": group}, created_before_ms=cutoff))]
+    before = [
+        e
+        for e in store.iter_experiments(
+            ExperimentQuery(tags={"group": group}, created_before_ms=cutoff)
+        )
+    ]
     assert all(e.creation_time_ms < cutoff for e in before)
     assert {e.experiment_id for e in before} <= {c.experiment_id for c in created[:2]}
 
@@ -166,9 +172,7 @@ def test_search_experiments(store: MlflowTrackingStore, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", ["it's", 'say "hi"', "both ' and \"", "back\\slash\\"])
-def test_search_experiments_quoting(
-    store: MlflowTrackingStore, tmp_path: Path, value: str
-) -> None:
+def test_search_experiments_quoting(store: MlflowTrackingStore, tmp_path: Path, value: str) -> None:
     group = unique("group")
     match = store.create_experiment(unique(), (tmp_path / "m").as_uri(), {"q": value, "g": group})
     store.create_experiment(unique(), (tmp_path / "n").as_uri(), {"q": "plain", "g": group})
@@ -223,8 +227,13 @@ def test_search_runs_filters(store: MlflowTrackingStore, runs: dict[str, Any]) -
     assert sorted(names(store, experiment_ids=exp, has_metric="m")) == ["a", "b", "d", "e"]
     assert names(store, experiment_ids=exp, has_metric="nope") == []
     assert names(
-        store, experiment_ids=exp, tags={"kind": "x"}, params={"lr": "0.1"},
-        statuses=[RunStatus.FINISHED], run_name="a", has_metric="m",
+        store,
+        experiment_ids=exp,
+        tags={"kind": "x"},
+        params={"lr": "0.1"},
+        statuses=[RunStatus.FINISHED],
+        run_name="a",
+        has_metric="m",
     ) == ["a"]
     assert store.has_runs(runs["exp"], [RunStatus.KILLED])
     assert not store.has_runs(runs["exp"], [RunStatus.SCHEDULED])
@@ -235,11 +244,19 @@ def test_search_runs_order_and_limit(store: MlflowTrackingStore, runs: dict[str,
     exp = (runs["exp"],)
     assert names(store, experiment_ids=exp, order_by_metric="m") == ["b", "d", "a", "e", "c"]
     assert names(store, experiment_ids=exp, order_by_metric="m", ascending=True) == [
-        "e", "a", "d", "b", "c",
+        "e",
+        "a",
+        "d",
+        "b",
+        "c",
     ]  # runs without the metric come last in both directions
     assert names(store, experiment_ids=exp, order_by_metric="m", max_results=2) == ["b", "d"]
     assert names(
-        store, experiment_ids=exp, order_by_metric="m", ascending=True, max_results=1,
+        store,
+        experiment_ids=exp,
+        order_by_metric="m",
+        ascending=True,
+        max_results=1,
         statuses=[RunStatus.FINISHED, RunStatus.FAILED],
     ) == ["e"]
     assert len(names(store, experiment_ids=exp, max_results=3)) == 3
@@ -305,7 +322,7 @@ def test_log_batch_is_idempotent(store: MlflowTrackingStore, tmp_path: Path) -> 
 
 def test_params_round_trip(store: MlflowTrackingStore, tmp_path: Path) -> None:
     run = store.create_run(make_experiment(store, tmp_path), "params", {})
-    params = {"lr": "0.001", "layers": "[1, 2]", "name": "it's \"quoted\"", "empty": ""}
+    params = {"lr": "0.001", "layers": "[1, 2]", "name": 'it\'s "quoted"', "empty": ""}
     store.log_batch(run.run_id, params=params)
     store.log_batch(run.run_id, params=params)  # same values again: fine
     record = store.get_run(run.run_id)
@@ -457,16 +474,20 @@ def test_mlflow_pytorch_codec_loads_from_runs_uri(
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, **HTTP_ENV}
     out = subprocess.run(
         [sys.executable, "-c", script, f"runs:/{run.run_id}/model"],
-        env=env, capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=tmp_path,
     )
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(model(x).sum().item())
 
 
 def test_codec_refuses_non_empty_directory(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from tracker_core_mlflow import MlflowPytorchCodec
-
     from tracker_core.errors import ConfigurationError
+    from tracker_core_mlflow import MlflowPytorchCodec
 
     (tmp_path / "junk").write_text("x")
     with pytest.raises(ConfigurationError):

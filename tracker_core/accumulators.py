@@ -80,5 +80,9 @@ class MetricsAccumulator:
         return out
 
     def __repr__(self) -> str:
-        flags = [f for f in ("calc_mean", "calc_sliding", "calc_min", "calc_max") if getattr(self, f)]
-        return f"MetricsAccumulator({self.name!r}, {', '.join(flags)}, window_size={self.window_size})"
+        flags = [
+            f for f in ("calc_mean", "calc_sliding", "calc_min", "calc_max") if getattr(self, f)
+        ]
+        return (
+            f"MetricsAccumulator({self.name!r}, {', '.join(flags)}, window_size={self.window_size})"
+        )

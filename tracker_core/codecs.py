@@ -59,7 +59,10 @@ class StateDictCodec(ModelCodec):
                 f"the state_dict format needs a torch.nn.Module, got {type(model).__name__}"
             )
         torch.save(model.state_dict(), directory / self.FILE)
-        meta = {"format": self.name, "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+        meta = {
+            "format": self.name,
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        }
         (directory / self.META).write_text(json.dumps(meta))
 
     def load(self, directory: Path, model_factory: ModelFactory | None = None) -> Any:

@@ -31,7 +31,7 @@ def connect(
     params_type: type[FineTuningParams] | None = None,
     requirements: Sequence[str] | None = None,
 ) -> ExperimentsManager:
-    """A manager whose models live at ``artifact_uri`` and whose runs are tracked at ``tracking_uri``.
+    """A manager keeping models at ``artifact_uri`` and tracking runs at ``tracking_uri``.
 
     The scheme of ``artifact_uri`` picks the backend: ``file://`` or a plain path (local),
     ``s3://bucket/prefix`` (S3), ``gs://`` / ``gcs://`` (GCS). ``tracking_uri`` defaults to

@@ -80,16 +80,24 @@ class FsspecArtifactStore(ArtifactStore):
         except Exception as exc:
             if self.classify_error(exc):
                 raise
-            message = redact(f"{operation} {uri} failed: {type(exc).__name__}: {exc}", *self._secrets)
+            message = redact(
+                f"{operation} {uri} failed: {type(exc).__name__}: {exc}", *self._secrets
+            )
             raise ArtifactStoreError(message) from exc
 
     def _files(self, path: str) -> dict[str, int]:
         """Every file under ``path`` with its size."""
         found = self.fs.find(path, detail=True)
-        return {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type") != "directory"}
+        return {
+            p: int(info.get("size") or 0)
+            for p, info in found.items()
+            if info.get("type") != "directory"
+        }
 
     # -- ArtifactStore ------------------------------------------------------------------
-    def upload_dir(self, local_dir: Path, uri: str, progress: ProgressCallback | None = None) -> None:
+    def upload_dir(
+        self, local_dir: Path, uri: str, progress: ProgressCallback | None = None
+    ) -> None:
         target = self._path(uri)
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
         total = sum(p.stat().st_size for p in files)
@@ -107,7 +115,9 @@ class FsspecArtifactStore(ArtifactStore):
                     progress(done, total)
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
 
-    def download_dir(self, uri: str, local_dir: Path, progress: ProgressCallback | None = None) -> None:
+    def download_dir(
+        self, uri: str, local_dir: Path, progress: ProgressCallback | None = None
+    ) -> None:
         source = self._path(uri)
         with self._guard("download", uri):
             files = self._files(source)
@@ -115,7 +125,7 @@ class FsspecArtifactStore(ArtifactStore):
                 raise ModelNotFoundError(f"no model files at {uri}")
             total, done = sum(files.values()), 0
             for remote, size in sorted(files.items()):
-                rel = remote[len(source):].lstrip("/")
+                rel = remote[len(source) :].lstrip("/")
                 dest = Path(local_dir) / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 callback = _Bytes(progress, done, total) if progress else None
@@ -128,10 +138,8 @@ class FsspecArtifactStore(ArtifactStore):
     def delete_tree(self, uri: str) -> bool:
         target = self._path(uri)
         with self._guard("delete", uri):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(target, recursive=True)
-            except FileNotFoundError:
-                pass
             self.fs.invalidate_cache(target)
             return not self.fs.exists(target)
 
@@ -149,7 +157,7 @@ class FsspecArtifactStore(ArtifactStore):
                 return []
         dirs: set[str] = set()
         for path, info in found.items():
-            parts = path[len(base):].strip("/").split("/")
+            parts = path[len(base) :].strip("/").split("/")
             # a directory named `name` shows up itself, or (object stores) through its files
             for depth, part in enumerate(parts[:max_depth]):
                 if part == name and (depth < len(parts) - 1 or info.get("type") == "directory"):

@@ -70,7 +70,7 @@ def _flush_at_exit() -> None:
     for manager in list(_live_managers):
         try:
             manager.flush_metrics()
-        except Exception:  # noqa: BLE001 - at exit, report and go on with the others
+        except Exception:
             log.exception("could not flush metrics of %r at exit", manager)
 
 
@@ -153,7 +153,9 @@ class ExperimentsManager:
         if artifact_store is None:
             assert backend is not None
             artifact_store = backend.artifact_store(
-                artifact_uri or DEFAULT_ARTIFACT_URI, storage_options=storage_options, retrier=retrier
+                artifact_uri or DEFAULT_ARTIFACT_URI,
+                storage_options=storage_options,
+                retrier=retrier,
             )
         if tracking_store is None:
             assert backend is not None
@@ -337,7 +339,9 @@ class ExperimentsManager:
                 experiment.experiment_id, INITIAL_RUN_NAME, {T.TAG_PLUGIN: self._plugin_name}
             )
             if _is_marked(run):
-                log.info("initial model of %r already uploaded (run %s)", self._plugin_name, run.run_id)
+                log.info(
+                    "initial model of %r already uploaded (run %s)", self._plugin_name, run.run_id
+                )
                 return False
             self._upload_and_mark(run, model, model_format)
             self._track("finish_run", self.tracking.set_terminated, run.run_id, RunStatus.FINISHED)
@@ -421,7 +425,11 @@ class ExperimentsManager:
             except BaseException:
                 self._iteration = None
                 raise
-            log.info("iteration %r (%s)", str(iteration), self._experiment.experiment_id if self._experiment else "?")
+            log.info(
+                "iteration %r (%s)",
+                str(iteration),
+                self._experiment.experiment_id if self._experiment else "?",
+            )
 
     def finish_iteration(self) -> None:
         """End the current iteration (finishing an active run) and go back to the initial state."""
@@ -491,7 +499,9 @@ class ExperimentsManager:
             self._track("delete", self.tracking.delete_run, created.run_id)
             return winner
         first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
-        self._track("log_params", self.tracking.log_batch, created.run_id, first_metric, params or {})
+        self._track(
+            "log_params", self.tracking.log_batch, created.run_id, first_metric, params or {}
+        )
         return self._get_run(created.run_id)
 
     def _get_run(self, run_id: str) -> RunRecord:
@@ -513,7 +523,7 @@ class ExperimentsManager:
         return self._get_or_create_run(experiment.experiment_id, params.id, tags, mlflow_params)
 
     def _set_run(self, params: FineTuningParams) -> bool:
-        """Start or resume the run of ``params``; True if it is new or unfinished (to be trained)."""
+        """Start or resume the run of ``params``; True if it is new or unfinished (to train)."""
         run = self._start_run(params)
         self._run = run
         self._run_params = params
@@ -530,7 +540,9 @@ class ExperimentsManager:
         Raises :class:`NoActiveIterationError` without a current iteration.
         """
         if not isinstance(params, FineTuningParams):
-            raise ConfigurationError(f"params must be FineTuningParams, got {type(params).__name__}")
+            raise ConfigurationError(
+                f"params must be FineTuningParams, got {type(params).__name__}"
+            )
         with self._lock:
             self._require_iteration()
             if self._run is not None:
@@ -730,13 +742,17 @@ class ExperimentsManager:
                 )
             mine = self._rank_key(fresh)
             better = [
-                r for r in self._marked_runs(experiment.experiment_id)
+                r
+                for r in self._marked_runs(experiment.experiment_id)
                 if r.run_id != run.run_id and self._rank_key(r) < mine
             ]
             if len(better) >= self.keep:
                 log.info(
                     "run %s (%s=%s) is not among the best %d; model not saved",
-                    run.run_id, self._main_metric, fresh.metrics[self._main_metric], self.keep,
+                    run.run_id,
+                    self._main_metric,
+                    fresh.metrics[self._main_metric],
+                    self.keep,
                 )
                 return False
             self._save_model(model)
@@ -846,7 +862,9 @@ class ExperimentsManager:
         return self._model_url_of(run_id)
 
     # ------------------------------------------------------------------ downloads
-    def download_model_files(self, run_id: str, destination: Path, progress: bool | None = None) -> Path:
+    def download_model_files(
+        self, run_id: str, destination: Path, progress: bool | None = None
+    ) -> Path:
         """Copy the run's marked model files into ``destination``; returns the model folder."""
         run = self.get_run_by_id(run_id, models_only=True)
         if run is None:
@@ -854,7 +872,13 @@ class ExperimentsManager:
         destination = Path(destination)
         destination.mkdir(parents=True, exist_ok=True)
         with transfer_progress(f"download {run_id}", enabled=progress) as callback:
-            self._art("download_model", self.artifacts.download_dir, self._model_uri(run), destination, callback)
+            self._art(
+                "download_model",
+                self.artifacts.download_dir,
+                self._model_uri(run),
+                destination,
+                callback,
+            )
         return destination
 
     def _download_model(self, run_id: str) -> Any:
@@ -905,7 +929,7 @@ class ExperimentsManager:
         return self._download_model(best.run_id)
 
     def download_last_model(self) -> Any:
-        """The best model of the previous (or last finished) iteration; the initial model if none."""
+        """Best model of the previous (or last finished) iteration; else the initial model."""
         run_id, _ = self._get_best_previous_run_id()
         if run_id is None:
             return self.download_initial_model()
@@ -919,7 +943,9 @@ class ExperimentsManager:
             return type(self._run_params)
         import importlib
 
-        path = next((r.tags.get(T.TAG_PARAMS_TYPE) for r in runs if r.tags.get(T.TAG_PARAMS_TYPE)), None)
+        path = next(
+            (r.tags.get(T.TAG_PARAMS_TYPE) for r in runs if r.tags.get(T.TAG_PARAMS_TYPE)), None
+        )
         if path is None:
             raise ConfigurationError("cannot tell the params type: pass params_type=")
         module, _, qualname = path.partition(":")
@@ -971,4 +997,3 @@ class ExperimentsManager:
 
 def _is_marked(run: RunRecord) -> bool:
     return run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
-

@@ -169,4 +169,6 @@ class FineTuningParams:
         try:
             return cls(**kwargs)
         except TypeError as exc:
-            raise InvalidParamsError(f"cannot rebuild {cls.__name__} from MLflow params: {exc}") from exc
+            raise InvalidParamsError(
+                f"cannot rebuild {cls.__name__} from MLflow params: {exc}"
+            ) from exc

@@ -16,7 +16,9 @@ PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def transfer_progress(description: str, *, enabled: bool | None = None) -> Iterator[ProgressCallback]:
+def transfer_progress(
+    description: str, *, enabled: bool | None = None
+) -> Iterator[ProgressCallback]:
     """Yield a ``(done, total)`` callback that drives a tqdm bar once ``total`` is large.
 
     ``enabled=None`` means: only if stderr is a TTY.

@@ -18,7 +18,7 @@ import tenacity
 
 from tracker_core.errors import ConfigurationError, MaxAttemptsReachedException, TransientError
 
-__all__ = ["ErrorClassifier", "RetryConfig", "RetryParams", "Retrier", "is_builtin_transient"]
+__all__ = ["ErrorClassifier", "Retrier", "RetryConfig", "RetryParams", "is_builtin_transient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,7 +77,7 @@ def is_builtin_transient(exc: BaseException) -> bool | None:
 
 
 class Retrier:
-    """Runs callables under a :class:`RetryConfig`, retrying only what the classifiers call transient.
+    """Runs callables under a :class:`RetryConfig`, retrying only what classifiers call transient.
 
     Thread-safe: it holds no mutable state.
     """
@@ -105,7 +105,9 @@ class Retrier:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(params.max_attempts),
             wait=tenacity.wait_exponential_jitter(
-                initial=params.wait_time_seconds, max=params.max_wait_seconds, jitter=params.wait_time_seconds
+                initial=params.wait_time_seconds,
+                max=params.max_wait_seconds,
+                jitter=params.wait_time_seconds,
             )
             if params.wait_time_seconds > 0
             else tenacity.wait_none(),

@@ -118,7 +118,7 @@ class TrackingStore(abc.ABC):
     def search_experiments(
         self, query: ExperimentQuery, max_results: int, page_token: str | None = None
     ) -> tuple[list[ExperimentRecord], str | None]:
-        """One page of active experiments matching ``query``, newest first, and the next page's token."""
+        """A page of active experiments matching ``query``, newest first, and the next token."""
 
     @abc.abstractmethod
     def delete_experiment(self, experiment_id: str) -> None:
@@ -126,9 +126,7 @@ class TrackingStore(abc.ABC):
 
     # -- runs ---------------------------------------------------------------------------
     @abc.abstractmethod
-    def create_run(
-        self, experiment_id: str, run_name: str, tags: Mapping[str, str]
-    ) -> RunRecord:
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
         """Create a RUNNING run."""
 
     @abc.abstractmethod
@@ -173,7 +171,9 @@ class TrackingStore(abc.ABC):
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.log_batch(run_id, (), None, tags)
 
-    def iter_experiments(self, query: ExperimentQuery, page_size: int = 25) -> Iterator[ExperimentRecord]:
+    def iter_experiments(
+        self, query: ExperimentQuery, page_size: int = 25
+    ) -> Iterator[ExperimentRecord]:
         """Every experiment matching ``query``, newest first, fetched a page at a time."""
         token: str | None = None
         while True:
@@ -197,7 +197,7 @@ class TrackingStore(abc.ABC):
 
 
 def slugify(name: str) -> str:
-    """A path-safe form of an experiment name: ``"p / iteration / a / b"`` -> ``"p--iteration--a--b"``."""
+    """A path-safe experiment name: ``"p / iteration / a / b"`` -> ``"p--iteration--a--b"``."""
     slug = re.sub(r"\s*/\s*", "--", name.strip())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug)
     return slug.strip("-_.") or "experiment"
@@ -228,7 +228,7 @@ class ArtifactStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_tree(self, uri: str) -> bool:
-        """Delete every object under ``uri``. True when nothing is left there (also if there was nothing)."""
+        """Delete every object under ``uri``; True when nothing is left (or nothing was there)."""
 
     @abc.abstractmethod
     def exists(self, uri: str) -> bool:
@@ -251,7 +251,9 @@ class ArtifactStore(abc.ABC):
 
     def owns(self, uri: str) -> bool:
         """Whether ``uri`` lies under this store's root."""
-        return uri.rstrip("/") == self.root.rstrip("/") or uri.startswith(self.root.rstrip("/") + "/")
+        return uri.rstrip("/") == self.root.rstrip("/") or uri.startswith(
+            self.root.rstrip("/") + "/"
+        )
 
     def classify_error(self, exc: BaseException) -> bool | None:
         """True if ``exc`` is transient (worth a retry), False if permanent, None if unknown."""

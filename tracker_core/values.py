@@ -37,9 +37,7 @@ def validate_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidNameError(f"{what} must be a non-empty string, got {value!r}")
     if "/" in value or "\\" in value or ".." in value or "\x00" in value:
-        raise InvalidNameError(
-            f"{what} must not contain a path separator or '..', got {value!r}"
-        )
+        raise InvalidNameError(f"{what} must not contain a path separator or '..', got {value!r}")
     return value
 
 
@@ -60,7 +58,7 @@ def _optional_name_validator(what: str) -> Any:
 
 @attrs.frozen
 class FineTuningIteration:
-    """One fine-tuning iteration: an MLflow experiment named ``<plugin> / iteration / <run> / <batch>``.
+    """A fine-tuning iteration: the experiment ``<plugin> / iteration / <run> / <batch>``.
 
     ``run_id`` is the run the iteration started from (optional); ``batch_id`` the data batch
     it trains on.

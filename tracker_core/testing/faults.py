@@ -27,7 +27,9 @@ class FaultyProxy:
         self._lock = threading.Lock()
         self.calls: Counter[str] = Counter()
 
-    def fail(self, method: str, *, error: BaseException, times: int = 1, after_call: bool = False) -> None:
+    def fail(
+        self, method: str, *, error: BaseException, times: int = 1, after_call: bool = False
+    ) -> None:
         with self._lock:
             self._faults.setdefault(method, []).extend([(error, after_call)] * times)
 

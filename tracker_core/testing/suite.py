@@ -9,7 +9,6 @@ Tests that need plain MLflow to read what we wrote are marked by the capability 
 (every shipped backend has it).
 """
 
-# ruff: noqa: S101
 from __future__ import annotations
 
 import enum
@@ -90,9 +89,7 @@ def run_with_quality(
 
 
 def marked_models(mgr: ExperimentsManager, experiment_id: str) -> set[str]:
-    runs = mgr.tracking.search_runs(
-        RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-    )
+    runs = mgr.tracking.search_runs(RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE}))
     return {r.run_id for r in runs}
 
 
@@ -111,7 +108,9 @@ def iteration(mgr: ExperimentsManager, batch: str = "b1") -> FineTuningIteration
 
 @pytest.fixture
 def mgr(backend: BackendUnderTest) -> Any:
-    manager = backend.connect(model_format="state_dict", model_factory=tiny_model, params_type=Params)
+    manager = backend.connect(
+        model_format="state_dict", model_factory=tiny_model, params_type=Params
+    )
     yield manager
     manager.close()
 
@@ -301,8 +300,15 @@ def test_failed_run_is_not_quality_zero(backend: BackendUnderTest) -> None:
 
 
 def test_params_round_trip_typed(mgr: ExperimentsManager) -> None:
-    params = Params(lr=0.001, epochs=3, optimizer=Optimizer.SGD, layers=[16, 8, 2],
-                    freeze=True, note="a, b", warmup=None)
+    params = Params(
+        lr=0.001,
+        epochs=3,
+        optimizer=Optimizer.SGD,
+        layers=[16, 8, 2],
+        freeze=True,
+        note="a, b",
+        warmup=None,
+    )
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(params)
     run = mgr.get_run_by_id(mgr.current_run_id or "")
@@ -324,8 +330,9 @@ def test_get_run_by_id_models_only(mgr: ExperimentsManager) -> None:
 
 # --------------------------------------------------------------------------- metrics
 def test_accumulators_and_steps(backend: BackendUnderTest) -> None:
-    acc = MetricsAccumulator("loss", calc_mean=True, calc_sliding=True, calc_min=True,
-                             calc_max=True, window_size=2)
+    acc = MetricsAccumulator(
+        "loss", calc_mean=True, calc_sliding=True, calc_min=True, calc_max=True, window_size=2
+    )
     mgr = backend.connect(main_metric="loss", is_loss=True, accumulators=[acc])
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))
@@ -388,13 +395,15 @@ def test_invalid_metric_values_rejected() -> None:
 # --------------------------------------------------------------------------- best model
 @pytest.mark.parametrize("is_loss", [False, True])
 def test_save_model_keeps_only_the_best(backend: BackendUnderTest, is_loss: bool) -> None:
-    mgr = backend.connect(is_loss=is_loss, model_format="state_dict", model_factory=tiny_model,
-                          params_type=Params)
+    mgr = backend.connect(
+        is_loss=is_loss, model_format="state_dict", model_factory=tiny_model, params_type=Params
+    )
     mgr.set_iteration(iteration(mgr))
     eid = mgr.current_experiment_id or ""
     qualities = [0.5, 0.7, 0.6, 0.9, 0.1]
-    ids = [run_with_quality(mgr, Params(lr=0.1 * (i + 1)), q, seed=i)
-           for i, q in enumerate(qualities)]
+    ids = [
+        run_with_quality(mgr, Params(lr=0.1 * (i + 1)), q, seed=i) for i, q in enumerate(qualities)
+    ]
     best = qualities.index(min(qualities) if is_loss else max(qualities))
     assert marked_models(mgr, eid) == {ids[best]}
     assert stored_models(mgr, eid) == {ids[best]}
@@ -440,7 +449,7 @@ def test_concurrent_workers_keep_the_best_model(backend: BackendUnderTest) -> No
             barrier.wait(timeout=60)
             m.save_model(models[i])
             m.finish_run()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(qualities))]
@@ -507,7 +516,9 @@ def test_unmarked_upload_is_never_served(mgr: ExperimentsManager) -> None:
     assert mgr.get_run_by_id(run.run_id, models_only=True) is None
     assert mgr.download_model_by_run_id(run.run_id) is None
     # the best model of the iteration falls back to the initial one
-    assert weights(mgr.download_best_model(mgr.current_experiment_id or "")) == weights(tiny_model(0))
+    assert weights(mgr.download_best_model(mgr.current_experiment_id or "")) == weights(
+        tiny_model(0)
+    )
 
 
 # --------------------------------------------------------------------------- downloads and URLs
@@ -530,7 +541,9 @@ def test_download_last_model_falls_back_to_initial(mgr: ExperimentsManager) -> N
 def test_download_model_by_names(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     run_with_quality(mgr, Params(lr=0.1), 0.5, seed=4)
-    assert weights(mgr.download_model(str(iteration(mgr)), Params(lr=0.1).id)) == weights(tiny_model(4))
+    assert weights(mgr.download_model(str(iteration(mgr)), Params(lr=0.1).id)) == weights(
+        tiny_model(4)
+    )
     assert mgr.download_model("no such experiment", "x") is None
     assert mgr.download_model(str(iteration(mgr)), "no such run") is None
 
@@ -551,7 +564,7 @@ def test_get_top_params_ranks_all_finished_runs(backend: BackendUnderTest) -> No
     mgr.save_metric(MetricValue("quality", 0.0))
     mgr.finish_run(as_failed=True)
     mgr.set_iteration(iteration(mgr, "2"))
-    top = mgr.get_top_params()
+    top: list[Params] | None = mgr.get_top_params()
     # 0.2 holds no model any more (0.4 beat it) but still ranks second
     assert top == [Params(lr=0.4, layers=[4]), Params(lr=0.2, layers=[2])]
     assert all(isinstance(p, Params) for p in top)
@@ -643,4 +656,4 @@ def test_store_queries_filter_on_the_server(mgr: ExperimentsManager) -> None:
     assert [e.name for e in page] == [str(iteration(mgr, "1"))]
 
 
-__all__ = sorted(name for name in globals() if name.startswith("test_")) + ["mgr"]
+__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]

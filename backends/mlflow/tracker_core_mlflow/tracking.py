@@ -291,8 +291,9 @@ class MlflowTrackingStore(TrackingStore):
         )
         finite = [m for m in history if math.isfinite(m.value)]
         if len(finite) < len(history):
-            log.warning("%s: skipped %d NaN value(s) of metric %r",
-                        run_id, len(history) - len(finite), key)
+            log.warning(
+                "%s: skipped %d NaN value(s) of metric %r", run_id, len(history) - len(finite), key
+            )
         return [MetricValue(key, m.value, step=m.step, timestamp_ms=m.timestamp) for m in finite]
 
     @_operation
