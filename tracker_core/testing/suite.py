@@ -467,6 +467,59 @@ def test_concurrent_workers_keep_the_best_model(backend: BackendUnderTest) -> No
     assert weights(mgr.download_best_model(mgr.current_experiment_id or "")) == weights(models[1])
 
 
+def _process_worker(backend: BackendUnderTest, plugin: str, index: int, quality: float) -> str:
+    """One worker process: its own manager, one run, save if best (module level: picklable)."""
+    mgr = backend.connect(plugin_name=plugin, model_format="state_dict", params_type=Params)
+    mgr.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    mgr.set_run(Params(lr=float(index)))
+    mgr.save_metric(MetricValue("quality", quality))
+    mgr.save_model(tiny_model(index))
+    run_id = mgr.current_run_id or ""
+    mgr.finish_run()
+    mgr.close()
+    return run_id
+
+
+def test_concurrent_processes_keep_the_best_model(backend: BackendUnderTest) -> None:
+    """Invariant 1 across real processes sharing nothing but the stores."""
+    import multiprocessing
+
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    qualities = [0.4, 0.8, 0.6]
+    with multiprocessing.get_context("spawn").Pool(len(qualities)) as pool:
+        jobs = [(backend, plugin, i, q) for i, q in enumerate(qualities)]
+        run_ids = pool.starmap(_process_worker, jobs)
+    mgr = backend.connect(plugin_name=plugin, model_format="state_dict", model_factory=tiny_model)
+    mgr.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    eid = mgr.current_experiment_id or ""
+    assert marked_models(mgr, eid) == {run_ids[1]}
+    assert stored_models(mgr, eid) == {run_ids[1]}
+    assert weights(mgr.download_best_model(eid)) == weights(tiny_model(1))
+
+
+def test_crash_between_write_and_mark_keeps_previous_best(backend: BackendUnderTest) -> None:
+    """Invariant 2: a worker dies after writing its model but before marking it."""
+    mgr = backend.connect(model_format="state_dict", model_factory=tiny_model, params_type=Params)
+    mgr.set_iteration(iteration(mgr))
+    eid = mgr.current_experiment_id or ""
+    best = run_with_quality(mgr, Params(lr=0.1), 0.5, seed=1)
+    proxy = FaultyProxy(mgr.tracking)
+    mgr.tracking = proxy  # type: ignore[assignment]
+    mgr.set_run(Params(lr=0.2))
+    mgr.save_metric(MetricValue("quality", 0.9))
+    mgr.flush_metrics()
+    crashed = mgr.current_run_id or ""
+    proxy.fail("log_batch", error=KeyboardInterrupt())  # the mark never lands
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save_model(tiny_model(2))
+    mgr._run = None  # the process is gone
+    assert marked_models(mgr, eid) == {best}
+    assert crashed in stored_models(mgr, eid)  # an orphan: written, unmarked
+    assert mgr.get_best_current_run_id() == (best, False)
+    assert weights(mgr.download_best_model(eid)) == weights(tiny_model(1))
+    assert mgr.download_model_by_run_id(crashed) is None
+
+
 def test_save_model_requires_main_metric(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))

@@ -17,10 +17,13 @@ works too and is redacted from every error this store raises.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -99,6 +102,29 @@ def _run_record(run: Run) -> RunRecord:
     )
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[bool]:
+    """Hold a file lock beside a SQLite database while MLflow opens it.
+
+    MLflow migrates a fresh database on first use; several worker processes starting at
+    once on the same new file race in alembic and fail. The first one to take the lock
+    migrates; the others find the tables ready. Other URIs need no lock (yields False).
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        yield False
+        return
+    db_path = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+    lock_path = db_path.with_name(db_path.name + ".init-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _deleted_name(name: str, experiment_id: str) -> str:
     return f"{name} (deleted {experiment_id})"
 
@@ -118,7 +144,13 @@ class MlflowTrackingStore(TrackingStore):
         self.uri = tracking_uri
         self._password = urlsplit(tracking_uri).password
         self.display_uri = redact(tracking_uri, self._password)
-        self.client = client if client is not None else MlflowClient(tracking_uri=tracking_uri)
+        if client is None:
+            with _sqlite_init_lock(tracking_uri) as is_sqlite:
+                client = MlflowClient(tracking_uri=tracking_uri)
+                if is_sqlite:
+                    with tracking_errors("open", self.display_uri, self._password):
+                        client.search_experiments(max_results=1)  # a fresh DB migrates here
+        self.client = client
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.display_uri!r})"
