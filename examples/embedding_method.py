@@ -1,0 +1,168 @@
+"""A fine-tuning method plug-in: a tiny two-tower embedding model trained with InfoNCE.
+
+The task is synthetic and generated here, so the example needs no data download:
+
+- a hidden space of ``LATENT`` dimensions holds item vectors drawn around ``CLUSTERS``
+  centres; each item has a *query* view and a *document* view, two different non-linear
+  projections of its vector into ``IN_DIM`` dimensions, plus noise;
+- retrieval = for each held-out query, rank every held-out document; **recall@5** is the share
+  of queries whose own document is in the top 5 (chance: 5 / ``EVAL_ITEMS``);
+- each data batch (``batch_id``) is a fresh sample of training pairs from the same task, the
+  way each new batch of user feedback is in production.
+
+The model is two small MLPs (query tower, document tower; ~4.7k parameters). Training is
+contrastive (InfoNCE with in-batch negatives) on CPU and takes well under a second per run.
+
+Import it as a module (``from embedding_method import EmbeddingMethod``) or name it on the
+command line: ``tracker-core run embedding_method:EmbeddingMethod --batch-id b1`` (run from
+this folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tracker_core import ExperimentsManager, FineTuningParams, MetricValue
+from tracker_core.methods import FineTuningMethod, sample_params
+
+__all__ = ["EmbeddingMethod", "EmbeddingParams", "TwoTowerEncoder", "make_task"]
+
+IN_DIM, LATENT, HIDDEN, OUT_DIM = 32, 8, 48, 16
+CLUSTERS, TRAIN_PAIRS, EVAL_ITEMS, TOP_K = 12, 2048, 1024, 5
+NOISE = 0.35
+
+
+class TwoTowerEncoder(nn.Module):
+    """Query and document encoders; embeddings are L2-normalised."""
+
+    def __init__(self, in_dim: int = IN_DIM, hidden: int = HIDDEN, out_dim: int = OUT_DIM) -> None:
+        super().__init__()
+        self.query = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.doc = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor, kind: str = "query") -> torch.Tensor:
+        tower = self.query if kind == "query" else self.doc
+        return F.normalize(tower(x), dim=-1)
+
+
+@attrs.frozen
+class EmbeddingParams(FineTuningParams):
+    """Hyper-parameters of one run. (The architecture is fixed: each iteration starts from the
+    previous best model, so every run must fit its weights.)"""
+
+    lr: float
+    epochs: int
+    temperature: float
+    batch_size: int = 128
+
+
+@attrs.frozen
+class Task:
+    """The hidden structure of the synthetic retrieval task."""
+
+    centres: torch.Tensor
+    to_query: torch.Tensor
+    to_doc: torch.Tensor
+
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` (query, document) pairs; row ``i`` of both views is the same item."""
+        g = torch.Generator().manual_seed(seed)
+        cluster = torch.randint(0, self.centres.shape[0], (n,), generator=g)
+        z = self.centres[cluster] + 0.6 * torch.randn(n, LATENT, generator=g)
+        queries = torch.tanh(z @ self.to_query) + NOISE * torch.randn(n, IN_DIM, generator=g)
+        docs = torch.tanh(z @ self.to_doc) + NOISE * torch.randn(n, IN_DIM, generator=g)
+        return queries, docs
+
+
+def make_task(seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    return Task(
+        centres=1.5 * torch.randn(CLUSTERS, LATENT, generator=g),
+        to_query=torch.randn(LATENT, IN_DIM, generator=g) / LATENT**0.5,
+        to_doc=torch.randn(LATENT, IN_DIM, generator=g) / LATENT**0.5,
+    )
+
+
+def _stable_seed(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(parts).encode()).digest()[:4], "little")
+
+
+def recall_at_k(model: TwoTowerEncoder, queries: torch.Tensor, docs: torch.Tensor, k: int) -> float:
+    """Share of queries whose own document (same row) ranks in the top ``k`` of all documents."""
+    model.eval()
+    with torch.no_grad():
+        scores = model(queries, "query") @ model(docs, "doc").T
+    own = scores.diagonal().unsqueeze(1)
+    rank = (scores > own).sum(dim=1)  # documents scored strictly above the right one
+    return float((rank < k).float().mean())
+
+
+class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
+    """Contrastive fine-tuning of :class:`TwoTowerEncoder` on the synthetic task."""
+
+    name = "embedding-infonce"
+    params_type = EmbeddingParams
+    main_metric = f"recall_at_{TOP_K}"
+    is_loss = False
+    model_factory = TwoTowerEncoder  # used by the state_dict format; mlflow.pytorch ignores it
+
+    def __init__(self, task_seed: int = 0, n_initial: int = 4, name: str | None = None) -> None:
+        self.task = make_task(task_seed)
+        self.task_seed = task_seed
+        self.n_initial = n_initial
+        if name is not None:
+            self.name = name
+        self._eval = self.task.sample(EVAL_ITEMS, seed=_stable_seed(str(task_seed), "eval"))
+
+    def initial_model(self) -> TwoTowerEncoder:
+        torch.manual_seed(self.task_seed)
+        return TwoTowerEncoder()
+
+    def initial_params(self, seed: int | None = None) -> Sequence[EmbeddingParams]:
+        return sample_params(
+            EmbeddingParams,
+            self.n_initial,
+            seed,
+            lr=[3e-3, 1e-2],
+            epochs=[2, 4],
+            temperature=[0.05, 0.2],
+        )
+
+    def train(self, model: Any, params: EmbeddingParams, manager: ExperimentsManager) -> Any:
+        iteration = manager.current_iteration
+        batch_id = iteration.batch_id if iteration else ""
+        # deterministic per (batch, params): a resumed run trains exactly as the first attempt
+        torch.manual_seed(_stable_seed(batch_id, params.id))
+        queries, docs = self.task.sample(
+            TRAIN_PAIRS, seed=_stable_seed(str(self.task_seed), batch_id)
+        )
+        optimiser = torch.optim.Adam(model.parameters(), lr=params.lr)
+        for epoch in range(params.epochs):
+            model.train()
+            order = torch.randperm(TRAIN_PAIRS)
+            total = 0.0
+            for start in range(0, TRAIN_PAIRS, params.batch_size):
+                idx = order[start : start + params.batch_size]
+                logits = model(queries[idx], "query") @ model(docs[idx], "doc").T
+                loss = F.cross_entropy(logits / params.temperature, torch.arange(len(idx)))
+                optimiser.zero_grad()
+                torch.autograd.backward(loss)
+                optimiser.step()
+                total += float(loss.detach()) * len(idx)
+            manager.save_metric(MetricValue("train_loss", total / TRAIN_PAIRS, step=epoch))
+            manager.save_metric(
+                MetricValue(
+                    f"val_{self.main_metric}", recall_at_k(model, *self._eval, TOP_K), step=epoch
+                )
+            )
+        return model
+
+    def evaluate(self, model: Any, params: EmbeddingParams, manager: ExperimentsManager) -> float:
+        return recall_at_k(model, *self._eval, TOP_K)

@@ -1,0 +1,262 @@
+"""The fine-tuning driver end to end, on every leg of the backend matrix (real stores)."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+from tracker_core import (
+    ExperimentsManager,
+    FineTuningParams,
+    IterationFailedError,
+    MetricValue,
+    RunStatus,
+)
+from tracker_core.finetune import run_iteration
+from tracker_core.methods import FineTuningMethod, connect_kwargs
+from tracker_core.stores import RunQuery
+from tracker_core.testing.harness import BackendUnderTest
+
+
+@attrs.frozen
+class ToyParams(FineTuningParams):
+    lr: float
+    quality: float  # what evaluate reports: the test decides the ranking
+
+
+def tiny_model() -> nn.Module:
+    return nn.Linear(8, 4)  # 36 parameters
+
+
+class SimulatedCrash(BaseException):
+    """Stands for the process dying (a kill, an OOM): not an error of the run."""
+
+
+class ToyMethod(FineTuningMethod[ToyParams]):
+    """Training adds ``lr`` to every weight; evaluation reports ``params.quality``.
+
+    ``fail_on`` / ``crash_on`` hold 1-based train-call numbers that raise RuntimeError /
+    SimulatedCrash; ``fail_all`` makes every run fail.
+    """
+
+    params_type = ToyParams
+    main_metric = "quality"
+    model_format = "state_dict"
+
+    def __init__(self, sets: Sequence[ToyParams], name: str | None = None) -> None:
+        self.name = name or f"toy-{uuid.uuid4().hex[:8]}"
+        self.model_factory = tiny_model
+        self.sets = list(sets)
+        self.fail_on: set[int] = set()
+        self.crash_on: set[int] = set()
+        self.fail_all = False
+        self.trained: list[ToyParams] = []
+        self.received: list[dict[str, torch.Tensor]] = []
+
+    def initial_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return tiny_model()
+
+    def initial_params(self, seed: int | None = None) -> Sequence[ToyParams]:
+        return self.sets
+
+    def train(self, model: Any, params: ToyParams, manager: ExperimentsManager) -> Any:
+        self.trained.append(params)
+        self.received.append(weights(model))
+        call = len(self.trained)
+        if call in self.crash_on:
+            raise SimulatedCrash(f"crash on train call {call}")
+        if self.fail_all or call in self.fail_on:
+            raise RuntimeError(f"boom on train call {call}")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(params.lr)
+        manager.save_metric(MetricValue("train_loss", 1.0 - params.quality, step=0))
+        return model
+
+    def evaluate(self, model: Any, params: ToyParams, manager: ExperimentsManager) -> float:
+        return params.quality
+
+
+def weights(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def shifted(state: dict[str, torch.Tensor], by: float) -> dict[str, torch.Tensor]:
+    return {k: v + by for k, v in state.items()}
+
+
+SETS = [
+    ToyParams(lr=0.1, quality=0.2),
+    ToyParams(lr=0.2, quality=0.9),
+    ToyParams(lr=0.3, quality=0.5),
+    ToyParams(lr=0.4, quality=0.7),
+]
+
+
+@pytest.fixture
+def tmpdir_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every temporary file of the process goes here, so tests can check it is left empty."""
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    return watched
+
+
+def connect(backend: BackendUnderTest, method: ToyMethod, **kwargs: Any) -> ExperimentsManager:
+    return backend.connect(**connect_kwargs(method), **kwargs)
+
+
+@pytest.fixture
+def managers(backend: BackendUnderTest) -> Iterator[list[ExperimentsManager]]:
+    opened: list[ExperimentsManager] = []
+    yield opened
+    for m in opened:
+        m.close()
+
+
+def runs_of(manager: ExperimentsManager, experiment_id: str) -> dict[str, RunStatus]:
+    return {r.run_name: r.status for r in manager.tracking.search_runs(RunQuery((experiment_id,)))}
+
+
+def test_two_iterations_warm_start(
+    backend: BackendUnderTest, tmpdir_watch: Path, managers: list[ExperimentsManager]
+) -> None:
+    method = ToyMethod(SETS[:3])
+    manager = connect(backend, method, n_top_runs=2)
+    managers.append(manager)
+    initial = weights(method.initial_model())
+
+    first = run_iteration(method, manager, "batch-1")
+    assert first.started_from_initial and not first.resumed
+    assert first.start_run_id == manager.get_initial_model_run_id()
+    assert [r.params for r in first.runs] == SETS[:3]
+    assert all(r.status == RunStatus.FINISHED and r.trained for r in first.runs)
+    assert all(same(w, initial) for w in method.received)  # every run starts from the initial
+    best1 = next(r for r in first.runs if r.params == SETS[1])
+    assert first.best_run_id == best1.run_id and first.best_metric == pytest.approx(0.9)
+    assert [r.has_model for r in first.runs] == [False, True, False]  # only the best is kept
+    assert first.best_model_uri and manager.artifacts.exists(first.best_model_uri)
+    assert list(tmpdir_watch.iterdir()) == []
+
+    downloaded = weights(manager.download_model_by_run_id(first.best_run_id))
+    assert same(downloaded, shifted(initial, 0.2))
+
+    method.received.clear()
+    second = run_iteration(method, manager, "batch-2")
+    # warm start: the first iteration's best model and its top-2 params, best first
+    assert second.start_run_id == first.best_run_id and not second.started_from_initial
+    assert [r.params for r in second.runs] == [SETS[1], SETS[2]]
+    assert len(method.received) == 2 and all(same(w, downloaded) for w in method.received)
+    assert second.iteration_name == f"{method.name} / iteration / {first.best_run_id} / batch-2"
+    # the previous iteration is removed, its model files included; the initial model is kept
+    assert second.deleted_iteration_id == first.experiment_id
+    assert [e.experiment_id for e in manager.get_experiments()] == [second.experiment_id]
+    deleted = manager.tracking.get_experiment(first.experiment_id)
+    assert deleted is None or deleted.lifecycle_stage == "deleted"
+    assert not manager.artifacts.exists(first.best_model_uri)
+    assert manager.has_initial_model()
+    assert same(weights(manager.download_initial_model()), initial)
+    assert second.best_model_uri and manager.artifacts.exists(second.best_model_uri)
+    assert list(tmpdir_watch.iterdir()) == []
+
+    # the same batch again: the complete iteration is resumed, nothing is trained
+    trained = len(method.trained)
+    again = run_iteration(method, manager, "batch-2")
+    assert again.resumed and len(method.trained) == trained
+    assert again.experiment_id == second.experiment_id
+    assert again.best_run_id == second.best_run_id
+    assert not any(r.trained for r in again.runs)
+
+
+def test_crash_mid_iteration_resumes(
+    backend: BackendUnderTest, tmpdir_watch: Path, managers: list[ExperimentsManager]
+) -> None:
+    method = ToyMethod(SETS)
+    method.crash_on = {3}
+    manager = connect(backend, method)
+    managers.append(manager)
+    with pytest.raises(SimulatedCrash):
+        run_iteration(method, manager, "batch-1")
+    assert len(method.trained) == 3
+    assert list(tmpdir_watch.iterdir()) == []
+    (experiment,) = manager.get_experiments()
+    statuses = runs_of(manager, experiment.experiment_id)
+    assert sorted(statuses.values()) == [RunStatus.FINISHED, RunStatus.FINISHED, RunStatus.RUNNING]
+    assert statuses[SETS[2].id] == RunStatus.RUNNING  # left unfinished, to be restarted
+
+    # a new process: a new manager; the same method, no longer crashing
+    method.crash_on = set()
+    resumed_manager = connect(backend, method)
+    managers.append(resumed_manager)
+    result = run_iteration(method, resumed_manager, "batch-1")
+    assert result.resumed and result.experiment_id == experiment.experiment_id
+    assert method.trained[3:] == [SETS[2], SETS[3]]  # runs 1-2 were not redone
+    assert [r.trained for r in result.runs] == [False, False, True, True]
+    assert all(r.status == RunStatus.FINISHED for r in result.runs)
+    assert result.best_run_id == result.runs[1].run_id
+    assert list(tmpdir_watch.iterdir()) == []
+
+
+def test_failed_run_does_not_count(
+    backend: BackendUnderTest, tmpdir_watch: Path, managers: list[ExperimentsManager]
+) -> None:
+    sets = [*SETS[:2], ToyParams(lr=0.5, quality=0.99), SETS[3]]  # the failing run "looks" best
+    method = ToyMethod(sets)
+    method.fail_on = {3}
+    manager = connect(backend, method)
+    managers.append(manager)
+    result = run_iteration(method, manager, "batch-1")
+    failed = result.runs[2]
+    assert failed.status == RunStatus.FAILED and failed.metric is None and not failed.has_model
+    assert failed.error is not None and "boom on train call 3" in failed.error
+    assert result.failed_runs == (failed,)
+    assert result.best_run_id == result.runs[1].run_id  # 0.9, not the failed 0.99
+    assert list(tmpdir_watch.iterdir()) == []
+
+    # calling again with the same batch redoes nothing: finished and failed runs are skipped
+    again = run_iteration(method, manager, "batch-1")
+    assert again.resumed and len(method.trained) == 4
+    assert again.runs[2].status == RunStatus.FAILED
+    assert again.best_run_id == result.best_run_id
+
+
+def test_every_run_failing_keeps_previous_iteration(
+    backend: BackendUnderTest, tmpdir_watch: Path, managers: list[ExperimentsManager]
+) -> None:
+    method = ToyMethod(SETS[:2])
+    manager = connect(backend, method)
+    managers.append(manager)
+    first = run_iteration(method, manager, "batch-1")
+    assert first.best_run_id is not None and first.best_model_uri is not None
+    best_weights = weights(manager.download_model_by_run_id(first.best_run_id))
+
+    method.fail_all = True
+    with pytest.raises(IterationFailedError) as caught:
+        run_iteration(method, manager, "batch-2")
+    message = str(caught.value)
+    assert "every run" in message and "boom on train call" in message
+    assert list(tmpdir_watch.iterdir()) == []
+    # the previous iteration and its best model are intact
+    assert [e.experiment_id for e in manager.get_experiments()] == [first.experiment_id]
+    assert manager.artifacts.exists(first.best_model_uri)
+    assert same(weights(manager.download_model_by_run_id(first.best_run_id)), best_weights)
+
+    # once the method is fixed, the same batch runs again from the previous best
+    method.fail_all = False
+    retried = run_iteration(method, manager, "batch-2")
+    assert retried.start_run_id == first.best_run_id and not retried.resumed
+    assert all(r.status == RunStatus.FINISHED for r in retried.runs)
+    assert retried.deleted_iteration_id == first.experiment_id

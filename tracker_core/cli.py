@@ -1,0 +1,522 @@
+"""``tracker-core``: look at fine-tuning iterations from a shell, run one, collect garbage.
+
+Commands::
+
+    tracker-core --plugin P iterations                 # iterations of a plugin, newest first
+    tracker-core [--plugin P] [--metric M] runs IT     # runs of an iteration (name or id)
+    tracker-core --plugin P --metric M best IT         # the best model of an iteration
+    tracker-core [--metric M] download IT|RUN DEST     # copy a model's files to DEST
+    tracker-core run METHOD --batch-id B               # one iteration of a method
+    tracker-core gc [--delete]                         # find (and delete) orphaned models
+
+Tables for people, ``--json`` for scripts. Exit status: 0 success, 1 the operation failed,
+2 usage error. Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tracker_core import tags as T
+from tracker_core.errors import ConfigurationError, ModelNotFoundError, TrackerError
+from tracker_core.finetune import (
+    IterationResult,
+    _best_model_run,
+    _get_experiment,
+    _search_runs,
+    parse_iteration_name,
+    run_iteration,
+)
+from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, ExperimentsManager
+from tracker_core.params import PARAM_PREFIX
+from tracker_core.stores import ExperimentQuery, RunQuery
+from tracker_core.values import ExperimentRecord, RunRecord, RunStatus
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+_ANY_PLUGIN = "tracker-core-cli"  # a placeholder plugin name for commands that need none
+_ANY_METRIC = "tracker-core-cli"
+
+
+class UsageError(Exception):
+    """A command-line mistake: exit status 2."""
+
+
+# ---------------------------------------------------------------------- output helpers
+class Output:
+    def __init__(self, as_json: bool, out: TextIO) -> None:
+        self.as_json, self.out = as_json, out
+
+    def emit(self, data: Any, table: Callable[[], Iterator[str]]) -> None:
+        if self.as_json:
+            json.dump(data, self.out, indent=2, sort_keys=True, default=str)
+            self.out.write("\n")
+        else:
+            for line in table():
+                self.out.write(line + "\n")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Iterator[str]:
+    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        yield "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        if n == 0:
+            yield "  ".join("-" * w for w in widths)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _decode_params(params: Any) -> dict[str, Any]:
+    """MLflow params of a run: the method's params (typed back from JSON where possible)."""
+    out: dict[str, Any] = {}
+    for key, text in params.items():
+        if not key.startswith(PARAM_PREFIX):
+            continue
+        try:
+            out[key[len(PARAM_PREFIX) :]] = json.loads(text)
+        except (TypeError, ValueError):
+            out[key[len(PARAM_PREFIX) :]] = text
+    return out
+
+
+# ---------------------------------------------------------------------- resolution
+def _manager(
+    args: argparse.Namespace, *, plugin: bool = False, metric: bool = False
+) -> ExperimentsManager:
+    from tracker_core.connect import connect
+
+    if plugin and not args.plugin:
+        raise UsageError(f"{args.command}: --plugin is required")
+    if metric and not args.metric:
+        raise UsageError(f"{args.command}: --metric is required")
+    return connect(
+        args.artifact_uri,
+        tracking_uri=args.tracking_uri,
+        plugin_name=args.plugin or _ANY_PLUGIN,
+        main_metric=args.metric or _ANY_METRIC,
+        is_loss=args.loss,
+    )
+
+
+def _is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def _find_iteration(
+    manager: ExperimentsManager, args: argparse.Namespace, ref: str
+) -> ExperimentRecord:
+    """An iteration by experiment id, full experiment name, or (with --plugin) batch id."""
+    if ref.isdigit():
+        found = _get_experiment(manager, ref)
+        if found is None or found.lifecycle_stage != "active":
+            raise ModelNotFoundError(f"no active experiment with id {ref}")
+        return found
+    by_name = manager._track("search", manager.tracking.get_experiment_by_name, ref)
+    if by_name is not None:
+        return by_name  # type: ignore[no-any-return]
+    if args.plugin:
+        for experiment in manager.get_experiments():
+            if experiment.tags.get(T.TAG_BATCH) == ref:
+                return experiment
+    hint = "" if args.plugin else " (with --plugin, a batch id works too)"
+    raise ModelNotFoundError(f"no iteration named {ref!r}{hint}")
+
+
+def _sorted_runs(runs: Sequence[RunRecord], metric: str | None, is_loss: bool) -> list[RunRecord]:
+    def key(run: RunRecord) -> tuple[int, float, int, str]:
+        value = run.metrics.get(metric) if metric else None
+        if value is None or run.status != RunStatus.FINISHED:
+            return (1, 0.0, run.start_time_ms, run.run_id)
+        return (0, value if is_loss else -value, run.start_time_ms, run.run_id)
+
+    return sorted(runs, key=key)
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    marked = run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
+    return {
+        "run_id": run.run_id,
+        "run_name": run.run_name,
+        "experiment_id": run.experiment_id,
+        "status": run.status.value,
+        "params": _decode_params(run.params),
+        "metrics": {
+            k: v
+            for k, v in run.metrics.items()
+            if k not in (T.METRIC_MODEL_UPLOADED, T.METRIC_MODEL_DELETED)
+        },
+        "has_model": marked,
+        "model_uri": run.tags.get(T.TAG_MODEL_URI) if marked else None,
+    }
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_iterations(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args, plugin=True) as manager:
+        experiments = manager.get_experiments()
+    data = []
+    for e in experiments:
+        parsed = parse_iteration_name(e.name)
+        data.append(
+            {
+                "experiment_id": e.experiment_id,
+                "name": e.name,
+                "batch_id": e.tags.get(T.TAG_BATCH, parsed.batch_id if parsed else ""),
+                "start_run_id": parsed.run_id if parsed else None,
+                "created_ms": e.creation_time_ms,
+                "artifact_location": e.artifact_location,
+            }
+        )
+    out.emit(
+        data,
+        lambda: (
+            _table(
+                ["experiment", "batch", "started from run", "name"],
+                [[d["experiment_id"], d["batch_id"], d["start_run_id"], d["name"]] for d in data],
+            )
+            if data
+            else iter([f"no iterations of plugin {args.plugin!r}"])
+        ),
+    )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args) as manager:
+        experiment = _find_iteration(manager, args, args.iteration)
+        runs = _search_runs(manager, RunQuery((experiment.experiment_id,)))
+    runs = _sorted_runs(runs, args.metric, args.loss)
+    data = [_run_json(r) for r in runs]
+    param_names = sorted({k for d in data for k in d["params"]})
+    metric_names = sorted({k for d in data for k in d["metrics"]})
+    if args.metric in metric_names:  # the main metric first
+        metric_names.remove(args.metric)
+        metric_names.insert(0, args.metric)
+
+    def table() -> Iterator[str]:
+        yield f"{experiment.name} (experiment {experiment.experiment_id}): {len(data)} run(s)"
+        rows = [
+            [d["run_id"], d["status"], "yes" if d["has_model"] else ""]
+            + [json.dumps(d["params"].get(p)) for p in param_names]
+            + [_fmt(d["metrics"].get(m)) for m in metric_names]
+            for d in data
+        ]
+        yield from _table(["run", "status", "model", *param_names, *metric_names], rows)
+
+    out.emit(
+        {"experiment_id": experiment.experiment_id, "name": experiment.name, "runs": data}, table
+    )
+    return 0
+
+
+def _best(manager: ExperimentsManager, experiment: ExperimentRecord) -> RunRecord:
+    best = _best_model_run(manager, experiment.experiment_id)
+    if best is None:
+        raise ModelNotFoundError(f"iteration {experiment.name!r} holds no model")
+    return best
+
+
+def cmd_best(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args, metric=True) as manager:
+        experiment = _find_iteration(manager, args, args.iteration)
+        best = _best(manager, experiment)
+    data = {
+        **_run_json(best),
+        "iteration": experiment.name,
+        "main_metric": args.metric,
+        "value": best.metrics.get(args.metric),
+    }
+    out.emit(
+        data,
+        lambda: iter(
+            [
+                f"iteration:  {experiment.name} (experiment {experiment.experiment_id})",
+                f"best run:   {best.run_id}",
+                f"{args.metric}: {_fmt(best.metrics.get(args.metric))}",
+                f"params:     {json.dumps(data['params'], sort_keys=True)}",
+                f"model:      {data['model_uri']}",
+            ]
+        ),
+    )
+    return 0
+
+
+def cmd_download(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args) as manager:
+        if _is_run_id(args.target):
+            run_id = args.target
+        else:
+            if not args.metric:
+                raise UsageError("download: --metric is required to pick an iteration's best model")
+            run_id = _best(manager, _find_iteration(manager, args, args.target)).run_id
+        destination = manager.download_model_files(run_id, Path(args.dest), progress=None)
+    files = sorted(str(p.relative_to(destination)) for p in destination.rglob("*") if p.is_file())
+    data = {"run_id": run_id, "destination": str(destination.resolve()), "files": files}
+    out.emit(data, lambda: iter([f"model of run {run_id}: {len(files)} file(s) in {destination}"]))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, out: Output) -> int:
+    from tracker_core.connect import connect
+    from tracker_core.methods import connect_kwargs, load_method
+
+    if ":" in args.method and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # module:attr paths resolve from the current folder
+    method = load_method(args.method)
+    kwargs = connect_kwargs(method)
+    if args.n_top_runs is not None:
+        kwargs["n_top_runs"] = args.n_top_runs
+    with connect(args.artifact_uri, tracking_uri=args.tracking_uri, **kwargs) as manager:
+        result = run_iteration(method, manager, args.batch_id, seed=args.seed)
+    out.emit(_result_json(result), lambda: _result_table(result))
+    return 0
+
+
+def _result_json(result: IterationResult) -> dict[str, Any]:
+    return {
+        "plugin": result.plugin_name,
+        "iteration": result.iteration_name,
+        "experiment_id": result.experiment_id,
+        "batch_id": result.batch_id,
+        "start_run_id": result.start_run_id,
+        "started_from_initial": result.started_from_initial,
+        "resumed": result.resumed,
+        "main_metric": result.main_metric,
+        "best_run_id": result.best_run_id,
+        "best_metric": result.best_metric,
+        "best_model_uri": result.best_model_uri,
+        "deleted_iteration_id": result.deleted_iteration_id,
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "params": r.params.to_dict(),
+                "status": r.status.value,
+                "metric": r.metric,
+                "trained": r.trained,
+                "has_model": r.has_model,
+                "error": r.error,
+            }
+            for r in result.runs
+        ],
+    }
+
+
+def _result_table(result: IterationResult) -> Iterator[str]:
+    yield f"iteration {result.iteration_name!r} (experiment {result.experiment_id})"
+    names = sorted({k for r in result.runs for k in r.params.to_dict()})
+    rows = [
+        [r.run_id, r.status.value, "trained" if r.trained else "skipped", _fmt(r.metric)]
+        + [json.dumps(r.params.to_dict()[n]) for n in names]
+        + [r.error or ""]
+        for r in result.runs
+    ]
+    yield from _table(["run", "status", "this call", result.main_metric, *names, "error"], rows)
+    yield f"best run {result.best_run_id}: {result.main_metric}={_fmt(result.best_metric)}"
+    yield f"best model: {result.best_model_uri}"
+
+
+def _model_run_id(uri: str) -> str | None:
+    """``.../<run_id>/artifacts/model`` -> ``<run_id>``."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-1] == T.MODEL_DIR and parts[-2] == "artifacts":
+        return parts[-3]
+    return None
+
+
+def cmd_gc(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args) as manager:
+        store = manager.artifacts
+        experiments: list[ExperimentRecord] = manager._track(
+            "search", lambda: list(manager.tracking.iter_experiments(ExperimentQuery()))
+        )
+        marked: set[str] = set()
+        ids = [e.experiment_id for e in experiments]
+        for start in range(0, len(ids), 50):
+            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
+            for run in _search_runs(manager, query):
+                marked.add((run.tags.get(T.TAG_MODEL_URI) or "").rstrip("/"))
+        found: list[str] = manager._art(
+            "find_models", store.find_dirs, store.root, T.MODEL_DIR, args.max_depth
+        )
+        candidates = sorted({u.rstrip("/") for u in found})
+        # a folder inside another candidate is part of it (a model may contain a "model" dir)
+        candidates = [u for u in candidates if not any(u.startswith(c + "/") for c in candidates)]
+        orphans: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
+        for uri in candidates:
+            if uri in marked:
+                continue
+            run_id = _model_run_id(uri)
+            owner = manager.get_run_by_id(run_id) if run_id else None
+            if owner is not None and not owner.status.is_terminal and not args.include_running:
+                skipped.append({"uri": uri, "run_id": run_id, "reason": "its run is still RUNNING"})
+                continue
+            reason = "no run" if owner is None else f"run {owner.status.value}, model not marked"
+            orphans.append(
+                {"uri": uri, "run_id": run_id if owner is not None else None, "reason": reason}
+            )
+        if args.delete:
+            for orphan in orphans:
+                orphan["deleted"] = bool(
+                    manager._art("gc_delete", store.delete_tree, orphan["uri"])
+                )
+    data = {
+        "root": store.root,
+        "dry_run": not args.delete,
+        "orphans": orphans,
+        "skipped": skipped,
+        "marked_models": len(marked),
+    }
+
+    def table() -> Iterator[str]:
+        verb = "deleted" if args.delete else "would delete"
+        yield (
+            f"{len(orphans)} orphaned model folder(s) under {store.root} ({verb}); "
+            f"{len(marked)} marked model(s) kept"
+        )
+        if orphans:
+            yield from _table(["folder", "reason"], [[o["uri"], o["reason"]] for o in orphans])
+        for s in skipped:
+            yield f"skipped {s['uri']}: {s['reason']} (resume it, or use --include-running)"
+        if orphans and not args.delete:
+            yield "dry run: nothing deleted; run again with --delete to delete them"
+
+    out.emit(data, table)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser and main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracker-core",
+        description="Fine-tuning iterations tracked in MLflow, best models in object storage.",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else %(default)s)",
+    )
+    parser.add_argument(
+        "--artifact-uri",
+        default=DEFAULT_ARTIFACT_URI,
+        help="where models live: a path, file://, s3:// or gs:// (default: ./%(default)s)",
+    )
+    parser.add_argument("--plugin", help="the fine-tuning method (plugin) name")
+    parser.add_argument("--metric", help="the main metric that ranks runs")
+    parser.add_argument("--loss", action="store_true", help="lower --metric is better")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("iterations", help="list the iterations of --plugin, newest first")
+    p.set_defaults(func=cmd_iterations)
+
+    p = sub.add_parser("runs", help="list the runs of an iteration with params and metrics")
+    p.add_argument("iteration", help="experiment id, experiment name, or batch id (with --plugin)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("best", help="show the best model of an iteration (needs --metric)")
+    p.add_argument("iteration", help="experiment id, experiment name, or batch id (with --plugin)")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("download", help="copy a model's files: a run's, or an iteration's best")
+    p.add_argument("target", help="a run id, or an iteration (its best model; needs --metric)")
+    p.add_argument("dest", help="destination folder")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("run", help="run (or resume) one iteration of a fine-tuning method")
+    p.add_argument("method", help="an entry point of tracker_core.methods, or module:attr")
+    p.add_argument("--batch-id", required=True, help="the data batch of this iteration")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial params (default 0)")
+    p.add_argument("--n-top-runs", type=int, help="params sets carried to the next iteration")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("gc", help="find model folders no run marks (crash orphans); dry run")
+    p.add_argument("--delete", action="store_true", help="delete them")
+    p.add_argument(
+        "--include-running",
+        action="store_true",
+        help="also models of RUNNING runs (only if no worker is running)",
+    )
+    p.add_argument("--max-depth", type=int, default=5, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_gc)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage)."""
+    out_stream = stdout or sys.stdout
+    err_stream = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    _configure_logging(args.verbose, err_stream)
+    try:
+        status: int = args.func(args, Output(args.json, out_stream))
+        return status
+    except UsageError as exc:
+        parser.print_usage(err_stream)
+        err_stream.write(f"tracker-core: error: {exc}\n")
+        return 2
+    except (TrackerError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc(file=err_stream)
+        err_stream.write(f"tracker-core: error: {_one_line(exc)}\n")
+        return 1
+    except KeyboardInterrupt:
+        err_stream.write("tracker-core: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug or an unexpected failure: still one line unless --debug
+        if args.debug:
+            traceback.print_exc(file=err_stream)
+        err_stream.write(
+            f"tracker-core: unexpected error: {type(exc).__name__}: {_one_line(exc)}"
+            " (use --debug for the traceback)\n"
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ConfigurationError | TrackerError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _configure_logging(verbose: bool, stream: TextIO) -> None:
+    root = logging.getLogger("tracker_core")
+    if not any(getattr(h, "_tracker_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._tracker_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for h in root.handlers:
+        if getattr(h, "_tracker_cli", False) and isinstance(h, logging.StreamHandler):
+            h.setStream(stream)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # MLflow's own notices (database setup, pickle warnings) are noise on a command line;
+    # it reads its level when first imported, so say it before that, and after for good measure
+    if not verbose and "mlflow" not in sys.modules:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
