@@ -25,19 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import attrs
+
 from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError, ModelNotFoundError, TrackerError
-from tracker_core.finetune import (
-    IterationResult,
-    _best_model_run,
-    _get_experiment,
-    _search_runs,
-    parse_iteration_name,
-    run_iteration,
-)
+from tracker_core.finetune import IterationResult, parse_iteration_name, run_iteration
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, ExperimentsManager
 from tracker_core.params import PARAM_PREFIX
-from tracker_core.stores import ExperimentQuery, RunQuery
 from tracker_core.values import ExperimentRecord, RunRecord, RunStatus
 
 __all__ = ["main"]
@@ -119,13 +113,13 @@ def _find_iteration(
 ) -> ExperimentRecord:
     """An iteration by experiment id, full experiment name, or (with --plugin) batch id."""
     if ref.isdigit():
-        found = _get_experiment(manager, ref)
+        found = manager.get_experiment(ref)
         if found is None or found.lifecycle_stage != "active":
             raise ModelNotFoundError(f"no active experiment with id {ref}")
         return found
-    by_name = manager._track("search", manager.tracking.get_experiment_by_name, ref)
+    by_name = manager.get_experiment_by_name(ref)
     if by_name is not None:
-        return by_name  # type: ignore[no-any-return]
+        return by_name
     if args.plugin:
         for experiment in manager.get_experiments():
             if experiment.tags.get(T.TAG_BATCH) == ref:
@@ -196,7 +190,7 @@ def cmd_iterations(args: argparse.Namespace, out: Output) -> int:
 def cmd_runs(args: argparse.Namespace, out: Output) -> int:
     with _manager(args) as manager:
         experiment = _find_iteration(manager, args, args.iteration)
-        runs = _search_runs(manager, RunQuery((experiment.experiment_id,)))
+        runs = manager.get_runs(experiment.experiment_id)
     runs = _sorted_runs(runs, args.metric, args.loss)
     data = [_run_json(r) for r in runs]
     param_names = sorted({k for d in data for k in d["params"]})
@@ -222,7 +216,7 @@ def cmd_runs(args: argparse.Namespace, out: Output) -> int:
 
 
 def _best(manager: ExperimentsManager, experiment: ExperimentRecord) -> RunRecord:
-    best = _best_model_run(manager, experiment.experiment_id)
+    best = manager.get_best_model_run(experiment.experiment_id)
     if best is None:
         raise ModelNotFoundError(f"iteration {experiment.name!r} holds no model")
     return best
@@ -327,64 +321,30 @@ def _result_table(result: IterationResult) -> Iterator[str]:
     yield f"best model: {result.best_model_uri}"
 
 
-def _model_run_id(uri: str) -> str | None:
-    """``.../<run_id>/artifacts/model`` -> ``<run_id>``."""
-    parts = uri.rstrip("/").split("/")
-    if len(parts) >= 3 and parts[-1] == T.MODEL_DIR and parts[-2] == "artifacts":
-        return parts[-3]
-    return None
-
-
 def cmd_gc(args: argparse.Namespace, out: Output) -> int:
     with _manager(args) as manager:
         store = manager.artifacts
-        experiments: list[ExperimentRecord] = manager._track(
-            "search", lambda: list(manager.tracking.iter_experiments(ExperimentQuery()))
+        scan = manager.find_orphaned_models(
+            include_running=args.include_running, max_depth=args.max_depth
         )
-        marked: set[str] = set()
-        ids = [e.experiment_id for e in experiments]
-        for start in range(0, len(ids), 50):
-            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-            for run in _search_runs(manager, query):
-                marked.add((run.tags.get(T.TAG_MODEL_URI) or "").rstrip("/"))
-        found: list[str] = manager._art(
-            "find_models", store.find_dirs, store.root, T.MODEL_DIR, args.max_depth
-        )
-        candidates = sorted({u.rstrip("/") for u in found})
-        # a folder inside another candidate is part of it (a model may contain a "model" dir)
-        candidates = [u for u in candidates if not any(u.startswith(c + "/") for c in candidates)]
-        orphans: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
-        for uri in candidates:
-            if uri in marked:
-                continue
-            run_id = _model_run_id(uri)
-            owner = manager.get_run_by_id(run_id) if run_id else None
-            if owner is not None and not owner.status.is_terminal and not args.include_running:
-                skipped.append({"uri": uri, "run_id": run_id, "reason": "its run is still RUNNING"})
-                continue
-            reason = "no run" if owner is None else f"run {owner.status.value}, model not marked"
-            orphans.append(
-                {"uri": uri, "run_id": run_id if owner is not None else None, "reason": reason}
-            )
+        orphans: list[dict[str, Any]] = [attrs.asdict(o) for o in scan.orphans]
+        skipped = [attrs.asdict(o) for o in scan.skipped]
         if args.delete:
-            for orphan in orphans:
-                orphan["deleted"] = bool(
-                    manager._art("gc_delete", store.delete_tree, orphan["uri"])
-                )
+            for orphan, model in zip(orphans, scan.orphans, strict=True):
+                orphan["deleted"] = manager.delete_orphaned_model(model)
     data = {
         "root": store.root,
         "dry_run": not args.delete,
         "orphans": orphans,
         "skipped": skipped,
-        "marked_models": len(marked),
+        "marked_models": scan.marked_models,
     }
 
     def table() -> Iterator[str]:
         verb = "deleted" if args.delete else "would delete"
         yield (
             f"{len(orphans)} orphaned model folder(s) under {store.root} ({verb}); "
-            f"{len(marked)} marked model(s) kept"
+            f"{scan.marked_models} marked model(s) kept"
         )
         if orphans:
             yield from _table(["folder", "reason"], [[o["uri"], o["reason"]] for o in orphans])

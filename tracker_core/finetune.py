@@ -59,7 +59,6 @@ from tracker_core.errors import (
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod, _check_method
 from tracker_core.params import FineTuningParams
-from tracker_core.stores import RunQuery
 from tracker_core.values import (
     ExperimentRecord,
     FineTuningIteration,
@@ -148,52 +147,6 @@ def parse_iteration_name(name: str) -> FineTuningIteration | None:
         return None
 
 
-# ---------------------------------------------------------------------- manager access
-# The driver needs a few reads the manager keeps internal (the best model run of any
-# experiment, the runs of an experiment, deleting a given iteration, dropping a crashed run
-# without ending it). They go through the manager's own retry policy. See the report of
-# issue 3 for the public methods proposed to replace these.
-def _search_runs(manager: ExperimentsManager, query: RunQuery) -> list[RunRecord]:
-    runs: list[RunRecord] = manager._track("search", manager.tracking.search_runs, query)
-    return runs
-
-
-def _get_experiment(manager: ExperimentsManager, experiment_id: str) -> ExperimentRecord | None:
-    found: ExperimentRecord | None = manager._track(
-        "search", manager.tracking.get_experiment, experiment_id
-    )
-    return found
-
-
-def _best_model_run(manager: ExperimentsManager, experiment_id: str) -> RunRecord | None:
-    return manager._best_model_run(experiment_id)
-
-
-def _has_unfinished_runs(manager: ExperimentsManager, experiment_id: str) -> bool:
-    found: bool = manager._track("search", manager.tracking.has_runs, experiment_id, _UNFINISHED)
-    return found
-
-
-def _abandon(manager: ExperimentsManager) -> None:
-    """Drop the current run and iteration without ending them: after a crash the run stays
-    RUNNING, so the next call restarts it (``finish_iteration`` would mark it FINISHED)."""
-    with manager._lock:
-        try:
-            manager.flush_metrics()  # the values logged so far are real; keep them if we can
-        except Exception:  # the store may be what failed: keep the first error
-            log.warning("could not flush the metrics of the interrupted run", exc_info=True)
-        manager._buffer.clear()
-        manager._run = None
-        manager._run_params = None
-        manager._iteration = None
-        manager._experiment = None
-
-
-def _delete_iteration(manager: ExperimentsManager, experiment_id: str) -> None:
-    with manager._lock:
-        manager._delete_iteration(experiment_id)
-
-
 # ---------------------------------------------------------------------- the driver
 def _check_manager(manager: ExperimentsManager, method: FineTuningMethod[Any]) -> None:
     mismatches = [
@@ -225,10 +178,10 @@ def _iteration_of_batch(manager: ExperimentsManager, batch_id: str) -> Experimen
 def _previous_iteration(manager: ExperimentsManager) -> tuple[ExperimentRecord, RunRecord] | None:
     """The newest iteration whose runs all ended and that holds a best model, with that run."""
     for experiment in manager.get_experiments():
-        if _has_unfinished_runs(manager, experiment.experiment_id):
+        if manager.has_unfinished_runs(experiment.experiment_id):
             log.info("skipping unfinished iteration %r", experiment.name)
             continue
-        best = _best_model_run(manager, experiment.experiment_id)
+        best = manager.get_best_model_run(experiment.experiment_id)
         if best is not None:
             return experiment, best
         log.info("skipping iteration %r: it holds no model", experiment.name)
@@ -309,7 +262,7 @@ def run_iteration(
         start_run_id = resumed_iteration.run_id or initial_run_id
         start_run = manager.get_run_by_id(start_run_id)
         if start_run is not None and start_run_id != initial_run_id:
-            previous = _get_experiment(manager, start_run.experiment_id)
+            previous = manager.get_experiment(start_run.experiment_id)
             if previous is not None and previous.lifecycle_stage != "active":
                 previous = None
         log.info("resuming iteration %r", str(resumed_iteration))
@@ -339,7 +292,7 @@ def run_iteration(
         params = list(method.initial_params(seed))
     if existing is not None:  # runs already created by an earlier attempt are kept
         for run in sorted(
-            _search_runs(manager, RunQuery((existing.experiment_id,))),
+            manager.get_runs(existing.experiment_id),
             key=lambda r: (r.start_time_ms, r.run_id),
         ):
             params.append(method.params_type.from_mlflow(run.params))
@@ -360,13 +313,13 @@ def run_iteration(
                 method, manager, params, _StartModel(manager, start_run_id, work / "model")
             )
         except BaseException:
-            _abandon(manager)
+            manager.abandon_iteration()
             raise
         runs = _collect(manager, experiment_id, params, results)
 
         if not any(r.succeeded for r in runs):
             manager.finish_iteration()
-            _delete_iteration(manager, experiment_id)
+            manager.delete_iteration(experiment_id)
             failures = "; ".join(
                 f"run {r.run_id} {r.params!r}: {r.error or r.status.value}" for r in runs
             )
@@ -384,7 +337,7 @@ def run_iteration(
         manager.finish_iteration()
         deleted: str | None = None
         if previous is not None and previous.experiment_id != experiment_id:
-            _delete_iteration(manager, previous.experiment_id)
+            manager.delete_iteration(previous.experiment_id)
             deleted = previous.experiment_id
         log.info(
             "iteration %r done: %d run(s), %d failed, best run %s (%s=%s)",
@@ -461,7 +414,7 @@ def _collect(
     params: Sequence[FineTuningParams],
     results: dict[str, tuple[bool, str | None]],
 ) -> list[RunResult]:
-    by_name = {r.run_name: r for r in _search_runs(manager, RunQuery((experiment_id,)))}
+    by_name = {r.run_name: r for r in manager.get_runs(experiment_id)}
     out: list[RunResult] = []
     for p in params:
         run = by_name.get(p.id)

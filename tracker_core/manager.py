@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
+
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.codecs import ModelFactory, get_codec
@@ -51,7 +53,13 @@ from tracker_core.values import (
     validate_name,
 )
 
-__all__ = ["DEFAULT_ARTIFACT_URI", "DEFAULT_TRACKING_URI", "ExperimentsManager"]
+__all__ = [
+    "DEFAULT_ARTIFACT_URI",
+    "DEFAULT_TRACKING_URI",
+    "ExperimentsManager",
+    "OrphanScan",
+    "OrphanedModel",
+]
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=FineTuningParams)
@@ -861,6 +869,109 @@ class ExperimentsManager:
             return None
         return self._model_url_of(run_id)
 
+    # ------------------------------------------------------------------ lookups for tools
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        """The experiment with that id (active or deleted); None if there is none."""
+        found: ExperimentRecord | None = self._track(
+            "search", self.tracking.get_experiment, experiment_id
+        )
+        return found
+
+    def get_experiment_by_name(self, name: str) -> ExperimentRecord | None:
+        """The active experiment with that name; None if there is none."""
+        found: ExperimentRecord | None = self._track(
+            "search", self.tracking.get_experiment_by_name, name
+        )
+        return found
+
+    def get_runs(
+        self,
+        experiment_id: str,
+        *,
+        statuses: Sequence[RunStatus] = (),
+        marked_only: bool = False,
+    ) -> list[RunRecord]:
+        """Active runs of an experiment, optionally only those holding a marked model."""
+        tags = {T.TAG_MODEL_UPLOADED: T.TRUE} if marked_only else {}
+        query = RunQuery((experiment_id,), statuses=tuple(statuses), tags=tags)
+        runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
+        return runs
+
+    def has_unfinished_runs(self, experiment_id: str) -> bool:
+        """Whether any run of the experiment is still RUNNING or SCHEDULED."""
+        found: bool = self._track("search", self.tracking.has_runs, experiment_id, _UNFINISHED)
+        return found
+
+    def get_best_model_run(self, experiment_id: str) -> RunRecord | None:
+        """The run holding the best marked model of an experiment (never a FAILED run)."""
+        return self._best_model_run(experiment_id)
+
+    def delete_iteration(self, experiment_id: str) -> None:
+        """Delete one iteration: its models, then the experiment. Refuses the initial
+        experiment and the current iteration."""
+        with self._lock:
+            self._delete_iteration(experiment_id)
+
+    def abandon_iteration(self) -> None:
+        """Forget the current run and iteration *without* ending them, as a crashed process
+        would: the run stays RUNNING, so the next ``set_run`` with the same params resumes it.
+        Buffered metrics are flushed if the store allows, then dropped."""
+        with self._lock:
+            try:
+                self.flush_metrics()
+            except Exception:
+                log.warning("could not flush the metrics of the abandoned run", exc_info=True)
+            self._buffer.clear()
+            self._run = None
+            self._run_params = None
+            self._iteration = None
+            self._experiment = None
+            self._steps.clear()
+
+    def find_orphaned_models(
+        self, *, include_running: bool = False, max_depth: int = 4
+    ) -> OrphanScan:
+        """Model folders under the artifact root that no run marks: the orphans a crash
+        between writing and marking leaves. Folders of runs
+        still RUNNING are skipped (their upload may be under way) unless ``include_running``.
+        Marks are read from every active experiment of the tracking store, whatever plugin.
+        """
+        experiments: list[ExperimentRecord] = self._track(
+            "search", lambda: list(self.tracking.iter_experiments(ExperimentQuery()))
+        )
+        marked: set[str] = set()
+        ids = [e.experiment_id for e in experiments]
+        for start in range(0, len(ids), 50):
+            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
+            for run in self._track("search", self.tracking.search_runs, query):
+                marked.add(self._model_uri(run).rstrip("/"))
+        found: list[str] = self._art(
+            "find_models", self.artifacts.find_dirs, self.artifacts.root, T.MODEL_DIR, max_depth
+        )
+        candidates = sorted({u.rstrip("/") for u in found} - marked)
+        # a folder inside another candidate is part of it (a model may hold a "model" folder)
+        candidates = [u for u in candidates if not any(u.startswith(c + "/") for c in candidates)]
+        orphans: list[OrphanedModel] = []
+        skipped: list[OrphanedModel] = []
+        for uri in candidates:
+            if any(uri.startswith(m + "/") for m in marked):
+                continue
+            run_id = _model_run_id(uri)
+            owner = self.get_run_by_id(run_id) if run_id else None
+            if owner is not None and not owner.status.is_terminal and not include_running:
+                skipped.append(OrphanedModel(uri, run_id, "its run is still RUNNING"))
+                continue
+            reason = "no run" if owner is None else f"run {owner.status.value}, model not marked"
+            orphans.append(OrphanedModel(uri, run_id if owner is not None else None, reason))
+        return OrphanScan(tuple(orphans), tuple(skipped), len(marked))
+
+    def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
+        """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
+        if not self.artifacts.owns(orphan.uri):
+            raise ConfigurationError(f"{orphan.uri} lies outside {self.artifacts.root}")
+        deleted: bool = self._art("gc_delete", self.artifacts.delete_tree, orphan.uri)
+        return deleted
+
     # ------------------------------------------------------------------ downloads
     def download_model_files(
         self, run_id: str, destination: Path, progress: bool | None = None
@@ -993,6 +1104,32 @@ class ExperimentsManager:
         if previous is None:
             return None
         return self.get_top_params_by_experiment_id(previous, params_type)
+
+
+@attrs.frozen
+class OrphanedModel:
+    """A model folder no run marks: ``uri``, the run it belongs to (if it exists), why."""
+
+    uri: str
+    run_id: str | None
+    reason: str
+
+
+@attrs.frozen
+class OrphanScan:
+    """What :meth:`ExperimentsManager.find_orphaned_models` found."""
+
+    orphans: tuple[OrphanedModel, ...]
+    skipped: tuple[OrphanedModel, ...]
+    marked_models: int
+
+
+def _model_run_id(uri: str) -> str | None:
+    """``.../<run_id>/artifacts/model`` -> ``<run_id>``."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-1] == T.MODEL_DIR and parts[-2] == "artifacts":
+        return parts[-3]
+    return None
 
 
 def _is_marked(run: RunRecord) -> bool:
