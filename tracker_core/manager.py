@@ -67,7 +67,7 @@ P = TypeVar("P", bound=FineTuningParams)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_URI = "mlartifacts"
 _UNFINISHED = (RunStatus.RUNNING, RunStatus.SCHEDULED)
-_FLUSH_EVERY_VALUES = 500
+_FLUSH_EVERY_VALUES = 1000  # MLflow takes at most 1000 metrics per log_batch
 _FLUSH_EVERY_SECONDS = 10.0
 
 _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
