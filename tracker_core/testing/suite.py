@@ -5,8 +5,9 @@ Import the tests into a test module that defines that fixture::
 
     from tracker_core.testing.suite import *  # noqa: F403
 
-Tests that need plain MLflow to read what we wrote are marked by the capability ``"mlflow"``
-(every shipped backend has it).
+Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
+``"mlflow"``, plain MLflow reads what we wrote; ``"processes"``, the stores are shared by
+separate processes. Every shipped backend has both.
 """
 
 from __future__ import annotations
@@ -483,6 +484,9 @@ def _process_worker(backend: BackendUnderTest, plugin: str, index: int, quality:
 def test_concurrent_processes_keep_the_best_model(backend: BackendUnderTest) -> None:
     """Invariant 1 across real processes sharing nothing but the stores."""
     import multiprocessing
+
+    if "processes" not in backend.capabilities:
+        pytest.skip("the backend's stores are not shared across processes")
 
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     qualities = [0.4, 0.8, 0.6]

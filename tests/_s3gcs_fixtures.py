@@ -1,0 +1,174 @@
+"""Fixtures shared by the S3 / GCS backend tests (import the ones a module uses).
+
+The moto S3 server and the GCS emulator are started once per test process however many
+modules import these fixtures (a module-level registry, stopped at interpreter exit), so
+importing them into several modules does not start several servers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from tracker_core import ExperimentsManager, FineTuningIteration, FineTuningParams, MetricValue
+from tracker_core.testing.servers import gcs_emulator, moto_server
+
+__all__ = [
+    "AWS_TEST_ENV",
+    "SmallParams",
+    "_base_env",
+    "aws_env",
+    "gcs_bucket",
+    "gcs_endpoint",
+    "gcs_env",
+    "moto_endpoint",
+    "round_trip",
+    "s3_bucket",
+    "same_weights",
+    "sqlite_tracking_uri",
+    "tiny_model",
+    "unique_name",
+]
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+_CLEARED = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "MLFLOW_TRACKING_URI",
+)
+
+_lock = threading.Lock()
+_stack = contextlib.ExitStack()
+_servers: dict[str, str] = {}
+atexit.register(_stack.close)
+
+
+def _shared(name: str, factory: Callable[[], AbstractContextManager[str]]) -> str:
+    with _lock:
+        if name not in _servers:
+            _servers[name] = _stack.enter_context(factory())
+        return _servers[name]
+
+
+def unique_name(prefix: str) -> str:
+    """A bucket-safe unique name."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """moto's S3 server (one per test process): ``http://127.0.0.1:PORT``."""
+    return _shared("moto", moto_server)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> str:
+    """The GCS emulator (one per test process): ``http://127.0.0.1:PORT``."""
+    return _shared("gcs", gcs_emulator)
+
+
+@pytest.fixture
+def _base_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@pytest.fixture
+def aws_env(_base_env: None, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """moto's fake AWS credentials in the environment; no endpoint variable set."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    return dict(AWS_TEST_ENV)
+
+
+@pytest.fixture
+def gcs_env(_base_env: None) -> None:
+    """No GCS endpoint or credentials variables set."""
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, aws_env: dict[str, str]) -> str:
+    """A fresh, empty bucket on moto."""
+    from tracker_core_s3 import s3_filesystem
+
+    name = unique_name("bucket")
+    s3_filesystem({"endpoint_url": moto_endpoint}).mkdir(name)
+    return name
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint: str, gcs_env: None) -> str:
+    """A fresh, empty bucket on the emulator."""
+    from tracker_core_gcs import gcs_filesystem
+
+    name = unique_name("bucket")
+    gcs_filesystem({"endpoint_url": gcs_endpoint, "token": "anon", "project": "test"}).mkdir(name)
+    return name
+
+
+@pytest.fixture
+def sqlite_tracking_uri(tmp_path: Path) -> Iterator[str]:
+    """An in-process SQLite MLflow store of this test's own."""
+    yield f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def tiny_model() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2)
+
+
+@attrs.frozen
+class SmallParams(FineTuningParams):
+    """Hyper-parameters of the test runs."""
+
+    lr: float = 0.1
+    epochs: int = 1
+
+
+def same_weights(a: Any, b: Any) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def round_trip(manager: ExperimentsManager, model: Any | None = None) -> tuple[str, str]:
+    """upload_initial_model, set_iteration, set_run, save_metric, save_model and
+    download_best_model on ``manager``; returns ``(experiment_id, run_id)`` of the saved model."""
+    model = model if model is not None else tiny_model()
+    assert manager.upload_initial_model(tiny_model()) is True
+    assert manager.upload_initial_model(tiny_model()) is False  # once only
+    manager.set_iteration(FineTuningIteration(plugin_name=manager.plugin_name, batch_id="b1"))
+    assert manager.set_run(SmallParams(lr=0.01)) is False  # a new run: to be trained
+    for step, value in enumerate((0.2, 0.4, 0.7)):
+        manager.save_metric(MetricValue("quality", value, step=step))
+    assert manager.save_model(model) is True
+    experiment_id, run_id = manager.current_experiment_id, manager.current_run_id
+    assert experiment_id is not None and run_id is not None
+    manager.finish_run()
+    best = manager.download_best_model(experiment_id)
+    assert same_weights(best, model)
+    assert same_weights(manager.download_initial_model(), tiny_model())
+    return experiment_id, run_id
