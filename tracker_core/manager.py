@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import atexit
 import logging
-import shutil
-import tempfile
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import attrs
 
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
@@ -37,8 +32,10 @@ from tracker_core.errors import (
     NoActiveRunError,
     TrackerError,
 )
+from tracker_core.metrics import MetricsBuffer
+from tracker_core.models import ModelKeeper, OrphanedModel, OrphanScan, is_marked
 from tracker_core.params import FineTuningParams
-from tracker_core.progress import transfer_progress
+from tracker_core.ranking import Ranking
 from tracker_core.registry import get_backend, scheme_of
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.stores import ArtifactStore, ExperimentQuery, RunQuery, TrackingStore
@@ -67,8 +64,6 @@ P = TypeVar("P", bound=FineTuningParams)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_URI = "mlartifacts"
 _UNFINISHED = (RunStatus.RUNNING, RunStatus.SCHEDULED)
-_FLUSH_EVERY_VALUES = 1000  # MLflow takes at most 1000 metrics per log_batch
-_FLUSH_EVERY_SECONDS = 10.0
 
 _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
 
@@ -145,7 +140,6 @@ class ExperimentsManager:
             raise ConfigurationError(f"keep must be >= 1, got {keep}")
         self._main_metric = main_metric
         self._plugin_name = plugin_name
-        self._accumulators = list(accumulators)
         self._is_loss = bool(is_loss)
         self.n_top_runs = n_top_runs
         self.requirements = list(requirements) if requirements else None
@@ -170,8 +164,8 @@ class ExperimentsManager:
             tracking_store = backend.tracking_store(
                 _resolve_tracking_uri(tracking_uri), retrier=retrier
             )
-        self.tracking: TrackingStore = tracking_store
-        self.artifacts: ArtifactStore = artifact_store
+        self._tracking: TrackingStore = tracking_store
+        self._artifacts: ArtifactStore = artifact_store
         self.tracking_uri = getattr(tracking_store, "uri", tracking_uri)
         self.model_format = model_format or (
             backend.default_model_format if backend is not None else "state_dict"
@@ -179,6 +173,10 @@ class ExperimentsManager:
         get_codec(self.model_format)  # unknown formats fail here, before anything is written
         self._t = retrier.with_classifiers(tracking_store.classify_error)
         self._a = retrier.with_classifiers(artifact_store.classify_error)
+        self.ranking = Ranking(main_metric, self._is_loss)
+        self.models = ModelKeeper(
+            tracking_store, artifact_store, self.ranking, track=self._track, art=self._art
+        )
 
         self._lock = threading.RLock()
         self._iteration: FineTuningIteration | None = None
@@ -186,9 +184,7 @@ class ExperimentsManager:
         self._initial_experiment: ExperimentRecord | None = None
         self._run: RunRecord | None = None
         self._run_params: FineTuningParams | None = None
-        self._buffer: list[MetricValue] = []
-        self._steps: dict[str, int] = {}
-        self._last_flush = time.monotonic()
+        self._metrics = MetricsBuffer(accumulators)
         _live_managers.add(self)
 
     # ------------------------------------------------------------------ construction
@@ -235,6 +231,25 @@ class ExperimentsManager:
         self.close()
 
     # ------------------------------------------------------------------ small accessors
+    @property
+    def tracking(self) -> TrackingStore:
+        """The tracking store (runs, params, metrics, tags)."""
+        return self._tracking
+
+    @tracking.setter
+    def tracking(self, store: TrackingStore) -> None:
+        # one store for the manager and its model keeper (tests wrap it to inject faults)
+        self._tracking = self.models.tracking = store
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store (model files)."""
+        return self._artifacts
+
+    @artifacts.setter
+    def artifacts(self, store: ArtifactStore) -> None:
+        self._artifacts = self.models.artifacts = store
+
     @property
     def is_loss(self) -> bool:
         """True if the main metric is a loss (lower is better)."""
@@ -324,12 +339,12 @@ class ExperimentsManager:
     def has_initial_model(self) -> bool:
         """Whether the initial model was uploaded (completely: it is marked)."""
         run = self._initial_run()
-        return run is not None and _is_marked(run)
+        return run is not None and is_marked(run)
 
     def get_initial_model_run_id(self) -> str | None:
         """The initial model's run id; None (and an error logged) if no initial model exists."""
         run = self._initial_run()
-        if run is None or not _is_marked(run):
+        if run is None or not is_marked(run):
             log.error("no initial model uploaded for plugin %r", self._plugin_name)
             return None
         return run.run_id
@@ -346,12 +361,14 @@ class ExperimentsManager:
             run = self._get_or_create_run(
                 experiment.experiment_id, INITIAL_RUN_NAME, {T.TAG_PLUGIN: self._plugin_name}
             )
-            if _is_marked(run):
+            if is_marked(run):
                 log.info(
                     "initial model of %r already uploaded (run %s)", self._plugin_name, run.run_id
                 )
                 return False
-            self._upload_and_mark(run, model, model_format)
+            self.models.write_and_mark(
+                run, model, model_format or self.model_format, self.requirements
+            )
             self._track("finish_run", self.tracking.set_terminated, run.run_id, RunStatus.FINISHED)
             log.info("uploaded initial model of %r (run %s)", self._plugin_name, run.run_id)
             return True
@@ -535,9 +552,7 @@ class ExperimentsManager:
         run = self._start_run(params)
         self._run = run
         self._run_params = params
-        self._steps.clear()
-        for accumulator in self._accumulators:
-            accumulator.clear()
+        self._metrics.reset()
         return not run.status.is_terminal
 
     def set_run(self, params: FineTuningParams) -> bool:
@@ -570,16 +585,14 @@ class ExperimentsManager:
                 status = RunStatus.FAILED if as_failed else RunStatus.FINISHED
                 if not self._run.status.is_terminal:
                     self._track("finish_run", self.tracking.set_terminated, run_id, status)
-                for accumulator in self._accumulators:
-                    accumulator.clear()
+                self._metrics.reset()
                 self._run = None
                 self._run_params = None
-                self._steps.clear()
 
     def get_run_by_id(self, run_id: str, models_only: bool = False) -> RunRecord | None:
         """The run with that id; with ``models_only``, None unless it holds a marked model."""
         run: RunRecord | None = self._track("search", self.tracking.get_run, run_id)
-        if run is None or (models_only and not _is_marked(run)):
+        if run is None or (models_only and not is_marked(run)):
             return None
         return run
 
@@ -590,42 +603,25 @@ class ExperimentsManager:
 
     # ------------------------------------------------------------------ metrics
     def save_metric(self, metric_value: MetricValue) -> None:
-        """Feed the value to every accumulator and buffer what they yield (the value itself
-        when no accumulator takes its name). Buffered values are sent in batches: when enough
+        """Feed the value to every accumulator and queue what they yield (the value itself
+        when no accumulator takes its name). Queued values are sent in batches: when enough
         accumulate, every few seconds, and always by :meth:`finish_run`, :meth:`save_model`,
         :meth:`get_quality` and at interpreter exit."""
         if not isinstance(metric_value, MetricValue):
             raise InvalidMetricError(f"expected a MetricValue, got {type(metric_value).__name__}")
         with self._lock:
             self._require_run()
-            pairs: list[tuple[str, float]] = []
-            for accumulator in self._accumulators:
-                pairs.extend(accumulator.accumulate(metric_value))
-            if not any(name == metric_value.name for name, _ in pairs):
-                pairs.insert(0, (metric_value.name, metric_value.value))
-            for name, value in pairs:
-                step = metric_value.step
-                if step is None:
-                    step = self._steps.get(name, -1) + 1
-                self._steps[name] = step
-                self._buffer.append(
-                    MetricValue(name, value, step=step, timestamp_ms=metric_value.timestamp_ms)
-                )
-            if (
-                len(self._buffer) >= _FLUSH_EVERY_VALUES
-                or time.monotonic() - self._last_flush >= _FLUSH_EVERY_SECONDS
-            ):
+            if self._metrics.add(metric_value):
                 self.flush_metrics()
 
     def flush_metrics(self) -> None:
-        """Send buffered metric values now. A retried batch never logs a value twice."""
+        """Send queued metric values now. A retried batch never logs a value twice."""
         with self._lock:
-            self._last_flush = time.monotonic()
-            if not self._buffer or self._run is None:
+            batch = self._metrics.pending()
+            if not batch or self._run is None:
                 return
-            batch, run_id = list(self._buffer), self._run.run_id
-            self._track("log_metric", self.tracking.log_batch, run_id, batch)
-            del self._buffer[: len(batch)]
+            self._track("log_metric", self.tracking.log_batch, self._run.run_id, batch)
+            self._metrics.sent(len(batch))
 
     def get_quality(self) -> float:
         """The current run's main metric, final value. Raises if there is no run or no value."""
@@ -640,31 +636,21 @@ class ExperimentsManager:
             return float(fresh.metrics[self._main_metric])
 
     def _rank_key(self, run: RunRecord) -> tuple[int, float, int, str]:
-        """Sort key, best first: failed or metric-less runs last, then quality, then the
-        earlier run, then the run id (a deterministic tie-break)."""
-        value = run.metrics.get(self._main_metric)
-        if value is None or run.status == RunStatus.FAILED:
-            return (1, 0.0, run.start_time_ms, run.run_id)
-        return (0, value if self._is_loss else -value, run.start_time_ms, run.run_id)
+        """Sort key, best first (see :class:`~tracker_core.ranking.Ranking`)."""
+        return self.ranking.key(run)
+
+    def _top_finished_runs(self, experiment_id: str) -> list[RunRecord]:
+        """The best ``n_top_runs`` FINISHED runs that logged the main metric, best first."""
+        query = self.ranking.finished_query(experiment_id, self.n_top_runs)
+        runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
+        return self.ranking.best_first(runs)
 
     def _get_best_quality(self, experiment_id: str) -> tuple[str | None, float]:
         """Best FINISHED run of the experiment by the main metric, and its quality."""
-        runs: list[RunRecord] = self._track(
-            "search",
-            self.tracking.search_runs,
-            RunQuery(
-                (experiment_id,),
-                statuses=(RunStatus.FINISHED,),
-                has_metric=self._main_metric,
-                order_by_metric=self._main_metric,
-                ascending=self._is_loss,
-                max_results=self.n_top_runs,
-            ),
-        )
+        runs = self._top_finished_runs(experiment_id)
         if not runs:
-            return None, float("inf") if self._is_loss else float("-inf")
-        best = min(runs, key=self._rank_key)
-        return best.run_id, float(best.metrics[self._main_metric])
+            return None, self.ranking.worst_value
+        return runs[0].run_id, float(runs[0].metrics[self._main_metric])
 
     def get_best_quality(self) -> tuple[str | None, float]:
         """Best finished run of the current iteration and its quality."""
@@ -673,59 +659,19 @@ class ExperimentsManager:
     # ------------------------------------------------------------------ best model
     def _marked_runs(self, experiment_id: str) -> list[RunRecord]:
         """Runs of the experiment holding a completely written model, best first."""
-        runs: list[RunRecord] = self._track(
-            "search",
-            self.tracking.search_runs,
-            RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE}),
-        )
-        return sorted(runs, key=self._rank_key)
+        return self.models.marked_runs(experiment_id)
 
     def _best_model_run(self, experiment_id: str) -> RunRecord | None:
-        ranked = [r for r in self._marked_runs(experiment_id) if r.status != RunStatus.FAILED]
-        return ranked[0] if ranked else None
+        return self.models.best_run(experiment_id)
 
     def _model_uri(self, run: RunRecord) -> str:
-        return run.tags.get(T.TAG_MODEL_URI) or f"{run.artifact_uri.rstrip('/')}/{T.MODEL_DIR}"
-
-    def _upload_and_mark(self, run: RunRecord, model: Any, model_format: str | None) -> str:
-        """Write the model files, then mark them: only a marked model is ever served."""
-        fmt = model_format or self.model_format
-        codec = get_codec(fmt)
-        uri = self._model_uri(run)
-        if not self.artifacts.owns(uri):
-            raise ConfigurationError(
-                f"run {run.run_id} stores artifacts at {uri}, outside this manager's "
-                f"artifact store {self.artifacts.root}"
-            )
-        staging = Path(tempfile.mkdtemp(prefix="tracker-core-model-"))
-        try:
-            codec.save(model, staging, self.requirements)
-            with transfer_progress(f"upload {run.run_id}") as progress:
-                self._art("upload_model", self.artifacts.upload_dir, staging, uri, progress)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        marker = MetricValue(T.METRIC_MODEL_UPLOADED, 1.0, step=1)
-        self._track(
-            "log_metric",
-            self.tracking.log_batch,
-            run.run_id,
-            [marker],
-            None,
-            {
-                T.TAG_MODEL_URI: uri,
-                T.TAG_MODEL_FORMAT: fmt,
-                T.TAG_MODEL_DELETED: T.FALSE,
-                T.TAG_MODEL_UPLOADED: T.TRUE,
-            },
-        )
-        log.info("model of run %s written to %s (%s)", run.run_id, uri, fmt)
-        return uri
+        return self.models.uri_of(run)
 
     def _save_model(self, model: Any) -> str:
         """Upload the current run's model and mark it; returns its URI."""
         run = self._require_run()
         self.flush_metrics()
-        return self._upload_and_mark(run, model, None)
+        return self.models.write_and_mark(run, model, self.model_format, self.requirements)
 
     def save_model(self, model: Any, best_only: bool = True) -> bool:
         """Save the current run's model. Returns True if it was written.
@@ -748,13 +694,7 @@ class ExperimentsManager:
                 raise InvalidMetricError(
                     f"cannot rank run {run.run_id}: it has no value of {self._main_metric!r}"
                 )
-            mine = self._rank_key(fresh)
-            better = [
-                r
-                for r in self._marked_runs(experiment.experiment_id)
-                if r.run_id != run.run_id and self._rank_key(r) < mine
-            ]
-            if len(better) >= self.keep:
+            if len(self.models.better_marked(fresh)) >= self.keep:
                 log.info(
                     "run %s (%s=%s) is not among the best %d; model not saved",
                     run.run_id,
@@ -769,33 +709,17 @@ class ExperimentsManager:
 
     def _prune(self, experiment_id: str) -> None:
         """Delete every marked model ranked below the best ``keep``."""
-        for run in self._marked_runs(experiment_id)[self.keep :]:
+        for run in self.models.marked_runs(experiment_id)[self.keep :]:
             self._delete_marked_model(run)
 
     def _set_model_as_deleted(self, run_id: str, experiment_id: str | None = None) -> None:
         """Unmark the run's model (tags) and log the seed's marker metrics."""
-        markers = [
-            MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=2),
-            MetricValue(T.METRIC_MODEL_DELETED, 1.0, step=2),
-        ]
-        self._track(
-            "log_metric",
-            self.tracking.log_batch,
-            run_id,
-            markers,
-            None,
-            {T.TAG_MODEL_UPLOADED: T.FALSE, T.TAG_MODEL_DELETED: T.TRUE},
-        )
+        self.models.unmark(run_id)
 
     def _delete_model(self, run_id: str, experiment_id: str) -> bool:
-        """Delete the files of the run's model; True when none are left."""
-        run = self._get_run(run_id)
-        uri = self._model_uri(run)
-        if not self.artifacts.owns(uri):
-            log.error("model of run %s at %s lies outside this store; not deleted", run_id, uri)
-            return False
-        deleted: bool = self._art("delete_model", self.artifacts.delete_tree, uri)
-        return deleted
+        """Delete the files of the run's model; True when none are left. Backends may
+        override it (the seed's S3 manager does)."""
+        return self.models.delete_files(self._get_run(run_id))
 
     def _delete_marked_model(self, run: RunRecord) -> bool:
         # unmark first: a crash between the two steps leaves an orphan for gc, never a
@@ -817,7 +741,7 @@ class ExperimentsManager:
             if initial is not None and initial.experiment_id == experiment_id:
                 raise ConfigurationError("deleting the initial model is not allowed")
             run = self.get_run_by_id(run_id)
-            if run is None or run.experiment_id != experiment_id or not _is_marked(run):
+            if run is None or run.experiment_id != experiment_id or not is_marked(run):
                 log.warning("run %s of experiment %s holds no model", run_id, experiment_id)
                 return False
             return self._delete_marked_model(run)
@@ -825,21 +749,14 @@ class ExperimentsManager:
     def model_is_uploaded(self) -> bool:
         """Whether the current run holds a marked model."""
         run = self._require_run()
-        return _is_marked(self._get_run(run.run_id))
+        return is_marked(self._get_run(run.run_id))
 
     # ------------------------------------------------------------------ best runs and URLs
     def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the previous iteration (the last finished one when no iteration
         is current). ``(None, True)`` when there is no previous iteration."""
-        previous = (
-            self.get_previous_iteration_id()
-            if self._experiment is not None
-            else self.get_last_finished_iteration_id()
-        )
-        if previous is None:
-            return None, True
-        best = self._best_model_run(previous)
-        return (best.run_id if best else None), False
+        run, is_initial = self._best_previous_run()
+        return (run.run_id if run else None), is_initial
 
     def get_best_current_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the current iteration; ``(None, True)`` without a current iteration."""
@@ -848,26 +765,28 @@ class ExperimentsManager:
         best = self._best_model_run(self._experiment.experiment_id)
         return (best.run_id if best else None), False
 
-    def _model_url_of(self, run_id: str | None) -> str | None:
-        if run_id is None:
-            return None
-        run = self.get_run_by_id(run_id, models_only=True)
-        return self._model_uri(run) if run else None
+    def _best_previous_run(self) -> tuple[RunRecord | None, bool]:
+        previous = (
+            self.get_previous_iteration_id()
+            if self._experiment is not None
+            else self.get_last_finished_iteration_id()
+        )
+        if previous is None:
+            return None, True
+        return self.models.best_run(previous), False
 
     def get_last_model_url(self) -> str | None:
         """Storage URL of the previous iteration's best model; None if there is none."""
-        run_id, is_initial = self._get_best_previous_run_id()
-        if is_initial or run_id is None:
-            return None
-        return self._model_url_of(run_id)
+        run, _ = self._best_previous_run()
+        return self.models.uri_of(run) if run else None
 
     def get_current_model_url(self) -> str | None:
         """Storage URL of the current iteration's best model; None if there is none."""
-        run_id, is_initial = self.get_best_current_run_id()
-        if is_initial or run_id is None:
+        run = self.models.best_run(self._experiment.experiment_id) if self._experiment else None
+        if run is None:
             log.warning("no model in the current iteration")
             return None
-        return self._model_url_of(run_id)
+        return self.models.uri_of(run)
 
     # ------------------------------------------------------------------ lookups for tools
     def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
@@ -921,56 +840,22 @@ class ExperimentsManager:
                 self.flush_metrics()
             except Exception:
                 log.warning("could not flush the metrics of the abandoned run", exc_info=True)
-            self._buffer.clear()
+            self._metrics.reset()
             self._run = None
             self._run_params = None
             self._iteration = None
             self._experiment = None
-            self._steps.clear()
 
     def find_orphaned_models(
         self, *, include_running: bool = False, max_depth: int = 4
     ) -> OrphanScan:
-        """Model folders under the artifact root that no run marks: the orphans a crash
-        between writing and marking leaves. Folders of runs
-        still RUNNING are skipped (their upload may be under way) unless ``include_running``.
-        Marks are read from every active experiment of the tracking store, whatever plugin.
-        """
-        experiments: list[ExperimentRecord] = self._track(
-            "search", lambda: list(self.tracking.iter_experiments(ExperimentQuery()))
-        )
-        marked: set[str] = set()
-        ids = [e.experiment_id for e in experiments]
-        for start in range(0, len(ids), 50):
-            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-            for run in self._track("search", self.tracking.search_runs, query):
-                marked.add(self._model_uri(run).rstrip("/"))
-        found: list[str] = self._art(
-            "find_models", self.artifacts.find_dirs, self.artifacts.root, T.MODEL_DIR, max_depth
-        )
-        candidates = sorted({u.rstrip("/") for u in found} - marked)
-        # a folder inside another candidate is part of it (a model may hold a "model" folder)
-        candidates = [u for u in candidates if not any(u.startswith(c + "/") for c in candidates)]
-        orphans: list[OrphanedModel] = []
-        skipped: list[OrphanedModel] = []
-        for uri in candidates:
-            if any(uri.startswith(m + "/") for m in marked):
-                continue
-            run_id = _model_run_id(uri)
-            owner = self.get_run_by_id(run_id) if run_id else None
-            if owner is not None and not owner.status.is_terminal and not include_running:
-                skipped.append(OrphanedModel(uri, run_id, "its run is still RUNNING"))
-                continue
-            reason = "no run" if owner is None else f"run {owner.status.value}, model not marked"
-            orphans.append(OrphanedModel(uri, run_id if owner is not None else None, reason))
-        return OrphanScan(tuple(orphans), tuple(skipped), len(marked))
+        """Model folders no run marks: the orphans of a crash between writing and marking
+        (see :meth:`ModelKeeper.find_orphans`)."""
+        return self.models.find_orphans(include_running=include_running, max_depth=max_depth)
 
     def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
         """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
-        if not self.artifacts.owns(orphan.uri):
-            raise ConfigurationError(f"{orphan.uri} lies outside {self.artifacts.root}")
-        deleted: bool = self._art("gc_delete", self.artifacts.delete_tree, orphan.uri)
-        return deleted
+        return self.models.delete_orphan(orphan)
 
     # ------------------------------------------------------------------ downloads
     def download_model_files(
@@ -980,29 +865,13 @@ class ExperimentsManager:
         run = self.get_run_by_id(run_id, models_only=True)
         if run is None:
             raise ModelNotFoundError(f"run {run_id} holds no model")
-        destination = Path(destination)
-        destination.mkdir(parents=True, exist_ok=True)
-        with transfer_progress(f"download {run_id}", enabled=progress) as callback:
-            self._art(
-                "download_model",
-                self.artifacts.download_dir,
-                self._model_uri(run),
-                destination,
-                callback,
-            )
-        return destination
+        return self.models.download_files(run, Path(destination), progress)
 
     def _download_model(self, run_id: str) -> Any:
         run = self.get_run_by_id(run_id, models_only=True)
         if run is None:
             raise ModelNotFoundError(f"run {run_id} holds no model")
-        codec = get_codec(run.tags.get(T.TAG_MODEL_FORMAT, self.model_format))
-        staging = Path(tempfile.mkdtemp(prefix="tracker-core-download-"))
-        try:
-            self.download_model_files(run_id, staging)
-            return codec.load(staging, self.model_factory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return self.models.load(run, self.model_format, self.model_factory)
 
     def download_model_by_run_id(self, run_id: str) -> Any | None:
         """The run's model; None (logged) if the run holds none. Store failures raise."""
@@ -1075,21 +944,9 @@ class ExperimentsManager:
         initial = self._get_initial_experiment()
         if initial is not None and initial.experiment_id == experiment_id:
             return None
-        runs: list[RunRecord] = self._track(
-            "search",
-            self.tracking.search_runs,
-            RunQuery(
-                (experiment_id,),
-                statuses=(RunStatus.FINISHED,),
-                has_metric=self._main_metric,
-                order_by_metric=self._main_metric,
-                ascending=self._is_loss,
-                max_results=self.n_top_runs,
-            ),
-        )
+        runs = self._top_finished_runs(experiment_id)
         if not runs:
             return None
-        runs.sort(key=self._rank_key)
         cls = params_type or self._params_type_of(runs)
         return [cls.from_mlflow(r.params) for r in runs]  # type: ignore[misc]
 
@@ -1104,33 +961,3 @@ class ExperimentsManager:
         if previous is None:
             return None
         return self.get_top_params_by_experiment_id(previous, params_type)
-
-
-@attrs.frozen
-class OrphanedModel:
-    """A model folder no run marks: ``uri``, the run it belongs to (if it exists), why."""
-
-    uri: str
-    run_id: str | None
-    reason: str
-
-
-@attrs.frozen
-class OrphanScan:
-    """What :meth:`ExperimentsManager.find_orphaned_models` found."""
-
-    orphans: tuple[OrphanedModel, ...]
-    skipped: tuple[OrphanedModel, ...]
-    marked_models: int
-
-
-def _model_run_id(uri: str) -> str | None:
-    """``.../<run_id>/artifacts/model`` -> ``<run_id>``."""
-    parts = uri.rstrip("/").split("/")
-    if len(parts) >= 3 and parts[-1] == T.MODEL_DIR and parts[-2] == "artifacts":
-        return parts[-3]
-    return None
-
-
-def _is_marked(run: RunRecord) -> bool:
-    return run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
