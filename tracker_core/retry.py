@@ -10,7 +10,7 @@ last error.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -65,6 +65,38 @@ class RetryConfig:
 
     def with_operation(self, operation: str, params: RetryParams) -> RetryConfig:
         return attrs.evolve(self, operations={**self.operations, operation: params})
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def classify_chain(exc: BaseException, classify_one: ErrorClassifier) -> bool | None:
+    """The first verdict ``classify_one`` gives along the exception chain of ``exc``."""
+    for link in exception_chain(exc):
+        verdict = classify_one(link)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+def classify_http_status(status: object) -> bool | None:
+    """HTTP status -> transient (5xx, 408, 429), permanent (other 4xx), or no opinion."""
+    try:
+        code = int(status)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    if code >= 500 or code in (408, 429):
+        return True
+    if 400 <= code < 500:
+        return False
+    return None
 
 
 def is_builtin_transient(exc: BaseException) -> bool | None:

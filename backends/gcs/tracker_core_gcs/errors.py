@@ -9,30 +9,10 @@ errors and timeouts through. :func:`classify_gcs_error` looks at the whole chain
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+
+from tracker_core.retry import classify_chain, classify_http_status
 
 __all__ = ["classify_gcs_error"]
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _by_status(status: object) -> bool | None:
-    try:
-        code = int(status)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None
-    if code >= 500 or code in (408, 429):
-        return True
-    if 400 <= code < 500:
-        return False
-    return None
 
 
 def _classify_one(exc: BaseException) -> bool | None:
@@ -42,9 +22,9 @@ def _classify_one(exc: BaseException) -> bool | None:
     from gcsfs.retry import ChecksumError, HttpError
 
     if isinstance(exc, HttpError):
-        return _by_status(exc.code)
+        return classify_http_status(exc.code)
     if isinstance(exc, aiohttp.ClientResponseError):
-        return _by_status(exc.status)
+        return classify_http_status(exc.status)
     if isinstance(exc, aiohttp.ClientError | ChecksumError):
         return True  # connection refused/reset, payload cut short, corrupted transfer
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
@@ -67,10 +47,9 @@ def classify_gcs_error(exc: BaseException) -> bool | None:
     unreachable token endpoint. Permanent: 401, 403 (``Forbidden``), 404 (missing bucket or
     object), other 4xx, unusable credentials.
     """
-    for link in _chain(exc):
-        verdict = _classify_one(link)
-        if verdict is not None:
-            return verdict
+    verdict = classify_chain(exc, _classify_one)
+    if verdict is not None:
+        return verdict
     if isinstance(exc, FileNotFoundError | PermissionError | FileExistsError):
         return False
     if isinstance(exc, OSError) and str(exc).startswith("Forbidden"):

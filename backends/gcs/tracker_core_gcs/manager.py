@@ -9,10 +9,8 @@ from typing import Any
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.errors import ConfigurationError
 from tracker_core.manager import ExperimentsManager
-from tracker_core.retry import Retrier, RetryConfig
-from tracker_core_gcs.backend import GCSBackend
+from tracker_core.retry import RetryConfig
 from tracker_core_gcs.credentials import GCSCredentials
-from tracker_core_mlflow.backend import default_tracking_uri
 
 __all__ = ["DEFAULT_PREFIX", "ExperimentsManagerWithGoogleCloudStorageBackend"]
 
@@ -55,18 +53,7 @@ class ExperimentsManagerWithGoogleCloudStorageBackend(ExperimentsManager):
             raise ConfigurationError("GCSCredentials.bucket_name is empty")
         self.gcs_credentials = gcs_credentials
         self.artifact_uri = f"gs://{gcs_credentials.bucket_name}/{prefix.strip('/')}".rstrip("/")
-        backend = GCSBackend()
-        retrier = Retrier(retry_config)
         options = {**gcs_credentials.storage_options(), **dict(storage_options or {})}
-        kwargs.setdefault(
-            "tracking_store",
-            backend.tracking_store(tracking_uri or default_tracking_uri(), retrier=retrier),
-        )
-        kwargs.setdefault(
-            "artifact_store",
-            backend.artifact_store(self.artifact_uri, storage_options=options, retrier=retrier),
-        )
-        kwargs.setdefault("model_format", backend.default_model_format)
         super().__init__(
             tracking_uri,
             main_metric,
@@ -77,6 +64,7 @@ class ExperimentsManagerWithGoogleCloudStorageBackend(ExperimentsManager):
             requirements,
             retry_config,
             artifact_uri=self.artifact_uri,
+            storage_options=options,
             **kwargs,
         )
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tracker_core.errors import TrackerError, TrackingStoreError, TransientError, redact
+from tracker_core.retry import classify_chain, exception_chain
 
 __all__ = [
     "PERMANENT_CODES",
@@ -60,15 +61,6 @@ def error_code(exc: BaseException) -> str | None:
     """The MLflow error code name (``"RESOURCE_DOES_NOT_EXIST"``...) of an MlflowException."""
     code = getattr(exc, "error_code", None)
     return code if isinstance(code, str) else None
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -120,16 +112,15 @@ def classify_mlflow_error(exc: BaseException) -> bool | None:
     if isinstance(exc, TrackerError):
         cause = exc.__cause__
         return bool(cause is not None and classify_mlflow_error(cause))
-    for link in _chain(exc):
-        verdict = _classify_one(link)
-        if verdict is not None:
-            return verdict
+    verdict = classify_chain(exc, _classify_one)
+    if verdict is not None:
+        return verdict
     return None
 
 
 def scrub_chain(exc: BaseException, *secrets: str | None) -> None:
     """Redact credentials in place from ``exc`` and every exception it chains to."""
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         with contextlib.suppress(Exception):  # exotic exception types: best effort
             link.args = tuple(
                 redact(arg, *secrets) if isinstance(arg, str) else arg for arg in link.args

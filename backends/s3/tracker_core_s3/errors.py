@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
+
+from tracker_core.retry import classify_chain, classify_http_status
 
 __all__ = ["PERMANENT_CODES", "TRANSIENT_CODES", "classify_s3_error"]
 
@@ -69,25 +70,6 @@ PERMANENT_CODES = frozenset(
 _TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _by_status(status: int | None) -> bool | None:
-    if status is None:
-        return None
-    if status >= 500 or status in (408, 429):
-        return True
-    if 400 <= status < 500:
-        return False
-    return None
-
-
 def _classify_one(exc: BaseException) -> bool | None:
     import botocore.exceptions as bce
     from botocore.parsers import ResponseParserError
@@ -102,7 +84,7 @@ def _classify_one(exc: BaseException) -> bool | None:
         status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
         if status is None and code.isdigit():
             status = int(code)  # HEAD responses carry no body: the code is the status
-        return _by_status(status)
+        return classify_http_status(status)
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return False
     if isinstance(
@@ -119,7 +101,7 @@ def _classify_one(exc: BaseException) -> bool | None:
         aiohttp = None  # type: ignore[assignment]
     if aiohttp is not None:
         if isinstance(exc, aiohttp.ClientResponseError):
-            return _by_status(exc.status)
+            return classify_http_status(exc.status)
         if isinstance(exc, aiohttp.ClientError):
             return True
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
@@ -136,10 +118,9 @@ def classify_s3_error(exc: BaseException) -> bool | None:
     missing credentials, other 4xx. Judged on the first link of the exception chain that
     says something, then on the s3fs-translated ``OSError`` itself.
     """
-    for link in _chain(exc):
-        verdict = _classify_one(link)
-        if verdict is not None:
-            return verdict
+    verdict = classify_chain(exc, _classify_one)
+    if verdict is not None:
+        return verdict
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
         return False
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:

@@ -9,9 +9,7 @@ from typing import Any
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.errors import ConfigurationError
 from tracker_core.manager import ExperimentsManager
-from tracker_core.retry import Retrier, RetryConfig
-from tracker_core_mlflow.backend import default_tracking_uri
-from tracker_core_s3.backend import S3Backend
+from tracker_core.retry import RetryConfig
 from tracker_core_s3.credentials import S3Credentials
 
 __all__ = ["DEFAULT_PREFIX", "ExperimentsManagerWithAmazonS3Backend"]
@@ -56,18 +54,7 @@ class ExperimentsManagerWithAmazonS3Backend(ExperimentsManager):
             raise ConfigurationError("S3Credentials.bucket_name is empty")
         self.s3_credentials = s3_credentials
         self.artifact_uri = f"s3://{s3_credentials.bucket_name}/{prefix.strip('/')}".rstrip("/")
-        backend = S3Backend()
-        retrier = Retrier(retry_config)
         options = {**s3_credentials.storage_options(), **dict(storage_options or {})}
-        kwargs.setdefault(
-            "tracking_store",
-            backend.tracking_store(tracking_uri or default_tracking_uri(), retrier=retrier),
-        )
-        kwargs.setdefault(
-            "artifact_store",
-            backend.artifact_store(self.artifact_uri, storage_options=options, retrier=retrier),
-        )
-        kwargs.setdefault("model_format", backend.default_model_format)
         super().__init__(
             tracking_uri,
             main_metric,
@@ -78,6 +65,7 @@ class ExperimentsManagerWithAmazonS3Backend(ExperimentsManager):
             requirements,
             retry_config,
             artifact_uri=self.artifact_uri,
+            storage_options=options,
             **kwargs,
         )
 
