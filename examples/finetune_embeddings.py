@@ -74,6 +74,8 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:  # MLflow's own notices (database setup, pickle format) are noise here
+        import mlflow  # noqa: F401 - it configures its loggers when imported: quiet them after
+
         logging.getLogger("mlflow").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # the model is tiny: threads cost more than they give
 
