@@ -34,6 +34,8 @@ from tracker_core_s3.testing import make_s3_backend_under_test
 
 @pytest.fixture(scope="module")
 def postgres_server_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not servers.postgres_installed():  # a machine without PostgreSQL: say so
+        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not installed here")
     workdir = tmp_path_factory.mktemp("pg")
     with (
         servers.postgres(workdir) as database_uri,

@@ -37,6 +37,7 @@ __all__ = [
     "mlflow_server",
     "moto_server",
     "postgres",
+    "postgres_installed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -311,6 +312,15 @@ def _pg_bindir() -> Path:
         if (Path(candidate) / "initdb").exists():
             return Path(candidate)
     raise ServerStartError("PostgreSQL binaries (initdb, postgres) not found on PATH")
+
+
+def postgres_installed() -> bool:
+    """Whether PostgreSQL's server binaries are on this machine."""
+    try:
+        _pg_bindir()
+    except ServerStartError:
+        return False
+    return True
 
 
 def _pg_run_as() -> str | None:
