@@ -104,20 +104,22 @@ def _run_record(run: Run) -> RunRecord:
 
 @contextlib.contextmanager
 def _sqlite_init_lock(uri: str) -> Iterator[bool]:
-    """Hold a file lock beside a SQLite database while MLflow opens it.
+    """Hold a file lock on a SQLite database while MLflow opens it.
 
     MLflow migrates a fresh database on first use; several worker processes starting at
     once on the same new file race in alembic and fail. The first one to take the lock
-    migrates; the others find the tables ready. Other URIs need no lock (yields False).
+    migrates; the others find the tables ready. The lock is a ``flock`` on the database file
+    itself (created empty if missing, which SQLite reads as an empty database); SQLite's own
+    locks are POSIX record locks, which ``flock`` does not touch. Other URIs need no lock
+    (yields False).
     """
     parts = urlsplit(uri)
     if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
         yield False
         return
     db_path = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
-    lock_path = db_path.with_name(db_path.name + ".init-lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_path, "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield True
