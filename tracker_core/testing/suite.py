@@ -387,6 +387,70 @@ def test_metrics_flushed_by_finish_run_and_save_model(mgr: ExperimentsManager) -
     assert run is not None and run.metrics["quality"] == 0.25
 
 
+_EXIT_SCRIPT = """
+import pickle, sys
+from tracker_core.testing.suite import Params, iteration
+from tracker_core.values import MetricValue
+backend = pickle.loads(bytes.fromhex(sys.argv[1]))
+mgr = backend.connect(plugin_name=sys.argv[2])
+mgr.set_iteration(iteration(mgr))
+mgr.set_run(Params(lr=0.1))
+for i in range(3):
+    mgr.save_metric(MetricValue("quality", float(i)))
+print(mgr.current_run_id)
+# no finish_run, no flush: the interpreter exits with the values still queued
+"""
+
+
+def test_metrics_flushed_at_interpreter_exit(backend: BackendUnderTest, tmp_path: Path) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    if "processes" not in backend.capabilities:
+        pytest.skip("the backend's stores are not shared across processes")
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, pickle.dumps(backend).hex(), plugin],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=tmp_path,
+    )
+    run_id = result.stdout.strip().splitlines()[-1]
+    mgr = backend.connect(plugin_name=plugin)
+    history = mgr.tracking.get_metric_history(run_id, "quality")
+    assert [m.value for m in history] == [0.0, 1.0, 2.0]
+
+
+def test_from_wrapper_reuses_tracking_requirements_and_retry(backend: BackendUnderTest) -> None:
+    if "mlflow" not in backend.capabilities:
+        pytest.skip("MLflowClientWrapper is the MLflow backends' seed class")
+    from tracker_core_mlflow import MLflowClientWrapper
+
+    retry = RetryConfig(RetryParams(max_attempts=2, wait_time_seconds=0))
+    wrapper = MLflowClientWrapper(backend.tracking_uri, requirements=["torch"], retry_config=retry)
+    mgr = ExperimentsManager.from_wrapper(
+        wrapper,
+        main_metric="quality",
+        plugin_name=f"plugin-{uuid.uuid4().hex[:8]}",
+        accumulators=[MetricsAccumulator("quality", calc_mean=True)],
+        is_loss=True,
+        n_top_runs=3,
+        artifact_uri=backend.artifact_root,
+        storage_options=backend.storage_options,
+        model_format="state_dict",
+    )
+    assert mgr.tracking_uri == backend.tracking_uri
+    assert mgr.requirements == ["torch"] and mgr.retry_config == retry
+    assert mgr.is_loss and mgr.n_top_runs == 3
+    mgr.set_iteration(iteration(mgr))
+    run_id = run_with_quality(mgr, Params(lr=0.1), 0.5)
+    run = mgr.get_run_by_id(run_id)
+    assert run is not None and run.metrics["mean_quality"] == 0.5
+
+
 def test_invalid_metric_values_rejected() -> None:
     for bad in (math.nan, math.inf, -math.inf, "0.5", None):
         with pytest.raises(InvalidMetricError):
