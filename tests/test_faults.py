@@ -166,6 +166,7 @@ def test_s3_wrong_credentials_fail_fast_without_leaking(
         manager.upload_initial_model(tiny_model())
     assert isinstance(info.value, TrackerError)
     assert isinstance(info.value.__cause__, PermissionError)  # 403 (HEAD) / InvalidAccessKeyId
+    assert "check the credentials" in str(info.value)
     assert _no_retry_logged(caplog)  # permanent: one attempt
     assert not _leaks(_chain_text(info.value), SENTINEL)
     assert not _leaks(_log_text(caplog), SENTINEL)

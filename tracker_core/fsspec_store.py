@@ -80,8 +80,10 @@ class FsspecArtifactStore(ArtifactStore):
         except Exception as exc:
             if self.classify_error(exc):
                 raise
+            denied = isinstance(exc, PermissionError)
+            hint = " (access denied: check the credentials)" if denied else ""
             message = redact(
-                f"{operation} {uri} failed: {type(exc).__name__}: {exc}", *self._secrets
+                f"{operation} {uri} failed{hint}: {type(exc).__name__}: {exc}", *self._secrets
             )
             raise ArtifactStoreError(message) from exc
 
