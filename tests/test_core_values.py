@@ -219,3 +219,18 @@ def test_redact() -> None:
     out = redact(text, "SENTINEL")
     assert "abcd1234" not in out and "hunter22" not in out and "xyz987" not in out
     assert redact("key SENTINEL-SECRET here", "SENTINEL-SECRET") == "key *** here"
+
+
+def test_core_imports_no_backend_and_no_heavy_client() -> None:
+    """DESIGN: the core imports neither mlflow, s3fs, gcsfs nor any backend (nor torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tracker_core, tracker_core.cli, tracker_core.finetune, tracker_core.registry\n"
+        "banned = ('mlflow', 's3fs', 'gcsfs', 'boto3', 'torch', 'tracker_core_mlflow',\n"
+        "          'tracker_core_local', 'tracker_core_s3', 'tracker_core_gcs')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -20,7 +20,10 @@ from tracker_core.errors import (
     TransientError,
     UnknownSchemeError,
 )
+from tracker_core.finetune import IterationResult, RunResult, run_iteration
 from tracker_core.manager import ExperimentsManager
+from tracker_core.methods import FineTuningMethod, connect_kwargs, load_method
+from tracker_core.models import OrphanedModel, OrphanScan
 from tracker_core.params import FineTuningParams
 from tracker_core.registry import Backend, available_schemes, register_backend
 from tracker_core.retry import RetryConfig, RetryParams
@@ -44,11 +47,13 @@ __all__ = [
     "ExperimentRecord",
     "ExperimentsManager",
     "FineTuningIteration",
+    "FineTuningMethod",
     "FineTuningParams",
     "InvalidMetricError",
     "InvalidNameError",
     "InvalidParamsError",
     "IterationFailedError",
+    "IterationResult",
     "MaxAttemptsReachedException",
     "MetricValue",
     "MetricsAccumulator",
@@ -56,9 +61,12 @@ __all__ = [
     "ModelNotFoundError",
     "NoActiveIterationError",
     "NoActiveRunError",
+    "OrphanScan",
+    "OrphanedModel",
     "RetryConfig",
     "RetryParams",
     "RunRecord",
+    "RunResult",
     "RunStatus",
     "StateDictCodec",
     "TrackerError",
@@ -68,5 +76,8 @@ __all__ = [
     "UnknownSchemeError",
     "available_schemes",
     "connect",
+    "connect_kwargs",
+    "load_method",
     "register_backend",
+    "run_iteration",
 ]
