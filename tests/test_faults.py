@@ -18,7 +18,6 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -504,7 +503,3 @@ def test_gcs_classifier() -> None:
     assert classify_gcs_error(gae.RefreshError("invalid_grant")) is False  # type: ignore[no-untyped-call]
     assert classify_gcs_error(gae.TransportError("unreachable")) is True  # type: ignore[no-untyped-call]
     assert classify_gcs_error(ValueError("x")) is None
-
-
-def test_faults_module_is_importable_path() -> None:
-    assert Path(__file__).name == "test_faults.py"
