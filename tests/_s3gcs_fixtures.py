@@ -26,6 +26,7 @@ __all__ = [
     "AWS_TEST_ENV",
     "SmallParams",
     "_base_env",
+    "assert_plain_mlflow_reads",
     "aws_env",
     "gcs_bucket",
     "gcs_endpoint",
@@ -172,3 +173,46 @@ def round_trip(manager: ExperimentsManager, model: Any | None = None) -> tuple[s
     assert same_weights(best, model)
     assert same_weights(manager.download_initial_model(), tiny_model())
     return experiment_id, run_id
+
+
+_INTEROP = r"""
+import json, sys
+import mlflow, mlflow.artifacts, mlflow.pytorch, torch
+run_id, expected_path, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+expected = torch.load(expected_path, weights_only=True)
+same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=out_dir)
+print(json.dumps({"same": same, "type": type(model).__name__, "local": local}))
+"""
+
+
+def assert_plain_mlflow_reads(
+    run_id: str, model: Any, tracking_uri: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Plain MLflow, in a fresh process given only the usual environment, loads the run's
+    model with ``mlflow.pytorch.load_model("runs:/...")`` (same weights) and downloads it with
+    ``mlflow.artifacts.download_artifacts``. A fresh process, because MLflow reads endpoint
+    variables when it builds its storage clients."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    expected = tmp_path / "expected.pt"
+    torch.save(model.state_dict(), expected)
+    out = subprocess.run(
+        [sys.executable, "-c", _INTEROP, run_id, str(expected), str(tmp_path / "dl")],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["same"] is True
+    assert result["type"] == "Linear"
+    assert (Path(result["local"]) / "MLmodel").is_file()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
-from _s3gcs_fixtures import round_trip, same_weights, tiny_model
+from _s3gcs_fixtures import assert_plain_mlflow_reads, round_trip, same_weights, tiny_model
 
 import tracker_core
 from tracker_core import tags as T
@@ -174,42 +170,14 @@ def test_backend_is_an_mlflow_backend() -> None:
     assert issubclass(S3Backend, MlflowBackend)
 
 
-_INTEROP = r"""
-import json, sys
-import mlflow, mlflow.artifacts, mlflow.pytorch, torch
-run_id, expected_path, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-expected = torch.load(expected_path, weights_only=True)
-same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=out_dir)
-print(json.dumps({"same": same, "type": type(model).__name__, "local": local}))
-"""
-
-
 def test_plain_mlflow_reads_the_model(
     s3_bucket: str, moto_endpoint: str, sqlite_tracking_uri: str, tmp_path: Path
 ) -> None:
     """A model saved through the manager loads with mlflow.pytorch.load_model("runs:/...")
     and mlflow.artifacts.download_artifacts, given MLFLOW_S3_ENDPOINT_URL and AWS variables
     (in a fresh process: MLflow reads those variables when it builds its S3 client)."""
-    import torch
-
     manager = _connect(s3_bucket, moto_endpoint, sqlite_tracking_uri)
     model = tiny_model()
     _, run_id = round_trip(manager, model)
-    expected = tmp_path / "expected.pt"
-    torch.save(model.state_dict(), expected)
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": sqlite_tracking_uri,
-        "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", _INTEROP, run_id, str(expected), str(tmp_path / "dl")],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["same"] is True
-    assert result["type"] == "Linear"
-    assert (Path(result["local"]) / "MLmodel").is_file()
+    env = {"MLFLOW_S3_ENDPOINT_URL": moto_endpoint}
+    assert_plain_mlflow_reads(run_id, model, sqlite_tracking_uri, env, tmp_path)
