@@ -36,7 +36,7 @@ from tracker_core.metrics import MetricsBuffer
 from tracker_core.models import ModelKeeper, OrphanedModel, OrphanScan, is_marked
 from tracker_core.params import FineTuningParams
 from tracker_core.ranking import Ranking
-from tracker_core.registry import get_backend, scheme_of
+from tracker_core.registry import get_backend, import_object, scheme_of
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.stores import ArtifactStore, ExperimentQuery, RunQuery, TrackingStore
 from tracker_core.values import (
@@ -921,17 +921,12 @@ class ExperimentsManager:
             return self.params_type
         if self._run_params is not None:
             return type(self._run_params)
-        import importlib
-
         path = next(
             (r.tags.get(T.TAG_PARAMS_TYPE) for r in runs if r.tags.get(T.TAG_PARAMS_TYPE)), None
         )
         if path is None:
             raise ConfigurationError("cannot tell the params type: pass params_type=")
-        module, _, qualname = path.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
+        obj = import_object(path)
         if not (isinstance(obj, type) and issubclass(obj, FineTuningParams)):
             raise ConfigurationError(f"{path} is not a FineTuningParams subclass")
         return obj

@@ -51,6 +51,7 @@ from tracker_core.codecs import ModelFactory
 from tracker_core.errors import ConfigurationError
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
+from tracker_core.registry import import_object
 
 __all__ = [
     "METHOD_GROUP",
@@ -192,11 +193,8 @@ def load_method(spec: str | FineTuningMethod[Any]) -> FineTuningMethod[Any]:
         _check_method(spec)
         return spec
     if ":" in spec:
-        module_name, _, qualname = spec.partition(":")
         try:
-            obj: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
+            obj = import_object(spec)
         except (ImportError, AttributeError) as exc:
             raise ConfigurationError(f"cannot import fine-tuning method {spec!r}: {exc}") from exc
         return _instantiate(obj, spec)

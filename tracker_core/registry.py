@@ -31,6 +31,7 @@ __all__ = [
     "Backend",
     "available_schemes",
     "get_backend",
+    "import_object",
     "register_backend",
     "scheme_of",
 ]
@@ -102,13 +103,18 @@ def available_schemes() -> list[str]:
     return sorted({*_entry_points(), *_registered})
 
 
+def import_object(spec: str) -> Any:
+    """Import ``"package.module:attr.path"`` (or a bare module); ImportError/AttributeError."""
+    module, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
 def _load(target: BackendFactory | str) -> Backend:
     if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in attr.split(".") if attr else ():
-            obj = getattr(obj, part)
-        target = obj
+        target = import_object(target)
     backend = target() if callable(target) and not isinstance(target, Backend) else target
     if not isinstance(backend, Backend):
         raise ConfigurationError(f"{target!r} did not produce a tracker_core Backend")
