@@ -211,7 +211,7 @@ class _StartModel:
             if run is None:
                 raise ModelNotFoundError(f"the starting run {self._run_id} holds no model")
             log.info("downloading the starting model (run %s) to %s", self._run_id, self._dir)
-            self._manager.download_model_files(self._run_id, self._dir)
+            self._manager.models.download_files(run, self._dir, progress=None)
             self._format = run.tags.get(T.TAG_MODEL_FORMAT, self._manager.model_format)
         return get_codec(self._format).load(self._dir, self._manager.model_factory)
 

@@ -527,7 +527,7 @@ class ExperimentsManager:
         self._track(
             "log_params", self.tracking.log_batch, created.run_id, first_metric, params or {}
         )
-        return self._get_run(created.run_id)
+        return created  # identity, status and artifact URI are all the caller reads
 
     def _get_run(self, run_id: str) -> RunRecord:
         run: RunRecord | None = self._track("search", self.tracking.get_run, run_id)
