@@ -11,15 +11,23 @@ import re
 __all__ = [
     "ArtifactStoreError",
     "BackendNotInstalledError",
+    "CleanupRefusedError",
     "ConfigurationError",
     "InvalidMetricError",
+    "InvalidModelError",
     "InvalidNameError",
     "InvalidParamsError",
     "IterationFailedError",
+    "IterationInUseError",
+    "LeaseLostError",
     "MaxAttemptsReachedException",
+    "ModelFilesMissingError",
+    "ModelLoadError",
     "ModelNotFoundError",
     "NoActiveIterationError",
     "NoActiveRunError",
+    "NoModelToKeepError",
+    "RunInUseError",
     "TrackerError",
     "TrackingStoreError",
     "TransientError",
@@ -66,6 +74,52 @@ class NoActiveRunError(TrackerError, RuntimeError):
 
 class ModelNotFoundError(TrackerError, LookupError):
     """No model is stored where one was expected."""
+
+
+class ModelFilesMissingError(ModelNotFoundError):
+    """A run is marked as holding a model, but the model's files are gone from the store
+    (a bucket emptied or a folder deleted by hand). ``tracker-core verify`` lists such runs."""
+
+
+class InvalidModelError(ConfigurationError):
+    """The object cannot be saved in the chosen model format (e.g. not a ``torch.nn.Module``),
+    or the format cannot load it back as configured (``state_dict`` without ``model_factory``)."""
+
+
+class ModelLoadError(TrackerError):
+    """A stored model could not be read back: its files do not fit the model the factory
+    builds (shapes, keys), or they are corrupt."""
+
+
+class RunInUseError(TrackerError):
+    """Another live worker holds the run's lease: only one worker trains a run at a time.
+
+    ``owner`` names the holder (``host:pid:id``); ``expires_ms`` is when its lease runs out
+    unless its heartbeat renews it.
+    """
+
+    def __init__(self, message: str, *, run_id: str, owner: str, expires_ms: int) -> None:
+        super().__init__(message)
+        self.run_id, self.owner, self.expires_ms = run_id, owner, expires_ms
+
+
+class LeaseLostError(TrackerError):
+    """This worker's lease on its run expired and another worker took the run over: stop
+    training it (the other worker's results are the run's)."""
+
+
+class CleanupRefusedError(TrackerError):
+    """Deleting an iteration was refused because it could lose a model or break a worker;
+    nothing was deleted."""
+
+
+class NoModelToKeepError(CleanupRefusedError):
+    """The current iteration holds no model: deleting the previous one would lose the only
+    fine-tuned model."""
+
+
+class IterationInUseError(CleanupRefusedError):
+    """The iteration still has runs held by live workers; it can be deleted once they end."""
 
 
 class IterationFailedError(TrackerError, RuntimeError):

@@ -1,0 +1,207 @@
+"""Run leases: one worker trains a run at a time, and a dead worker's run is resumed.
+
+A run's identity is its params (the same params in the same iteration are the same run), so
+two workers given the same params find the same run. The lease decides which of them trains
+it. It is stored with the run, in the tracking store, in two parts:
+
+- **the claim**, a write-once param ``tracker.lease.<epoch>`` = ``"<owner> <expires_ms>"``.
+  Params cannot change once logged (the tracking store refuses a different value for an
+  existing key), so of two workers claiming the same epoch exactly one succeeds: the store's
+  unique key is the arbiter, not a read-then-write race. Each takeover claims the next epoch.
+- **the heartbeat**, a tag ``tracker.lease`` = ``"<epoch> <owner> <expires_ms>"`` that the
+  holder renews every ``ttl / 3`` seconds from a background thread, or ``"<epoch> <owner>
+  released"`` when it lets go without ending the run (an interrupt, an implicit end).
+
+A lease is *live* while the heartbeat of its newest epoch has not expired (or, before the
+first heartbeat of that epoch lands, while the claim's own expiry has not passed). A run with
+no claim yet is live for ``ttl`` after it was created, so a run being set up is never taken
+over. A terminal run (FINISHED, FAILED, KILLED) holds no lease.
+
+Clocks: expiry times are written by the holder's clock and read by another worker's, so the
+hosts' clocks must agree to well within the TTL (NTP does).
+
+A holder that was paused longer than its TTL (a stalled host) may find its run taken over; its
+heartbeat thread notices the newer epoch and the manager's next call for that run raises
+:class:`~tracker_core.errors.LeaseLostError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+import attrs
+
+from tracker_core.values import RunRecord
+
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "LEASE_CLAIM_PREFIX",
+    "TAG_LEASE",
+    "Heartbeat",
+    "LeaseState",
+    "claim_params",
+    "lease_state",
+    "new_owner_id",
+    "now_ms",
+    "release_tag",
+    "run_is_live",
+]
+
+log = logging.getLogger(__name__)
+
+#: default lease time to live: a killed worker's run can be resumed this long after its death
+DEFAULT_LEASE_SECONDS = 60.0
+LEASE_CLAIM_PREFIX = "tracker.lease."
+TAG_LEASE = "tracker.lease"
+_RELEASED = "released"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_owner_id() -> str:
+    """``host:pid:random``: unique per holder, and tells a person where the holder runs."""
+    host = socket.gethostname().replace(" ", "_") or "host"
+    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@attrs.frozen
+class LeaseState:
+    """The lease of a run as read from its record. ``epoch`` 0: never claimed."""
+
+    epoch: int
+    owner: str | None
+    expires_ms: int | None
+    released: bool
+
+    def is_live(self, at_ms: int) -> bool:
+        return not self.released and self.expires_ms is not None and self.expires_ms > at_ms
+
+
+def _claims(params: Mapping[str, str]) -> dict[int, tuple[str, int]]:
+    out: dict[int, tuple[str, int]] = {}
+    for key, value in params.items():
+        if not key.startswith(LEASE_CLAIM_PREFIX):
+            continue
+        try:
+            epoch = int(key[len(LEASE_CLAIM_PREFIX) :])
+            owner, expires = value.rsplit(" ", 1)
+            out[epoch] = (owner, int(expires))
+        except ValueError:
+            log.warning("ignoring malformed lease claim %s=%r", key, value)
+    return out
+
+
+def _heartbeat(tags: Mapping[str, str]) -> tuple[int, str, int | None] | None:
+    """``(epoch, owner, expires_ms or None if released)`` from the heartbeat tag."""
+    text = tags.get(TAG_LEASE)
+    if not text:
+        return None
+    try:
+        epoch, owner, expires = text.split(" ")
+        return int(epoch), owner, None if expires == _RELEASED else int(expires)
+    except ValueError:
+        log.warning("ignoring malformed lease tag %r", text)
+        return None
+
+
+def lease_state(run: RunRecord, ttl_ms: int) -> LeaseState:
+    """The lease of ``run`` (see the module docstring for the rules)."""
+    claims = _claims(run.params)
+    if not claims:
+        # not claimed yet: a run being created counts as held for one TTL
+        return LeaseState(0, None, run.start_time_ms + ttl_ms, released=False)
+    epoch = max(claims)
+    owner, expires = claims[epoch]
+    beat = _heartbeat(run.tags)
+    if beat is not None and beat[0] == epoch and beat[1] == owner:
+        if beat[2] is None:
+            return LeaseState(epoch, owner, None, released=True)
+        expires = max(expires, beat[2])
+    return LeaseState(epoch, owner, expires, released=False)
+
+
+def run_is_live(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
+    """Whether a live worker holds ``run``: it is not terminal and its lease has not expired.
+
+    ``ttl_ms`` only matters for a run whose lease was never claimed (a run being created).
+    """
+    if run.status.is_terminal:
+        return False
+    return lease_state(run, ttl_ms).is_live(now_ms() if at_ms is None else at_ms)
+
+
+def claim_params(epoch: int, owner: str, expires_ms: int) -> tuple[dict[str, str], dict[str, str]]:
+    """``(params, tags)`` that claim ``epoch`` for ``owner``: log them in one batch."""
+    return (
+        {f"{LEASE_CLAIM_PREFIX}{epoch}": f"{owner} {expires_ms}"},
+        {TAG_LEASE: f"{epoch} {owner} {expires_ms}"},
+    )
+
+
+def release_tag(epoch: int, owner: str) -> dict[str, str]:
+    return {TAG_LEASE: f"{epoch} {owner} {_RELEASED}"}
+
+
+class Heartbeat:
+    """Renews one lease every ``ttl / 3`` seconds in a daemon thread until stopped.
+
+    ``renew(expires_ms)`` writes the heartbeat and returns False if the lease was lost (a
+    newer epoch exists); exceptions are logged and retried at the next beat. If no renewal
+    succeeded before the lease's expiry, the lease counts as lost too (another worker may
+    have taken the run over).
+    """
+
+    def __init__(
+        self,
+        renew: Callable[[int], bool],
+        ttl_seconds: float,
+        expires_ms: int,
+        *,
+        name: str = "tracker-core-lease",
+    ) -> None:
+        self._renew = renew
+        self._ttl = ttl_seconds
+        self._expires_ms = expires_ms
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def lost(self) -> bool:
+        if not self._lost.is_set() and now_ms() >= self._expires_ms:
+            self._lost.set()
+        return self._lost.is_set()
+
+    def _loop(self) -> None:
+        interval = max(self._ttl / 3.0, 0.05)
+        while not self._stop.wait(interval):
+            expires = now_ms() + int(self._ttl * 1000)
+            try:
+                still_mine = self._renew(expires)
+            except Exception as exc:  # a failed beat is retried at the next one
+                log.warning("lease heartbeat failed (%s); retrying", type(exc).__name__)
+                if self.lost:
+                    return
+                continue
+            if not still_mine:
+                log.warning("lease lost: another worker took the run over")
+                self._lost.set()
+                return
+            self._expires_ms = expires
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(self._ttl, 5.0))
+
+    def __repr__(self) -> str:
+        return f"<Heartbeat ttl={self._ttl}s lost={self.lost}>"
+
