@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+
 import attrs
 
 from tracker_core.values import RunRecord
@@ -204,4 +205,3 @@ class Heartbeat:
 
     def __repr__(self) -> str:
         return f"<Heartbeat ttl={self._ttl}s lost={self.lost}>"
-
