@@ -48,7 +48,7 @@ def test_exactly_the_best_keep_models_exist(
         mgr.save_model(tiny_model(i))
         finished.append(mgr._get_run(mgr.current_run_id or ""))
         mgr.finish_run()
-        expected = {r.run_id for r in sorted(finished, key=mgr._rank_key)[:keep]}
+        expected = {r.run_id for r in sorted(finished, key=mgr.ranking.key)[:keep]}
         assert stored_models(mgr, eid) == expected
         assert marked_models(mgr, eid) == expected
         # and the values really are the best ones in the requested direction

@@ -145,7 +145,7 @@ def test_iteration_names() -> None:
     assert str(it) == "Emb / iteration / r0 / b1"
     for bad in ("a/b", "..", "", "x\\y"):
         with pytest.raises(InvalidNameError):
-            FineTuningIteration(plugin_name=bad)
+            FineTuningIteration(plugin_name=bad, batch_id="b")
 
 
 def test_scheme_of() -> None:

@@ -20,7 +20,7 @@ from tracker_core import (
     MetricValue,
     RunStatus,
 )
-from tracker_core.finetune import run_iteration
+from tracker_core.finetune import parse_iteration_name, run_iteration
 from tracker_core.methods import FineTuningMethod, connect_kwargs
 from tracker_core.stores import RunQuery
 from tracker_core.testing.harness import BackendUnderTest
@@ -260,3 +260,33 @@ def test_every_run_failing_keeps_previous_iteration(
     assert retried.start_run_id == first.best_run_id and not retried.resumed
     assert all(r.status == RunStatus.FINISHED for r in retried.runs)
     assert retried.deleted_iteration_id == first.experiment_id
+
+
+def test_completion_defers_deleting_an_iteration_still_in_use(
+    backend: BackendUnderTest, managers: list[ExperimentsManager]
+) -> None:
+    """Step 7 never deletes an iteration under a live worker: it is deleted by a later
+    completion, once that worker is done."""
+    method = ToyMethod(SETS[:2])
+    manager = connect(backend, method)
+    late = connect(backend, method)
+    managers.extend([manager, late])
+    first = run_iteration(method, manager, "batch-1")
+    # a slow worker still trains a run of the first iteration
+    old_iteration = parse_iteration_name(first.iteration_name)
+    assert old_iteration is not None
+    late.set_iteration(old_iteration)
+    late.set_run(ToyParams(lr=0.9, quality=0.1))
+
+    second = run_iteration(method, manager, "batch-2")
+    assert second.deleted_iteration_id is None  # deferred, not deleted under the worker
+    kept = manager.get_experiment(first.experiment_id)
+    assert kept is not None and kept.lifecycle_stage == "active"
+    late.save_metric(MetricValue("quality", 0.1))
+    late.finish_run()  # the worker is done: nothing it did failed
+
+    third = run_iteration(method, manager, "batch-3")
+    assert third.deleted_iteration_id == second.experiment_id
+    gone = manager.get_experiment(first.experiment_id)
+    assert gone is None or gone.lifecycle_stage == "deleted"
+    assert [e.experiment_id for e in manager.get_experiments()] == [third.experiment_id]

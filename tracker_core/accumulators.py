@@ -10,7 +10,7 @@ import math
 from collections import deque
 
 from tracker_core.errors import ConfigurationError
-from tracker_core.values import MetricValue, validate_name
+from tracker_core.values import MetricValue, validate_metric_name
 
 __all__ = ["MetricsAccumulator"]
 
@@ -34,7 +34,7 @@ class MetricsAccumulator:
         calc_max: bool = False,
         window_size: int = 10,
     ) -> None:
-        self.name = validate_name(name, "accumulator name")
+        self.name = validate_metric_name(name, "accumulator name")
         if window_size < 1:
             raise ConfigurationError(f"window_size must be >= 1, got {window_size}")
         self.calc_mean = calc_mean

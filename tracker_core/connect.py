@@ -7,6 +7,7 @@ from typing import Any
 
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.codecs import ModelFactory
+from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
 from tracker_core.retry import RetryConfig
@@ -30,13 +31,15 @@ def connect(
     model_factory: ModelFactory | None = None,
     params_type: type[FineTuningParams] | None = None,
     requirements: Sequence[str] | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> ExperimentsManager:
     """A manager keeping models at ``artifact_uri`` and tracking runs at ``tracking_uri``.
 
     The scheme of ``artifact_uri`` picks the backend: ``file://`` or a plain path (local),
     ``s3://bucket/prefix`` (S3), ``gs://`` / ``gcs://`` (GCS). ``tracking_uri`` defaults to
     ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. ``storage_options`` pass through
-    to the fsspec filesystem. Raises
+    to the fsspec filesystem. ``lease_seconds``: how long a run stays locked to a worker
+    that stopped renewing its lease (it died); the run is resumable after that. Raises
     :class:`~tracker_core.errors.UnknownSchemeError` (listing the installed schemes) for a
     scheme no installed backend serves.
     """
@@ -55,4 +58,5 @@ def connect(
         model_format=model_format,
         model_factory=model_factory,
         params_type=params_type,
+        lease_seconds=lease_seconds,
     )

@@ -3,7 +3,7 @@
 :func:`run_iteration` does, in order:
 
 1. **Initial model setup**: upload the method's initial model if none was uploaded yet; pick
-   the model to start from (the best model of the last finished iteration, else the initial
+   the model to start from (the best model of the newest iteration holding one, else the initial
    model) and download it to a local working copy.
 2. **Hyper-parameter selection**: the previous iteration's top-N params, else the method's
    initial sets.
@@ -13,7 +13,8 @@
    the main metric, save the model if it is among the best, finish the run. A run whose
    method raises is FAILED and does not count.
 7. **Iteration completion**: finish the iteration and delete the iteration it started from
-   (its models included). The initial model is never deleted.
+   (its models included); while live workers still hold runs of that iteration its deletion
+   is deferred to a later completion. The initial model is never deleted.
 8. **Model cleanup**: the local working copy (and every temporary file) is removed, on every
    path, success or failure.
 
@@ -37,6 +38,7 @@ Failure semantics:
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -51,6 +53,7 @@ from tracker_core.errors import (
     ArtifactStoreError,
     ConfigurationError,
     IterationFailedError,
+    LeaseLostError,
     MaxAttemptsReachedException,
     ModelNotFoundError,
     TrackingStoreError,
@@ -74,6 +77,7 @@ log = logging.getLogger(__name__)
 
 #: failures of the infrastructure, not of the run: they stop the iteration (resumable)
 _INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    LeaseLostError,
     TrackingStoreError,
     ArtifactStoreError,
     TransientError,
@@ -123,7 +127,8 @@ class IterationResult:
     best_run_id: str | None
     best_metric: float | None
     best_model_uri: str | None
-    #: the iteration deleted at the end (the one this iteration started from), if any
+    #: the iteration deleted at the end (the one this iteration started from), if any; None
+    #: also when its deletion was deferred (live workers still held runs of it)
     deleted_iteration_id: str | None
 
     @property
@@ -176,11 +181,10 @@ def _iteration_of_batch(manager: ExperimentsManager, batch_id: str) -> Experimen
 
 
 def _previous_iteration(manager: ExperimentsManager) -> tuple[ExperimentRecord, RunRecord] | None:
-    """The newest iteration whose runs all ended and that holds a best model, with that run."""
+    """The newest iteration that holds a best model, with that run. Runs still unfinished in it
+    (a straggling worker, a crash) do not matter: its best model so far is the start, and its
+    deletion at step 7 waits for its live workers."""
     for experiment in manager.get_experiments():
-        if manager.has_unfinished_runs(experiment.experiment_id):
-            log.info("skipping unfinished iteration %r", experiment.name)
-            continue
         best = manager.get_best_model_run(experiment.experiment_id)
         if best is not None:
             return experiment, best
@@ -319,25 +323,34 @@ def run_iteration(
 
         if not any(r.succeeded for r in runs):
             manager.finish_iteration()
-            manager.delete_iteration(experiment_id)
             failures = "; ".join(
                 f"run {r.run_id} {r.params!r}: {r.error or r.status.value}" for r in runs
             )
+            where = (
+                "was moved to MLflow's deleted experiments"
+                if manager.delete_iteration(experiment_id, defer=True)
+                else "will be deleted once the workers still holding its runs are done"
+            )
             raise IterationFailedError(
                 f"every run of iteration {str(iteration)!r} failed ({failures}); the failed "
-                f"iteration (experiment {experiment_id}) was moved to MLflow's deleted "
-                "experiments and the previous iteration was kept"
+                f"iteration (experiment {experiment_id}) {where}, and the previous iteration "
+                "was kept"
             )
 
         best_run_id, _ = manager.get_best_current_run_id()
         best_uri = manager.get_current_model_url() if best_run_id else None
         best_metric = next((r.metric for r in runs if r.run_id == best_run_id), None)
 
-        # 7. iteration completion
+        # 7. iteration completion: an iteration that live workers still use is deleted later,
+        # by the next completion (it is marked pending), never under a running worker
         manager.finish_iteration()
+        manager.delete_pending_iterations()
         deleted: str | None = None
-        if previous is not None and previous.experiment_id != experiment_id:
-            manager.delete_iteration(previous.experiment_id)
+        if (
+            previous is not None
+            and previous.experiment_id != experiment_id
+            and manager.delete_iteration(previous.experiment_id, defer=True)
+        ):
             deleted = previous.experiment_id
         log.info(
             "iteration %r done: %d run(s), %d failed, best run %s (%s=%s)",
@@ -378,7 +391,8 @@ def _run_all(
     """Steps 4-6 for every params set: ``{params id: (trained, error)}``."""
     done: dict[str, tuple[bool, str | None]] = {}
     for index, p in enumerate(params, 1):
-        if manager.set_run(p):
+        # a run another live worker trains is waited for: it ends (skipped) or is let go
+        if manager.set_run(p, wait=math.inf):
             log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
             done[p.id] = (False, None)
             continue

@@ -153,15 +153,16 @@ def release_tag(epoch: int, owner: str) -> dict[str, str]:
 class Heartbeat:
     """Renews one lease every ``ttl / 3`` seconds in a daemon thread until stopped.
 
-    ``renew(expires_ms)`` writes the heartbeat and returns False if the lease was lost (a
-    newer epoch exists); exceptions are logged and retried at the next beat. If no renewal
-    succeeded before the lease's expiry, the lease counts as lost too (another worker may
-    have taken the run over).
+    ``renew(expires_ms)`` writes the heartbeat and returns True, or False if the lease was lost
+    (a newer epoch exists), or None if there is nothing left to hold (the run ended, or its
+    manager is gone): the thread then stops quietly. Exceptions are logged and retried at the
+    next beat. If no renewal succeeded before the lease's expiry, the lease counts as lost too
+    (another worker may have taken the run over).
     """
 
     def __init__(
         self,
-        renew: Callable[[int], bool],
+        renew: Callable[[int], bool | None],
         ttl_seconds: float,
         expires_ms: int,
         *,
@@ -192,6 +193,9 @@ class Heartbeat:
                 if self.lost:
                     return
                 continue
+            if still_mine is None:
+                log.debug("lease heartbeat stopped: nothing left to hold")
+                return
             if not still_mine:
                 log.warning("lease lost: another worker took the run over")
                 self._lost.set()

@@ -1,8 +1,14 @@
-"""ExperimentsManager: iterations, runs, metrics and the best model, written once for every backend.
+"""ExperimentsManager: the seed's API, written once for every backend.
 
-The manager talks to a :class:`~tracker_core.stores.TrackingStore` and an
-:class:`~tracker_core.stores.ArtifactStore` only, and wraps every call to them in the one
-retry policy. Names and semantics follow the seed's ``ExperimentsManager`` API.
+The manager is the public face; each concept lives in its own module and the manager
+delegates to it:
+
+- :mod:`tracker_core.iterations`: iteration experiments, lookups newest first, safe deletion;
+- :mod:`tracker_core.runs`: the current run, its lease, its metrics, how it ends;
+- :mod:`tracker_core.models`: writing, marking, ranking, serving and pruning models;
+- :mod:`tracker_core.ranking`: the one order of runs (best model, best quality, top params).
+
+Every store call goes through one retry policy (:mod:`tracker_core.remote`).
 
 Thread-safety: a manager tracks one iteration and one run at a time; its methods are
 serialised by a lock, so sharing one manager between threads is safe but runs their work one
@@ -13,46 +19,56 @@ state (no MLflow fluent API, no globals).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import math
 import threading
-import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import attrs
+
+from tracker_core import leases
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import (
     ConfigurationError,
     InvalidMetricError,
+    IterationInUseError,
+    ModelFilesMissingError,
     ModelNotFoundError,
     NoActiveIterationError,
-    NoActiveRunError,
+    NoModelToKeepError,
     TrackerError,
 )
-from tracker_core.metrics import MetricsBuffer
+from tracker_core.iterations import Iterations
 from tracker_core.models import ModelKeeper, OrphanedModel, OrphanScan, is_marked
 from tracker_core.params import FineTuningParams
 from tracker_core.ranking import Ranking
 from tracker_core.registry import get_backend, import_object, scheme_of
+from tracker_core.remote import Remote
 from tracker_core.retry import Retrier, RetryConfig
-from tracker_core.stores import ArtifactStore, ExperimentQuery, RunQuery, TrackingStore
+from tracker_core.runs import RunTracker
+from tracker_core.stores import ArtifactStore, TrackingStore
 from tracker_core.values import (
-    INITIAL_EXPERIMENT_NAME,
     INITIAL_RUN_NAME,
     ExperimentRecord,
     FineTuningIteration,
     MetricValue,
     RunRecord,
     RunStatus,
+    validate_metric_name,
     validate_name,
 )
 
 __all__ = [
     "DEFAULT_ARTIFACT_URI",
     "DEFAULT_TRACKING_URI",
+    "ActiveRun",
     "ExperimentsManager",
     "OrphanScan",
     "OrphanedModel",
@@ -69,18 +85,44 @@ _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
 
 
 @atexit.register
-def _flush_at_exit() -> None:
+def _at_exit() -> None:
+    """Queued metrics reach the store; a run still held is let go (resumable at once)."""
     for manager in list(_live_managers):
         try:
             manager.flush_metrics()
         except Exception:
             log.exception("could not flush metrics of %r at exit", manager)
+        with contextlib.suppress(Exception):
+            manager._runs.release()
 
 
 def _resolve_tracking_uri(tracking_uri: str | None) -> str:
     import os
 
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _check_storage_uri(uri: str) -> None:
+    """Credentials never travel in a storage URI (they would end up in logs, ``repr`` and the
+    tracking database as the experiments' artifact locations)."""
+    parts = urlsplit(uri)
+    if len(parts.scheme) > 1 and (parts.username or parts.password):
+        shown = f"{parts.scheme}://***@{parts.hostname or ''}{parts.path}"
+        raise ConfigurationError(
+            f"the storage URI {shown} carries credentials: give them through storage_options= "
+            "(s3fs: key=/secret=, gcsfs: token=) or the standard credential chain "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, GOOGLE_APPLICATION_CREDENTIALS)"
+        )
+
+
+@attrs.frozen
+class ActiveRun:
+    """What ``with manager.run(params) as run`` yields. ``finished``: the run ended in an
+    earlier attempt, so the block has nothing to do (skip it with ``continue``)."""
+
+    run_id: str
+    params: FineTuningParams
+    finished: bool
 
 
 class ExperimentsManager:
@@ -90,7 +132,8 @@ class ExperimentsManager:
     every params set tried in it is a run whose identity is the params' hash. Only the best
     ``keep`` models of an iteration are kept (ranked by the final value of ``main_metric``,
     lower is better when ``is_loss``); the initial model lives in its own experiment and is
-    never removed by iteration cleanup.
+    never removed by iteration cleanup. One worker trains a run at a time (a lease renewed by
+    a heartbeat; a dead worker's run is resumable ``lease_seconds`` after it died).
 
     Args:
         tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``, else
@@ -102,11 +145,12 @@ class ExperimentsManager:
         n_top_runs: how many params sets :meth:`get_top_params` returns.
         requirements: pip requirements recorded with models (MLflow format).
         retry_config: per-operation retry attempts and waits.
-        artifact_uri: where models live; its scheme picks the backend.
+        artifact_uri: where models live; its scheme picks the backend. No credentials in it.
         keep: how many best models an iteration keeps.
         model_format: ``"mlflow.pytorch"`` (default when the backend offers it) or ``"state_dict"``.
         model_factory: builds an empty model, for formats that store weights only.
         params_type: the :class:`FineTuningParams` subclass :meth:`get_top_params` returns.
+        lease_seconds: how long a run stays locked to a worker that stopped renewing it.
         tracking_store / artifact_store: ready stores (tests, third-party setups).
     """
 
@@ -127,67 +171,65 @@ class ExperimentsManager:
         model_format: str | None = None,
         model_factory: ModelFactory | None = None,
         params_type: type[FineTuningParams] | None = None,
+        lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
         tracking_store: TrackingStore | None = None,
         artifact_store: ArtifactStore | None = None,
     ) -> None:
-        if not isinstance(main_metric, str) or not main_metric.strip():
-            raise InvalidMetricError(f"main_metric must be a non-empty string, got {main_metric!r}")
-        validate_name(main_metric, "main_metric")
+        validate_metric_name(main_metric, "main_metric")
         validate_name(plugin_name, "plugin_name")
         if n_top_runs < 1:
             raise ConfigurationError(f"n_top_runs must be >= 1, got {n_top_runs}")
         if keep < 1:
             raise ConfigurationError(f"keep must be >= 1, got {keep}")
-        self._main_metric = main_metric
-        self._plugin_name = plugin_name
-        self._is_loss = bool(is_loss)
-        self.n_top_runs = n_top_runs
+        if not (isinstance(lease_seconds, int | float) and 0 < lease_seconds < math.inf):
+            raise ConfigurationError(f"lease_seconds must be a positive number: {lease_seconds!r}")
+        artifact_uri = artifact_uri or DEFAULT_ARTIFACT_URI
+        _check_storage_uri(artifact_uri)
+        self._main_metric, self._plugin_name, self._is_loss = main_metric, plugin_name, is_loss
+        self.n_top_runs, self.keep = n_top_runs, keep
         self.requirements = list(requirements) if requirements else None
         self.retry_config = retry_config or RetryConfig()
-        self.keep = keep
-        self.model_factory = model_factory
-        self.params_type = params_type
+        self.model_factory, self.params_type = model_factory, params_type
 
         backend = None
         if tracking_store is None or artifact_store is None:
-            backend = get_backend(scheme_of(artifact_uri or DEFAULT_ARTIFACT_URI))
+            backend = get_backend(scheme_of(artifact_uri))
         retrier = Retrier(self.retry_config)
         if artifact_store is None:
             assert backend is not None
             artifact_store = backend.artifact_store(
-                artifact_uri or DEFAULT_ARTIFACT_URI,
-                storage_options=storage_options,
-                retrier=retrier,
+                artifact_uri, storage_options=storage_options, retrier=retrier
             )
         if tracking_store is None:
             assert backend is not None
             tracking_store = backend.tracking_store(
                 _resolve_tracking_uri(tracking_uri), retrier=retrier
             )
-        self._tracking: TrackingStore = tracking_store
-        self._artifacts: ArtifactStore = artifact_store
         self.tracking_uri = getattr(tracking_store, "uri", tracking_uri)
         self.model_format = model_format or (
             backend.default_model_format if backend is not None else "state_dict"
         )
         get_codec(self.model_format)  # unknown formats fail here, before anything is written
-        self._t = retrier.with_classifiers(tracking_store.classify_error)
-        self._a = retrier.with_classifiers(artifact_store.classify_error)
-        self.ranking = Ranking(main_metric, self._is_loss)
+        self._remote = Remote(tracking_store, artifact_store, retrier)
+        self.ranking = Ranking(main_metric, bool(is_loss))
         self.models = ModelKeeper(
-            tracking_store, artifact_store, self.ranking, track=self._track, art=self._art
+            tracking_store,
+            artifact_store,
+            self.ranking,
+            track=self._remote.track,
+            art=self._remote.art,
         )
-
+        self._runs = RunTracker(
+            self._remote, main_metric, accumulators, lease_seconds=lease_seconds
+        )
+        self._iterations = Iterations(
+            plugin_name, self._remote, self.models, lease_ttl_ms=lambda: self._runs.ttl_ms
+        )
         self._lock = threading.RLock()
         self._iteration: FineTuningIteration | None = None
         self._experiment: ExperimentRecord | None = None
-        self._initial_experiment: ExperimentRecord | None = None
-        self._run: RunRecord | None = None
-        self._run_params: FineTuningParams | None = None
-        self._metrics = MetricsBuffer(accumulators)
         _live_managers.add(self)
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def from_wrapper(
         cls,
@@ -219,10 +261,13 @@ class ExperimentsManager:
         )
 
     def close(self) -> None:
-        """Flush buffered metrics and release the stores."""
-        self.flush_metrics()
-        self.tracking.close()
-        self.artifacts.close()
+        """End the current run implicitly (see :meth:`set_run`), flush, release the stores."""
+        try:
+            with self._lock:
+                self._runs.end_implicitly()
+        finally:
+            self.tracking.close()
+            self.artifacts.close()
 
     def __enter__(self) -> ExperimentsManager:
         return self
@@ -230,25 +275,24 @@ class ExperimentsManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ small accessors
+    # ------------------------------------------------------------------ accessors
     @property
     def tracking(self) -> TrackingStore:
         """The tracking store (runs, params, metrics, tags)."""
-        return self._tracking
+        return self._remote.tracking
 
     @tracking.setter
-    def tracking(self, store: TrackingStore) -> None:
-        # one store for the manager and its model keeper (tests wrap it to inject faults)
-        self._tracking = self.models.tracking = store
+    def tracking(self, store: TrackingStore) -> None:  # tests wrap it to inject faults
+        self._remote.tracking = self.models.tracking = store
 
     @property
     def artifacts(self) -> ArtifactStore:
         """The artifact store (model files)."""
-        return self._artifacts
+        return self._remote.artifacts
 
     @artifacts.setter
     def artifacts(self, store: ArtifactStore) -> None:
-        self._artifacts = self.models.artifacts = store
+        self._remote.artifacts = self.models.artifacts = store
 
     @property
     def is_loss(self) -> bool:
@@ -264,6 +308,10 @@ class ExperimentsManager:
         return self._plugin_name
 
     @property
+    def lease_seconds(self) -> float:
+        return self._runs.lease_seconds
+
+    @property
     def current_iteration(self) -> FineTuningIteration | None:
         return self._iteration
 
@@ -273,59 +321,21 @@ class ExperimentsManager:
 
     @property
     def current_run_id(self) -> str | None:
-        return self._run.run_id if self._run else None
+        return self._runs.run.run_id if self._runs.run else None
 
     def _fix_name(self, name: str) -> str:
         """Prefix a name with the plugin name: ``"<plugin> / <name>"``."""
         return f"{self._plugin_name} / {name}"
 
-    def _track(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self._t.call(operation, fn, *args, **kwargs)
-
-    def _art(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self._a.call(operation, fn, *args, **kwargs)
-
-    def _experiment_tags(self, kind: str, batch_id: str = "") -> dict[str, str]:
-        out = {T.TAG_PLUGIN: self._plugin_name, T.TAG_KIND: kind}
-        if batch_id:
-            out[T.TAG_BATCH] = batch_id
-        return out
-
-    def _get_or_create_experiment(self, name: str, tags: Mapping[str, str]) -> ExperimentRecord:
-        existing: ExperimentRecord | None = self._track(
-            "search", self.tracking.get_experiment_by_name, name
-        )
-        if existing is not None:
-            return existing
-        location = self.artifacts.experiment_location(name, uuid.uuid4().hex[:12])
-        created: ExperimentRecord = self._track(
-            "create", self.tracking.create_experiment, name, location, tags
-        )
-        log.info("created experiment %r (%s) at %s", name, created.experiment_id, location)
-        return created
-
     # ------------------------------------------------------------------ initial model
-    def _initial_experiment_name(self) -> str:
-        return self._fix_name(INITIAL_EXPERIMENT_NAME)
-
     def _get_initial_experiment(self, create: bool = False) -> ExperimentRecord | None:
-        if self._initial_experiment is None or self._initial_experiment.lifecycle_stage != "active":
-            name = self._initial_experiment_name()
-            if create:
-                self._initial_experiment = self._get_or_create_experiment(
-                    name, self._experiment_tags(T.KIND_INITIAL)
-                )
-            else:
-                self._initial_experiment = self._track(
-                    "search", self.tracking.get_experiment_by_name, name
-                )
-        return self._initial_experiment
+        return self._iterations.initial(create)
 
     def _initial_run(self) -> RunRecord | None:
-        experiment = self._get_initial_experiment()
+        experiment = self._iterations.initial()
         if experiment is None:
             return None
-        return self._first_run(experiment.experiment_id, run_name=INITIAL_RUN_NAME)
+        return self._runs.first(experiment.experiment_id, run_name=INITIAL_RUN_NAME)
 
     def get_initial_run_id(self) -> str | None:
         """The run id of the initial model's run, or None if it was never created."""
@@ -337,9 +347,9 @@ class ExperimentsManager:
         return run_id is not None and run_id == self.get_initial_run_id()
 
     def has_initial_model(self) -> bool:
-        """Whether the initial model was uploaded (completely: it is marked)."""
+        """Whether the initial model was uploaded completely (marked) and its files are there."""
         run = self._initial_run()
-        return run is not None and is_marked(run)
+        return run is not None and is_marked(run) and self.models.files_exist(run)
 
     def get_initial_model_run_id(self) -> str | None:
         """The initial model's run id; None (and an error logged) if no initial model exists."""
@@ -350,117 +360,98 @@ class ExperimentsManager:
         return run.run_id
 
     def upload_initial_model(self, model: Any, model_format: str | None = None) -> bool:
-        """Upload the initial model once. Returns False (uploading nothing) if it already exists.
+        """Upload the initial model once. Returns False (uploading nothing) if it exists.
 
-        Any ongoing iteration is finished first. The initial model survives every cleanup.
+        Any ongoing iteration is finished first. Concurrent uploaders agree: one uploads, the
+        others wait for it and return False. If the initial model's files were deleted behind
+        tracker-core's back, it is uploaded again. The initial model survives every cleanup.
         """
         with self._lock:
             self.finish_iteration()
-            experiment = self._get_initial_experiment(create=True)
+            experiment = self._iterations.initial(create=True)
             assert experiment is not None
-            run = self._get_or_create_run(
-                experiment.experiment_id, INITIAL_RUN_NAME, {T.TAG_PLUGIN: self._plugin_name}
+            tags = {T.TAG_PLUGIN: self._plugin_name}
+            run, created = self._runs.get_or_create(
+                experiment.experiment_id, INITIAL_RUN_NAME, tags
             )
-            if is_marked(run):
+            if is_marked(run) and self.models.files_exist(run):
                 log.info(
                     "initial model of %r already uploaded (run %s)", self._plugin_name, run.run_id
                 )
                 return False
-            self.models.write_and_mark(
-                run, model, model_format or self.model_format, self.requirements
-            )
-            self._track("finish_run", self.tracking.set_terminated, run.run_id, RunStatus.FINISHED)
+            self._runs.start(run, None, created=created, wait=math.inf, hold_terminal=True)
+            try:
+                run = self._runs.get_existing(run.run_id)
+                if is_marked(run) and self.models.files_exist(run):
+                    return False  # another worker uploaded it while this one waited
+                self.models.write_and_mark(
+                    run, model, model_format or self.model_format, self.requirements
+                )
+                self._remote.track(
+                    "finish_run", self.tracking.set_terminated, run.run_id, RunStatus.FINISHED
+                )
+            finally:
+                self._runs.release()
             log.info("uploaded initial model of %r (run %s)", self._plugin_name, run.run_id)
             return True
 
     # ------------------------------------------------------------------ iterations
-    def _iteration_query(self, exclude_current: bool = True, **extra: Any) -> ExperimentQuery:
-        exclude = (self._experiment.name,) if exclude_current and self._experiment else ()
-        return ExperimentQuery(
-            tags=self._experiment_tags(T.KIND_ITERATION), exclude_names=exclude, **extra
-        )
-
     def get_experiments(self) -> list[ExperimentRecord]:
         """Every iteration experiment of this plugin, newest first (the initial one excluded)."""
-        query = self._iteration_query(exclude_current=False)
-        return list(self._track("search", lambda: list(self.tracking.iter_experiments(query))))
-
-    def _latest_iteration(self, query: ExperimentQuery) -> ExperimentRecord | None:
-        page, _ = self._track("search", self.tracking.search_experiments, query, 1)
-        return page[0] if page else None
+        return self._iterations.all()
 
     def get_previous_iteration_id(self) -> str | None:
         """The newest iteration created before the current one; None without a current iteration."""
         if self._experiment is None:
             log.warning("get_previous_iteration_id: no current iteration is set")
             return None
-        query = self._iteration_query(created_before_ms=self._experiment.creation_time_ms + 1)
-        found = self._latest_iteration(query)
+        found = self._iterations.previous(self._experiment)
         return found.experiment_id if found else None
 
     def get_last_iteration_id(self) -> str | None:
         """The newest iteration other than the current one."""
-        found = self._latest_iteration(self._iteration_query())
+        found = self._iterations.latest(self._iterations.query(self._experiment))
         return found.experiment_id if found else None
 
     def get_last_finished_iteration_id(self) -> str | None:
-        """The newest iteration, other than the current one, whose runs all ended (FINISHED,
-        FAILED or KILLED) and that has at least one run. Checks one iteration at a time, newest
-        first, with one cheap query each."""
-
-        def find() -> str | None:
-            for experiment in self.tracking.iter_experiments(self._iteration_query(), page_size=5):
-                eid = experiment.experiment_id
-                if not self.tracking.has_runs(eid, ()):
-                    continue
-                if not self.tracking.has_runs(eid, _UNFINISHED):
-                    return eid
-            return None
-
-        result: str | None = self._track("search", find)
-        return result
+        """The newest iteration, other than the current one, that has runs, all ended."""
+        return self._iterations.last_finished(self._experiment)
 
     def _set_experiment_with_name(self, experiment_name: str) -> None:
         """Make the experiment with that name (created if needed) the current iteration."""
         batch = self._iteration.batch_id if self._iteration else ""
-        self._experiment = self._get_or_create_experiment(
-            experiment_name, self._experiment_tags(T.KIND_ITERATION, batch)
-        )
+        tags = self._iterations.tags(T.KIND_ITERATION, batch)
+        self._experiment = self._iterations.get_or_create(experiment_name, tags)
 
     def _set_experiment_with_id(self, experiment_id: str) -> None:
         """Make the experiment with that id the current iteration."""
-        experiment = self._track("search", self.tracking.get_experiment, experiment_id)
+        experiment = self._iterations.get(experiment_id)
         if experiment is None or experiment.lifecycle_stage != "active":
             raise TrackerError(f"experiment {experiment_id} does not exist or is deleted")
         self._experiment = experiment
 
     def set_iteration(self, iteration: FineTuningIteration) -> None:
-        """Start (or resume) the iteration: its experiment is created if it does not exist."""
+        """Start (or resume) the iteration; its experiment is created if it does not exist.
+        A current run is ended implicitly (see :meth:`set_run`)."""
         if iteration.plugin_name != self._plugin_name:
             raise ConfigurationError(
                 f"iteration is for plugin {iteration.plugin_name!r}, "
                 f"this manager tracks {self._plugin_name!r}"
             )
         with self._lock:
-            if self._iteration is not None:
-                self.finish_iteration()
+            self.finish_iteration()
             self._iteration = iteration
             try:
                 self._set_experiment_with_name(str(iteration))
             except BaseException:
                 self._iteration = None
                 raise
-            log.info(
-                "iteration %r (%s)",
-                str(iteration),
-                self._experiment.experiment_id if self._experiment else "?",
-            )
+            log.info("iteration %r (%s)", str(iteration), self.current_experiment_id)
 
     def finish_iteration(self) -> None:
-        """End the current iteration (finishing an active run) and go back to the initial state."""
+        """End the current iteration (a current run ends implicitly, see :meth:`set_run`)."""
         with self._lock:
-            if self._run is not None:
-                self.finish_run()
+            self._runs.end_implicitly()
             self._iteration = None
             self._experiment = None
 
@@ -472,71 +463,76 @@ class ExperimentsManager:
         return self._experiment
 
     def delete_previous_iteration(self) -> None:
-        """Delete the models of the previous iteration, then the iteration itself.
+        """Delete the previous iteration: its models, then the experiment.
 
-        The initial experiment is never touched: it is not an iteration.
+        Refused, with nothing deleted, when the current iteration holds no model
+        (:class:`NoModelToKeepError`: the previous one holds the only fine-tuned model) and
+        while live workers still hold runs of the previous iteration
+        (:class:`IterationInUseError`). The initial experiment is never touched.
         """
         with self._lock:
             previous = self.get_previous_iteration_id()
             if previous is None:
                 log.warning("delete_previous_iteration: no previous iteration to delete")
                 return
+            current = self._require_iteration()
+            if self.models.best_run(current.experiment_id) is None:
+                raise NoModelToKeepError(
+                    f"the current iteration {current.name!r} holds no model: deleting the "
+                    f"previous iteration ({previous}) would lose the only fine-tuned model; "
+                    "nothing was deleted"
+                )
             self._delete_iteration(previous)
 
     def _delete_iteration(self, experiment_id: str) -> None:
-        initial = self._get_initial_experiment()
-        if initial is not None and initial.experiment_id == experiment_id:
-            raise ConfigurationError("the initial experiment is never deleted by iteration cleanup")
-        if self._experiment is not None and self._experiment.experiment_id == experiment_id:
-            raise ConfigurationError("refusing to delete the current iteration")
-        for run in self._marked_runs(experiment_id):
-            self._delete_marked_model(run)
-        self._track("delete", self.tracking.delete_experiment, experiment_id)
-        log.info("deleted iteration %s", experiment_id)
+        self._iterations.delete(
+            experiment_id,
+            current_id=self.current_experiment_id,
+            delete_model=self._delete_marked_model,
+        )
+
+    def delete_iteration(self, experiment_id: str, *, defer: bool = False) -> bool:
+        """Delete one iteration: its models, then the experiment. Refuses the initial
+        experiment and the current iteration. While live workers hold runs of it, raises
+        :class:`IterationInUseError` (nothing deleted), or with ``defer`` marks it for
+        :meth:`delete_pending_iterations` and returns False. True once deleted."""
+        with self._lock:
+            try:
+                self._delete_iteration(experiment_id)
+            except IterationInUseError as exc:
+                if not defer:
+                    raise
+                self._iterations.mark_pending(experiment_id)
+                log.warning("deletion of iteration %s deferred: %s", experiment_id, exc)
+                return False
+            return True
+
+    def delete_pending_iterations(self) -> list[str]:
+        """Delete the deferred iterations no live worker holds any more; their ids."""
+        deleted = []
+        for experiment in self._iterations.pending():
+            if experiment.experiment_id != self.current_experiment_id and self.delete_iteration(
+                experiment.experiment_id, defer=True
+            ):
+                deleted.append(experiment.experiment_id)
+        return deleted
+
+    def abandon_iteration(self) -> None:
+        """Forget the current run and iteration *without* ending them, as after an interrupt:
+        the run stays RUNNING with its lease released, so the same params resume it at once.
+        Queued metrics are sent if the store allows, then dropped."""
+        with self._lock:
+            try:
+                self.flush_metrics()
+            except Exception:
+                log.warning("could not flush the metrics of the abandoned run", exc_info=True)
+            self._runs.release()
+            self._iteration = None
+            self._experiment = None
 
     # ------------------------------------------------------------------ runs
-    def _first_run(self, experiment_id: str, **query: Any) -> RunRecord | None:
-        runs: list[RunRecord] = self._track(
-            "search", self.tracking.search_runs, RunQuery((experiment_id,), **query)
-        )
-        if not runs:
-            return None
-        return min(runs, key=lambda r: (r.start_time_ms, r.run_id))
-
-    def _get_or_create_run(
-        self,
-        experiment_id: str,
-        run_name: str,
-        tags: Mapping[str, str],
-        params: Mapping[str, str] | None = None,
-    ) -> RunRecord:
-        """The run named ``run_name``, created if missing. Two workers racing to create it
-        agree on the oldest one; the other is deleted."""
-        existing = self._first_run(experiment_id, run_name=run_name)
-        if existing is not None:
-            return existing
-        created: RunRecord = self._track(
-            "create", self.tracking.create_run, experiment_id, run_name, tags
-        )
-        winner = self._first_run(experiment_id, run_name=run_name) or created
-        if winner.run_id != created.run_id:
-            log.info("run %r was created concurrently; using %s", run_name, winner.run_id)
-            self._track("delete", self.tracking.delete_run, created.run_id)
-            return winner
-        first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
-        self._track(
-            "log_params", self.tracking.log_batch, created.run_id, first_metric, params or {}
-        )
-        return created  # identity, status and artifact URI are all the caller reads
-
-    def _get_run(self, run_id: str) -> RunRecord:
-        run: RunRecord | None = self._track("search", self.tracking.get_run, run_id)
-        if run is None:
-            raise TrackerError(f"run {run_id} does not exist")
-        return run
-
-    def _start_run(self, params: FineTuningParams) -> RunRecord:
-        """Find or create the current iteration's run for ``params``."""
+    def _start_run(self, params: FineTuningParams) -> tuple[RunRecord, bool]:
+        """Find or create the current iteration's run for ``params`` (True if created)."""
         experiment = self._require_iteration()
         assert self._iteration is not None
         tags = {
@@ -545,22 +541,31 @@ class ExperimentsManager:
             T.TAG_PARAMS_TYPE: f"{type(params).__module__}:{type(params).__qualname__}",
         }
         mlflow_params = {**self._iteration.to_params(), **params.to_mlflow()}
-        return self._get_or_create_run(experiment.experiment_id, params.id, tags, mlflow_params)
+        return self._runs.get_or_create(experiment.experiment_id, params.id, tags, mlflow_params)
 
-    def _set_run(self, params: FineTuningParams) -> bool:
+    def _save_params(self) -> None:
+        """Log the iteration's and the current run's params again (idempotent)."""
+        run, params = self._runs.require(), self._runs.params
+        assert self._iteration is not None and params is not None
+        values = {**self._iteration.to_params(), **params.to_mlflow()}
+        self._remote.track("log_params", self.tracking.log_batch, run.run_id, (), values)
+
+    def _set_run(self, params: FineTuningParams, wait: float = 0.0) -> bool:
         """Start or resume the run of ``params``; True if it is new or unfinished (to train)."""
-        run = self._start_run(params)
-        self._run = run
-        self._run_params = params
-        self._metrics.reset()
-        return not run.status.is_terminal
+        run, created = self._start_run(params)
+        return not self._runs.start(run, params, created=created, wait=wait)
 
-    def set_run(self, params: FineTuningParams) -> bool:
+    def set_run(self, params: FineTuningParams, *, wait: float = 0.0) -> bool:
         """Start the run of ``params`` in the current iteration, or resume it.
 
-        Returns True if that run had already finished (FINISHED, FAILED or KILLED) in an
-        earlier attempt: the caller skips it. An unfinished run (a crash) is resumed.
-        Raises :class:`NoActiveIterationError` without a current iteration.
+        Returns True if that run had already ended (FINISHED, FAILED or KILLED) in an earlier
+        attempt: the caller skips it. An unfinished run (a crash) is resumed. If another live
+        worker holds the run, waits up to ``wait`` seconds (``math.inf``: until it ends or its
+        worker dies) and then raises :class:`~tracker_core.errors.RunInUseError`.
+
+        A current run is ended implicitly first: FINISHED if it logged the main metric, else
+        left unfinished (resumable). Raises :class:`NoActiveIterationError` without a
+        current iteration.
         """
         if not isinstance(params, FineTuningParams):
             raise ConfigurationError(
@@ -568,38 +573,66 @@ class ExperimentsManager:
             )
         with self._lock:
             self._require_iteration()
-            if self._run is not None:
+            self._runs.end_implicitly()
+            return not self._set_run(params, wait)
+
+    @contextlib.contextmanager
+    def run(self, params: FineTuningParams, *, wait: float = 0.0) -> Iterator[ActiveRun]:
+        """``with manager.run(params) as run:`` - :meth:`set_run`, then the block, then the end:
+        FINISHED when the block completes (the main metric must have been logged), FAILED
+        when it raises an ``Exception`` (re-raised), left unfinished and resumable on an
+        interrupt (``KeyboardInterrupt``, ``SystemExit``). ``run.finished`` tells that the run
+        ended in an earlier attempt: ``continue`` to skip it."""
+        finished = self.set_run(params, wait=wait)
+        active = ActiveRun(self.current_run_id or "", params, finished)
+
+        def still_current() -> bool:
+            return self.current_run_id == active.run_id
+
+        try:
+            yield active
+        except Exception:
+            with self._lock:
+                if still_current() and not finished:
+                    try:
+                        self.finish_run(as_failed=True)
+                    except Exception:  # never hide the block's own error
+                        log.warning("could not mark run %s FAILED", active.run_id, exc_info=True)
+            raise
+        except BaseException:
+            with self._lock:
+                if still_current():
+                    self._runs.release()
+            raise
+        with self._lock:
+            if still_current():
                 self.finish_run()
-            return not self._set_run(params)
 
     def finish_run(self, as_failed: bool = False) -> None:
-        """End the current run, FINISHED or (``as_failed``) FAILED, after flushing its metrics."""
+        """End the current run, FINISHED or (``as_failed``) FAILED, once its queued metrics
+        reached the store. FINISHED needs a value of the main metric
+        (:class:`InvalidMetricError` otherwise); if the metrics cannot be sent the run is not
+        ended and the error is raised, with the values still queued."""
         with self._lock:
-            if self._run is None:
+            if self._runs.run is None:
                 log.warning("finish_run: no active run")
                 return
-            run_id = self._run.run_id
-            try:
-                self.flush_metrics()
-            finally:
-                status = RunStatus.FAILED if as_failed else RunStatus.FINISHED
-                if not self._run.status.is_terminal:
-                    self._track("finish_run", self.tracking.set_terminated, run_id, status)
-                self._metrics.reset()
-                self._run = None
-                self._run_params = None
+            self._runs.finish(RunStatus.FAILED if as_failed else RunStatus.FINISHED)
+
+    def _forget_run(self) -> None:
+        """Drop the current run as a dying process would (tests simulate crashes with it)."""
+        with self._lock:
+            self._runs.forget()
 
     def get_run_by_id(self, run_id: str, models_only: bool = False) -> RunRecord | None:
         """The run with that id; with ``models_only``, None unless it holds a marked model."""
-        run: RunRecord | None = self._track("search", self.tracking.get_run, run_id)
+        run = self._runs.get(run_id)
         if run is None or (models_only and not is_marked(run)):
             return None
         return run
 
-    def _require_run(self) -> RunRecord:
-        if self._run is None:
-            raise NoActiveRunError("no active run: call set_run(params) first")
-        return self._run
+    def _get_run(self, run_id: str) -> RunRecord:
+        return self._runs.get_existing(run_id)
 
     # ------------------------------------------------------------------ metrics
     def save_metric(self, metric_value: MetricValue) -> None:
@@ -610,39 +643,23 @@ class ExperimentsManager:
         if not isinstance(metric_value, MetricValue):
             raise InvalidMetricError(f"expected a MetricValue, got {type(metric_value).__name__}")
         with self._lock:
-            self._require_run()
-            if self._metrics.add(metric_value):
-                self.flush_metrics()
+            self._runs.add_metric(metric_value)
 
     def flush_metrics(self) -> None:
-        """Send queued metric values now. A retried batch never logs a value twice."""
+        """Send queued metric values now. A retried batch never logs a value twice; a batch
+        that cannot be sent stays queued."""
         with self._lock:
-            batch = self._metrics.pending()
-            if not batch or self._run is None:
-                return
-            self._track("log_metric", self.tracking.log_batch, self._run.run_id, batch)
-            self._metrics.sent(len(batch))
+            self._runs.flush()
 
     def get_quality(self) -> float:
         """The current run's main metric, final value. Raises if there is no run or no value."""
         with self._lock:
-            run = self._require_run()
-            self.flush_metrics()
-            fresh = self._get_run(run.run_id)
-            if self._main_metric not in fresh.metrics:
-                raise InvalidMetricError(
-                    f"run {run.run_id} has no value of the main metric {self._main_metric!r}"
-                )
-            return float(fresh.metrics[self._main_metric])
-
-    def _rank_key(self, run: RunRecord) -> tuple[int, float, int, str]:
-        """Sort key, best first (see :class:`~tracker_core.ranking.Ranking`)."""
-        return self.ranking.key(run)
+            return self._runs.quality()
 
     def _top_finished_runs(self, experiment_id: str) -> list[RunRecord]:
         """The best ``n_top_runs`` FINISHED runs that logged the main metric, best first."""
         query = self.ranking.finished_query(experiment_id, self.n_top_runs)
-        runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
+        runs: list[RunRecord] = self._remote.track("search", self.tracking.search_runs, query)
         return self.ranking.best_first(runs)
 
     def _get_best_quality(self, experiment_id: str) -> tuple[str | None, float]:
@@ -661,17 +678,24 @@ class ExperimentsManager:
         """Runs of the experiment holding a completely written model, best first."""
         return self.models.marked_runs(experiment_id)
 
-    def _best_model_run(self, experiment_id: str) -> RunRecord | None:
-        return self.models.best_run(experiment_id)
-
     def _model_uri(self, run: RunRecord) -> str:
         return self.models.uri_of(run)
 
     def _save_model(self, model: Any) -> str:
         """Upload the current run's model and mark it; returns its URI."""
-        run = self._require_run()
+        run = self._runs.require()
         self.flush_metrics()
-        return self.models.write_and_mark(run, model, self.model_format, self.requirements)
+        return self.models.write_and_mark(
+            run,
+            model,
+            self.model_format,
+            self.requirements,
+            before_mark=self._check_run_held,
+        )
+
+    def _check_run_held(self) -> None:
+        """Raise :class:`~tracker_core.errors.LeaseLostError` if the run was taken over."""
+        self._runs.require()
 
     def save_model(self, model: Any, best_only: bool = True) -> bool:
         """Save the current run's model. Returns True if it was written.
@@ -680,16 +704,18 @@ class ExperimentsManager:
         the iteration are better; after writing and marking it, models worse than ``keep``
         marked ones are pruned. Concurrent workers cannot prune a top model: a model is
         written first and marked second, and only models ranked below ``keep`` marked ones
-        are ever deleted.
+        are ever deleted. Raises :class:`~tracker_core.errors.LeaseLostError` if another
+        worker took the run over.
         """
         with self._lock:
             experiment = self._require_iteration()
-            run = self._require_run()
+            run = self._runs.require()
             if not best_only:
                 self._save_model(model)
                 return True
             self.flush_metrics()
             fresh = self._get_run(run.run_id)
+            self._runs.check_lease(fresh)
             if self._main_metric not in fresh.metrics:
                 raise InvalidMetricError(
                     f"cannot rank run {run.run_id}: it has no value of {self._main_metric!r}"
@@ -704,13 +730,9 @@ class ExperimentsManager:
                 )
                 return False
             self._save_model(model)
-            self._prune(experiment.experiment_id)
+            for worse in self.models.marked_runs(experiment.experiment_id)[self.keep :]:
+                self._delete_marked_model(worse)
             return True
-
-    def _prune(self, experiment_id: str) -> None:
-        """Delete every marked model ranked below the best ``keep``."""
-        for run in self.models.marked_runs(experiment_id)[self.keep :]:
-            self._delete_marked_model(run)
 
     def _set_model_as_deleted(self, run_id: str, experiment_id: str | None = None) -> None:
         """Unmark the run's model (tags) and log the seed's marker metrics."""
@@ -737,8 +759,7 @@ class ExperimentsManager:
         """
         with self._lock:
             experiment_id = experiment_id or self._require_iteration().experiment_id
-            initial = self._get_initial_experiment()
-            if initial is not None and initial.experiment_id == experiment_id:
+            if self._iterations.is_initial(experiment_id):
                 raise ConfigurationError("deleting the initial model is not allowed")
             run = self.get_run_by_id(run_id)
             if run is None or run.experiment_id != experiment_id or not is_marked(run):
@@ -748,23 +769,9 @@ class ExperimentsManager:
 
     def model_is_uploaded(self) -> bool:
         """Whether the current run holds a marked model."""
-        run = self._require_run()
-        return is_marked(self._get_run(run.run_id))
+        return is_marked(self._get_run(self._runs.require().run_id))
 
     # ------------------------------------------------------------------ best runs and URLs
-    def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
-        """Best model run of the previous iteration (the last finished one when no iteration
-        is current). ``(None, True)`` when there is no previous iteration."""
-        run, is_initial = self._best_previous_run()
-        return (run.run_id if run else None), is_initial
-
-    def get_best_current_run_id(self) -> tuple[str | None, bool]:
-        """Best model run of the current iteration; ``(None, True)`` without a current iteration."""
-        if self._experiment is None:
-            return None, True
-        best = self._best_model_run(self._experiment.experiment_id)
-        return (best.run_id if best else None), False
-
     def _best_previous_run(self) -> tuple[RunRecord | None, bool]:
         previous = (
             self.get_previous_iteration_id()
@@ -775,6 +782,19 @@ class ExperimentsManager:
             return None, True
         return self.models.best_run(previous), False
 
+    def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
+        """Best model run of the previous iteration (the last finished one when no iteration
+        is current). ``(None, True)`` when there is no previous iteration."""
+        run, is_initial = self._best_previous_run()
+        return (run.run_id if run else None), is_initial
+
+    def get_best_current_run_id(self) -> tuple[str | None, bool]:
+        """Best model run of the current iteration; ``(None, True)`` without a current iteration."""
+        if self._experiment is None:
+            return None, True
+        best = self.models.best_run(self._experiment.experiment_id)
+        return (best.run_id if best else None), False
+
     def get_last_model_url(self) -> str | None:
         """Storage URL of the previous iteration's best model; None if there is none."""
         run, _ = self._best_previous_run()
@@ -784,24 +804,18 @@ class ExperimentsManager:
         """Storage URL of the current iteration's best model; None if there is none."""
         run = self.models.best_run(self._experiment.experiment_id) if self._experiment else None
         if run is None:
-            log.warning("no model in the current iteration")
+            log.info("no model in the current iteration")
             return None
         return self.models.uri_of(run)
 
     # ------------------------------------------------------------------ lookups for tools
     def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
         """The experiment with that id (active or deleted); None if there is none."""
-        found: ExperimentRecord | None = self._track(
-            "search", self.tracking.get_experiment, experiment_id
-        )
-        return found
+        return self._iterations.get(experiment_id)
 
     def get_experiment_by_name(self, name: str) -> ExperimentRecord | None:
         """The active experiment with that name; None if there is none."""
-        found: ExperimentRecord | None = self._track(
-            "search", self.tracking.get_experiment_by_name, name
-        )
-        return found
+        return self._iterations.by_name(name)
 
     def get_runs(
         self,
@@ -812,39 +826,15 @@ class ExperimentsManager:
     ) -> list[RunRecord]:
         """Active runs of an experiment, optionally only those holding a marked model."""
         tags = {T.TAG_MODEL_UPLOADED: T.TRUE} if marked_only else {}
-        query = RunQuery((experiment_id,), statuses=tuple(statuses), tags=tags)
-        runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
-        return runs
+        return self._iterations.runs(experiment_id, tuple(statuses), tags=tags)
 
     def has_unfinished_runs(self, experiment_id: str) -> bool:
         """Whether any run of the experiment is still RUNNING or SCHEDULED."""
-        found: bool = self._track("search", self.tracking.has_runs, experiment_id, _UNFINISHED)
-        return found
+        return self._remote.track("search", self.tracking.has_runs, experiment_id, _UNFINISHED)
 
     def get_best_model_run(self, experiment_id: str) -> RunRecord | None:
         """The run holding the best marked model of an experiment (never a FAILED run)."""
-        return self._best_model_run(experiment_id)
-
-    def delete_iteration(self, experiment_id: str) -> None:
-        """Delete one iteration: its models, then the experiment. Refuses the initial
-        experiment and the current iteration."""
-        with self._lock:
-            self._delete_iteration(experiment_id)
-
-    def abandon_iteration(self) -> None:
-        """Forget the current run and iteration *without* ending them, as a crashed process
-        would: the run stays RUNNING, so the next ``set_run`` with the same params resumes it.
-        Buffered metrics are flushed if the store allows, then dropped."""
-        with self._lock:
-            try:
-                self.flush_metrics()
-            except Exception:
-                log.warning("could not flush the metrics of the abandoned run", exc_info=True)
-            self._metrics.reset()
-            self._run = None
-            self._run_params = None
-            self._iteration = None
-            self._experiment = None
+        return self.models.best_run(experiment_id)
 
     def find_orphaned_models(
         self, *, include_running: bool = False, max_depth: int = 4
@@ -858,43 +848,49 @@ class ExperimentsManager:
         return self.models.delete_orphan(orphan)
 
     # ------------------------------------------------------------------ downloads
+    def _marked_run(self, run_id: str) -> RunRecord:
+        run = self.get_run_by_id(run_id, models_only=True)
+        if run is None:
+            raise ModelNotFoundError(f"run {run_id} holds no model")
+        return run
+
     def download_model_files(
         self, run_id: str, destination: Path, progress: bool | None = None
     ) -> Path:
         """Copy the run's marked model files into ``destination``; returns the model folder."""
-        run = self.get_run_by_id(run_id, models_only=True)
-        if run is None:
-            raise ModelNotFoundError(f"run {run_id} holds no model")
-        return self.models.download_files(run, Path(destination), progress)
+        return self.models.download_files(self._marked_run(run_id), Path(destination), progress)
 
     def _download_model(self, run_id: str) -> Any:
-        run = self.get_run_by_id(run_id, models_only=True)
-        if run is None:
-            raise ModelNotFoundError(f"run {run_id} holds no model")
-        return self.models.load(run, self.model_format, self.model_factory)
+        return self.models.load(self._marked_run(run_id), self.model_format, self.model_factory)
 
     def download_model_by_run_id(self, run_id: str) -> Any | None:
-        """The run's model; None (logged) if the run holds none. Store failures raise."""
+        """The run's model; None if the run holds none (logged at INFO; its files missing
+        raise :class:`ModelFilesMissingError`). Store failures raise."""
         try:
             return self._download_model(run_id)
-        except ModelNotFoundError:
-            log.exception("no model to download for run %s", run_id)
+        except ModelFilesMissingError:
+            raise
+        except ModelNotFoundError as exc:
+            log.info("no model to download: %s", exc)
             return None
 
     def download_initial_model(self) -> Any:
         """The initial model. Raises :class:`ModelNotFoundError` if it was never uploaded."""
-        run_id = self.get_initial_model_run_id()
-        if run_id is None:
-            raise ModelNotFoundError(f"no initial model uploaded for plugin {self._plugin_name!r}")
-        return self._download_model(run_id)
+        run = self._initial_run()
+        if run is None or not is_marked(run):
+            raise ModelNotFoundError(
+                f"no initial model uploaded for plugin {self._plugin_name!r}: "
+                "call upload_initial_model(model) first"
+            )
+        return self._download_model(run.run_id)
 
     def download_model(self, experiment_name: str, run_name: str) -> Any | None:
         """The model of the run named ``run_name`` in the experiment ``experiment_name``."""
-        experiment = self._track("search", self.tracking.get_experiment_by_name, experiment_name)
+        experiment = self._iterations.by_name(experiment_name)
         if experiment is None:
             log.warning("no experiment named %r", experiment_name)
             return None
-        run = self._first_run(experiment.experiment_id, run_name=run_name)
+        run = self._runs.first(experiment.experiment_id, run_name=run_name)
         if run is None:
             log.warning("no run named %r in %r", run_name, experiment_name)
             return None
@@ -902,7 +898,7 @@ class ExperimentsManager:
 
     def download_best_model(self, experiment_id: str) -> Any:
         """The best model of an experiment; the initial model if it holds none."""
-        best = self._best_model_run(experiment_id)
+        best = self.models.best_run(experiment_id)
         if best is None:
             log.info("experiment %s holds no model; using the initial model", experiment_id)
             return self.download_initial_model()
@@ -919,8 +915,8 @@ class ExperimentsManager:
     def _params_type_of(self, runs: Sequence[RunRecord]) -> type[FineTuningParams]:
         if self.params_type is not None:
             return self.params_type
-        if self._run_params is not None:
-            return type(self._run_params)
+        if self._runs.params is not None:
+            return type(self._runs.params)
         path = next(
             (r.tags.get(T.TAG_PARAMS_TYPE) for r in runs if r.tags.get(T.TAG_PARAMS_TYPE)), None
         )
@@ -936,8 +932,7 @@ class ExperimentsManager:
     ) -> list[P] | None:
         """The params of the best ``n_top_runs`` FINISHED runs of an experiment that logged the
         main metric (whether or not they still hold a model), best first, typed; None if none."""
-        initial = self._get_initial_experiment()
-        if initial is not None and initial.experiment_id == experiment_id:
+        if self._iterations.is_initial(experiment_id):
             return None
         runs = self._top_finished_runs(experiment_id)
         if not runs:

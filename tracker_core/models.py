@@ -19,7 +19,7 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
-from tracker_core.errors import ConfigurationError, ModelNotFoundError
+from tracker_core.errors import ConfigurationError, ModelFilesMissingError, ModelNotFoundError
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
 from tracker_core.stores import ArtifactStore, ExperimentQuery, RunQuery, TrackingStore
@@ -92,6 +92,11 @@ class ModelKeeper:
         """Where the run's model lives: ``<run artifact URI>/model``, as ``runs:/<id>/model``."""
         return run.tags.get(T.TAG_MODEL_URI) or f"{run.artifact_uri.rstrip('/')}/{T.MODEL_DIR}"
 
+    def files_exist(self, run: RunRecord) -> bool:
+        """Whether the run's model folder holds any file (one request)."""
+        exists: bool = self._art("exists", self.artifacts.exists, self.uri_of(run))
+        return exists
+
     def marked_runs(self, experiment_id: str) -> list[RunRecord]:
         """Runs of the experiment holding a servable model, best first (one query)."""
         query = RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
@@ -114,9 +119,16 @@ class ModelKeeper:
 
     # -- write, mark, unmark, delete ----------------------------------------------------
     def write_and_mark(
-        self, run: RunRecord, model: Any, model_format: str, requirements: Sequence[str] | None
+        self,
+        run: RunRecord,
+        model: Any,
+        model_format: str,
+        requirements: Sequence[str] | None,
+        *,
+        before_mark: Callable[[], None] | None = None,
     ) -> str:
-        """Write the model files, then mark them; returns the model's URI."""
+        """Write the model files, then mark them; returns the model's URI. ``before_mark``
+        runs between the two (the manager checks there that it still holds the run)."""
         codec = get_codec(model_format)
         uri = self.uri_of(run)
         if not self.artifacts.owns(uri):
@@ -131,6 +143,8 @@ class ModelKeeper:
                 self._art("upload_model", self.artifacts.upload_dir, staging, uri, progress)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if before_mark is not None:
+            before_mark()
         marks = {
             T.TAG_MODEL_URI: uri,
             T.TAG_MODEL_FORMAT: model_format,
@@ -166,14 +180,18 @@ class ModelKeeper:
         if not is_marked(run):
             raise ModelNotFoundError(f"run {run.run_id} holds no model")
         destination.mkdir(parents=True, exist_ok=True)
-        with transfer_progress(f"download {run.run_id}", enabled=progress) as callback:
-            self._art(
-                "download_model",
-                self.artifacts.download_dir,
-                self.uri_of(run),
-                destination,
-                callback,
-            )
+        uri = self.uri_of(run)
+        try:
+            with transfer_progress(f"download {run.run_id}", enabled=progress) as callback:
+                self._art("download_model", self.artifacts.download_dir, uri, destination, callback)
+        except ModelFilesMissingError:
+            raise
+        except ModelNotFoundError as exc:
+            raise ModelFilesMissingError(
+                f"run {run.run_id} is marked as holding a model, but its files at {uri} are "
+                "gone (deleted outside tracker-core?); `tracker-core verify --unmark` lists and "
+                "unmarks such runs"
+            ) from exc
         return destination
 
     def load(self, run: RunRecord, default_format: str, model_factory: ModelFactory | None) -> Any:

@@ -124,6 +124,10 @@ class TrackingStore(abc.ABC):
     def delete_experiment(self, experiment_id: str) -> None:
         """Delete (MLflow: move to the deleted stage) and free its name for reuse."""
 
+    @abc.abstractmethod
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        """Set (or overwrite) one tag of an active experiment."""
+
     # -- runs ---------------------------------------------------------------------------
     @abc.abstractmethod
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
@@ -149,6 +153,11 @@ class TrackingStore(abc.ABC):
 
         Idempotent for metrics: logging the same (name, value, step, timestamp) twice
         records it once, so a retried batch never double-counts.
+
+        Params are write-once: logging an existing key again with the same value is accepted,
+        with a different value it raises :class:`~tracker_core.errors.TrackingStoreError` (and
+        of two workers writing one new key at once, exactly one succeeds). Run leases
+        (:mod:`tracker_core.leases`) rely on it.
         """
 
     @abc.abstractmethod
@@ -246,8 +255,10 @@ class ArtifactStore(abc.ABC):
         return out
 
     def experiment_location(self, experiment_name: str, unique: str) -> str:
-        """Artifact location of a new experiment: a readable, unique folder under :attr:`root`."""
-        return self.join(f"{slugify(experiment_name)}-{unique}")
+        """Artifact location of a new experiment: a readable, unique folder under :attr:`root`
+        (the readable part is cut to 150 characters: ``unique`` keeps it unique, and folder
+        names stay well within the filesystems' 255-byte limit)."""
+        return self.join(f"{slugify(experiment_name)[:150]}-{unique}")
 
     def owns(self, uri: str) -> bool:
         """Whether ``uri`` lies under this store's root."""

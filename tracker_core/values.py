@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+import posixpath
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +27,7 @@ __all__ = [
     "MetricValue",
     "RunRecord",
     "RunStatus",
+    "validate_metric_name",
     "validate_name",
 ]
 
@@ -32,12 +36,60 @@ INITIAL_EXPERIMENT_NAME = f"{EXPERIMENT_PREFIX} / initial"
 INITIAL_RUN_NAME = "initial_model"
 
 
+#: longest plugin name or batch id: an experiment name must stay within MLflow's 500 characters
+MAX_NAME_LENGTH = 200
+#: MLflow's limit on metric, param and tag keys
+MAX_KEY_LENGTH = 250
+_INT64 = (-(2**63), 2**63 - 1)
+# MLflow's rule for metric and param names (mlflow.utils.validation): alphanumerics,
+# underscores, dashes, periods, spaces, colons and slashes
+_METRIC_NAME = re.compile(r"^[/\w.\- :]+$")
+
+
 def validate_name(value: str, what: str) -> str:
-    """Check that ``value`` is a usable name component: non-empty, no path separator, no ``..``."""
+    """Check that ``value`` is a usable name component: a non-empty string of printable
+    characters, at most :data:`MAX_NAME_LENGTH` long, without surrounding whitespace, a path
+    separator or ``..`` (names become experiment names and folder names)."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidNameError(f"{what} must be a non-empty string, got {value!r}")
-    if "/" in value or "\\" in value or ".." in value or "\x00" in value:
+    if value != value.strip():
+        raise InvalidNameError(f"{what} must not start or end with whitespace, got {value!r}")
+    if not value.isprintable():
+        raise InvalidNameError(
+            f"{what} must hold printable characters only (no newline, tab or control "
+            f"character), got {value!r}"
+        )
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidNameError(
+            f"{what} is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed "
+            f"(it becomes part of MLflow experiment names and folder names): {value[:40]!r}..."
+        )
+    if "/" in value or "\\" in value or ".." in value:
         raise InvalidNameError(f"{what} must not contain a path separator or '..', got {value!r}")
+    return value
+
+
+def validate_metric_name(value: str, what: str = "metric name") -> str:
+    """Check a metric name against MLflow's own rule, so a name MLflow would refuse at flush
+    time (losing the batch it travels in) is refused here, when the value is created."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMetricError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidMetricError(
+            f"{what} is {len(value)} characters long; MLflow allows {MAX_KEY_LENGTH}: "
+            f"{value[:40]!r}..."
+        )
+    if not _METRIC_NAME.match(value):
+        raise InvalidMetricError(
+            f"{what} {value!r} is not a valid MLflow metric name: use letters, digits, "
+            "underscores, dashes, periods, spaces, colons and slashes only"
+        )
+    normalised = posixpath.normpath(value)
+    if normalised != value or normalised == "." or value.startswith(("..", "/")):
+        raise InvalidMetricError(
+            f"{what} {value!r} is not a valid MLflow metric name: no leading slash, '//', "
+            "'.' or '..' path components, no trailing slash"
+        )
     return value
 
 
@@ -60,18 +112,13 @@ def _optional_name_validator(what: str) -> Any:
 class FineTuningIteration:
     """A fine-tuning iteration: the experiment ``<plugin> / iteration / <run> / <batch>``.
 
-    ``run_id`` is the run the iteration started from (optional); ``batch_id`` the data batch
-    it trains on.
+    ``batch_id`` names the data batch it trains on (required: the same batch resumes the same
+    iteration); ``run_id`` is the run the iteration started from (optional).
     """
 
     plugin_name: str = attrs.field(validator=_name_validator("plugin_name"))
-    batch_id: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    batch_id: str = attrs.field(validator=_name_validator("batch_id"))
     run_id: str | None = attrs.field(default=None, validator=_optional_name_validator("run_id"))
-
-    @batch_id.validator
-    def _check_batch(self, _attr: attrs.Attribute[Any], value: str) -> None:
-        if value:
-            validate_name(value, "batch_id")
 
     def __str__(self) -> str:
         return f"{self.plugin_name} / {EXPERIMENT_PREFIX} / {self.run_id or ''} / {self.batch_id}"
@@ -90,27 +137,64 @@ class FineTuningIteration:
 
 
 def _to_float(value: Any) -> Any:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return value  # left for the validator to reject with a clear message
+    """Numbers (int, float, numpy scalars, one-element tensors) become floats; anything else is
+    left for the validator to refuse with a clear message."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        return value
+    if isinstance(value, numbers.Real) or hasattr(value, "__float__"):
+        try:
+            return float(value)
+        except OverflowError as exc:
+            raise InvalidMetricError(
+                f"metric value {str(value)[:40]} is too large for a 64-bit float"
+            ) from exc
+        except Exception as exc:  # e.g. a tensor of several elements
+            raise InvalidMetricError(
+                f"metric value of type {type(value).__name__} is not one number: {exc}"
+            ) from exc
+    return value
 
 
 def _finite(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidMetricError(f"{attr.name} must be a number, got {type(value).__name__}")
+    if not isinstance(value, float):
+        raise InvalidMetricError(
+            f"metric {attr.name} must be a number, got {type(value).__name__} {value!r}"
+        )
     if not math.isfinite(value):
         raise InvalidMetricError(f"metric value must be finite, got {value!r}")
+
+
+def _step(_inst: object, _attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMetricError(f"metric step must be an int, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise InvalidMetricError(f"metric step {value} does not fit in 64 bits")
+
+
+def _timestamp(_inst: object, _attr: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64[1]:
+        raise InvalidMetricError(f"metric timestamp_ms must be an int >= 0, got {value!r}")
 
 
 @attrs.frozen
 class MetricValue:
     """One value of a named metric. ``timestamp_ms`` is fixed at creation so a retried
-    upload of the same value is recognised as the same point, never counted twice."""
+    upload of the same value is recognised as the same point, never counted twice.
 
-    name: str = attrs.field(validator=_name_validator("metric name"))
+    Validated when created, against MLflow's own rules, so nothing MLflow would refuse is ever
+    queued: the name (letters, digits, ``_ - . : /`` and spaces, at most 250 characters), a
+    finite value that fits a 64-bit float (ints, floats, numpy scalars, one-element tensors),
+    an int step. Raises :class:`~tracker_core.errors.InvalidMetricError`.
+    """
+
+    name: str = attrs.field(validator=lambda _i, _a, v: validate_metric_name(v))
     value: float = attrs.field(converter=_to_float, validator=_finite)
-    step: int | None = attrs.field(default=None, kw_only=True)
-    timestamp_ms: int = attrs.field(factory=lambda: int(time.time() * 1000), kw_only=True)
+    step: int | None = attrs.field(default=None, kw_only=True, validator=_step)
+    timestamp_ms: int = attrs.field(
+        factory=lambda: int(time.time() * 1000), kw_only=True, validator=_timestamp
+    )
 
     def add_prefix(self, prefix: str) -> MetricValue:
         """A copy named ``<prefix>_<name>``."""

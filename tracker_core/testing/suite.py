@@ -155,7 +155,7 @@ def test_initial_name_reusable_after_deletion(mgr: ExperimentsManager) -> None:
     initial = mgr._get_initial_experiment()
     assert initial is not None
     mgr.tracking.delete_experiment(initial.experiment_id)
-    mgr._initial_experiment = None
+    mgr._iterations.forget_initial()
     assert not mgr.has_initial_model()
     assert mgr.upload_initial_model(tiny_model(2)) is True
     assert weights(mgr.download_initial_model()) == weights(tiny_model(2))
@@ -219,7 +219,7 @@ def test_last_finished_iteration_needs_every_run_ended(mgr: ExperimentsManager) 
     mgr.finish_run(as_failed=True)
     mgr.set_iteration(iteration(mgr, "2"))
     mgr.set_run(Params(lr=0.3))  # left RUNNING
-    mgr._run = None  # simulate a crash: the run stays RUNNING on the server
+    mgr._forget_run()  # simulate a crash: the run stays RUNNING on the server
     mgr.finish_iteration()
     assert mgr.get_last_finished_iteration_id() == first
     mgr.set_iteration(iteration(mgr, "3"))  # current, excluded even with finished runs
@@ -236,6 +236,7 @@ def test_delete_previous_iteration_removes_models_and_frees_name(mgr: Experiment
     model_uri = mgr._model_uri(mgr._get_run(run_id))
     assert mgr.artifacts.exists(model_uri)
     mgr.set_iteration(iteration(mgr, "2"))
+    run_with_quality(mgr, Params(lr=0.1), 0.6)  # the current iteration holds a model
     mgr.delete_previous_iteration()
     assert not mgr.artifacts.exists(model_uri)
     gone = mgr.tracking.get_experiment(first)
@@ -266,7 +267,7 @@ def test_set_run_resumes_same_params(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     assert mgr.set_run(Params(lr=0.1)) is False  # new
     first = mgr.current_run_id
-    mgr._run = None  # crash: never finished
+    mgr._forget_run()  # crash: never finished
     assert mgr.set_run(Params(lr=0.1)) is False  # unfinished: resumed, train again
     assert mgr.current_run_id == first
     mgr.save_metric(MetricValue("quality", 0.3))
@@ -580,7 +581,7 @@ def test_crash_between_write_and_mark_keeps_previous_best(backend: BackendUnderT
     proxy.fail("log_batch", error=KeyboardInterrupt())  # the mark never lands
     with pytest.raises(KeyboardInterrupt):
         mgr.save_model(tiny_model(2))
-    mgr._run = None  # the process is gone
+    mgr._forget_run()  # the process is gone
     assert marked_models(mgr, eid) == {best}
     assert crashed in stored_models(mgr, eid)  # an orphan: written, unmarked
     assert mgr.get_best_current_run_id() == (best, False)

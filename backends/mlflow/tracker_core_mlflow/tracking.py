@@ -249,6 +249,10 @@ class MlflowTrackingStore(TrackingStore):
         else:
             self._free_name(experiment_id, exp.name, restore=False)
 
+    @_operation
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self.client.set_experiment_tag(experiment_id, key, value)
+
     # -- runs ---------------------------------------------------------------------------
     @_operation
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:

@@ -1,0 +1,187 @@
+"""The iterations of one plugin: experiments found by tags, newest first, and deleted safely.
+
+Every iteration is an MLflow experiment named after its
+:class:`~tracker_core.values.FineTuningIteration` and tagged with the plugin, the kind
+(``iteration``; the initial model's experiment is ``initial``) and the batch, so every lookup
+is one server-side filtered query, paged, whatever the number of experiments.
+
+Deleting an iteration deletes its models first (unmark, then files), then the experiment. It
+is refused, with nothing deleted, for the initial experiment, the current iteration, and an
+iteration where a live worker still holds a run (:class:`~tracker_core.errors.IterationInUseError`):
+deleting it would fail that worker's next call. Such a deletion can instead be *deferred*: the
+experiment is tagged ``tracker.delete_pending`` and :meth:`Iterations.delete_pending` removes it
+once its runs ended or their workers died.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tracker_core import leases
+from tracker_core import tags as T
+from tracker_core.errors import ConfigurationError, IterationInUseError
+from tracker_core.models import ModelKeeper
+from tracker_core.remote import Remote
+from tracker_core.stores import ExperimentQuery, RunQuery
+from tracker_core.values import INITIAL_EXPERIMENT_NAME, ExperimentRecord, RunRecord, RunStatus
+
+__all__ = ["TAG_DELETE_PENDING", "Iterations"]
+
+log = logging.getLogger(__name__)
+
+TAG_DELETE_PENDING = "tracker.delete_pending"
+_UNFINISHED = (RunStatus.RUNNING, RunStatus.SCHEDULED)
+
+
+class Iterations:
+    """Iteration experiments of ``plugin_name``. Caches only the initial experiment's record."""
+
+    def __init__(
+        self,
+        plugin_name: str,
+        remote: Remote,
+        models: ModelKeeper,
+        *,
+        lease_ttl_ms: Callable[[], int],
+    ) -> None:
+        self.plugin_name = plugin_name
+        self._remote = remote
+        self._models = models
+        self._lease_ttl_ms = lease_ttl_ms
+        self._initial: ExperimentRecord | None = None
+
+    # ------------------------------------------------------------------ naming and creation
+    def tags(self, kind: str, batch_id: str = "") -> dict[str, str]:
+        out = {T.TAG_PLUGIN: self.plugin_name, T.TAG_KIND: kind}
+        if batch_id:
+            out[T.TAG_BATCH] = batch_id
+        return out
+
+    def get_or_create(self, name: str, tags: Mapping[str, str]) -> ExperimentRecord:
+        existing = self.by_name(name)
+        if existing is not None:
+            return existing
+        tracking, artifacts = self._remote.tracking, self._remote.artifacts
+        location = artifacts.experiment_location(name, uuid.uuid4().hex[:12])
+        created = self._remote.track("create", tracking.create_experiment, name, location, tags)
+        log.info("created experiment %r (%s) at %s", name, created.experiment_id, location)
+        return created
+
+    @property
+    def initial_name(self) -> str:
+        return f"{self.plugin_name} / {INITIAL_EXPERIMENT_NAME}"
+
+    def initial(self, create: bool = False) -> ExperimentRecord | None:
+        """The initial model's experiment (created if ``create``); None if it does not exist."""
+        if self._initial is None or self._initial.lifecycle_stage != "active":
+            if create:
+                self._initial = self.get_or_create(self.initial_name, self.tags(T.KIND_INITIAL))
+            else:
+                self._initial = self.by_name(self.initial_name)
+        return self._initial
+
+    def forget_initial(self) -> None:
+        self._initial = None
+
+    def is_initial(self, experiment_id: str) -> bool:
+        initial = self.initial()
+        return initial is not None and initial.experiment_id == experiment_id
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, experiment_id: str) -> ExperimentRecord | None:
+        return self._remote.track("search", self._remote.tracking.get_experiment, experiment_id)
+
+    def by_name(self, name: str) -> ExperimentRecord | None:
+        return self._remote.track("search", self._remote.tracking.get_experiment_by_name, name)
+
+    def query(self, exclude: ExperimentRecord | None = None, **extra: Any) -> ExperimentQuery:
+        names = (exclude.name,) if exclude is not None else ()
+        return ExperimentQuery(tags=self.tags(T.KIND_ITERATION), exclude_names=names, **extra)
+
+    def all(self) -> list[ExperimentRecord]:
+        """Every iteration of the plugin, newest first (the initial experiment excluded)."""
+        query = self.query()
+        tracking = self._remote.tracking
+        return self._remote.track("search", lambda: list(tracking.iter_experiments(query)))
+
+    def latest(self, query: ExperimentQuery) -> ExperimentRecord | None:
+        page, _ = self._remote.track("search", self._remote.tracking.search_experiments, query, 1)
+        return page[0] if page else None
+
+    def previous(self, current: ExperimentRecord) -> ExperimentRecord | None:
+        """The newest iteration created before ``current``."""
+        return self.latest(self.query(current, created_before_ms=current.creation_time_ms + 1))
+
+    def last_finished(self, exclude: ExperimentRecord | None) -> str | None:
+        """The newest iteration other than ``exclude`` that has runs, all ended. One cheap
+        query per iteration checked, newest first."""
+        tracking = self._remote.tracking
+
+        def find() -> str | None:
+            for experiment in tracking.iter_experiments(self.query(exclude), page_size=5):
+                eid = experiment.experiment_id
+                if tracking.has_runs(eid, ()) and not tracking.has_runs(eid, _UNFINISHED):
+                    return eid
+            return None
+
+        return self._remote.track("search", find)
+
+    def runs(
+        self, experiment_id: str, statuses: tuple[RunStatus, ...] = (), **query: Any
+    ) -> list[RunRecord]:
+        run_query = RunQuery((experiment_id,), statuses=statuses, **query)
+        return self._remote.track("search", self._remote.tracking.search_runs, run_query)
+
+    def live_runs(self, experiment_id: str) -> list[RunRecord]:
+        """Unfinished runs that a live worker holds (see :mod:`tracker_core.leases`)."""
+        ttl, now = self._lease_ttl_ms(), leases.now_ms()
+        return [r for r in self.runs(experiment_id, _UNFINISHED) if leases.run_is_live(r, ttl, now)]
+
+    # ------------------------------------------------------------------ deletion
+    def delete(
+        self,
+        experiment_id: str,
+        *,
+        current_id: str | None,
+        delete_model: Callable[[RunRecord], bool],
+    ) -> None:
+        """Delete the iteration's models (with ``delete_model``), then the experiment.
+
+        Raises :class:`ConfigurationError` for the initial experiment or the current iteration,
+        :class:`IterationInUseError` while a live worker holds one of its runs.
+        """
+        if self.is_initial(experiment_id):
+            raise ConfigurationError("the initial experiment is never deleted by iteration cleanup")
+        if experiment_id == current_id:
+            raise ConfigurationError("refusing to delete the current iteration")
+        live = self.live_runs(experiment_id)
+        if live:
+            holders = ", ".join(
+                f"{r.run_id} ({leases.lease_state(r, self._lease_ttl_ms()).owner or 'starting'})"
+                for r in live
+            )
+            raise IterationInUseError(
+                f"iteration {experiment_id} still has {len(live)} run(s) held by live workers "
+                f"({holders}); nothing was deleted. Delete it once they end (or their workers "
+                "die and their leases expire), or defer it: delete_iteration(..., defer=True)"
+            )
+        for run in self._models.marked_runs(experiment_id):
+            delete_model(run)
+        self._remote.track("delete", self._remote.tracking.delete_experiment, experiment_id)
+        log.info("deleted iteration %s", experiment_id)
+
+    def mark_pending(self, experiment_id: str) -> None:
+        """Tag the iteration for :meth:`delete_pending`."""
+        tracking = self._remote.tracking
+        self._remote.track(
+            "tag", tracking.set_experiment_tag, experiment_id, TAG_DELETE_PENDING, T.TRUE
+        )
+
+    def pending(self) -> list[ExperimentRecord]:
+        """Iterations whose deletion was deferred, newest first."""
+        query = ExperimentQuery(tags={**self.tags(T.KIND_ITERATION), TAG_DELETE_PENDING: T.TRUE})
+        tracking = self._remote.tracking
+        return self._remote.track("search", lambda: list(tracking.iter_experiments(query)))

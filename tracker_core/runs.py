@@ -1,0 +1,346 @@
+"""The current run of a manager: find or create it, hold its lease, queue its metrics, end it.
+
+A run is found by name (the params' id) in its iteration, created if missing. Before training
+it, a worker claims its lease (:mod:`tracker_core.leases`): one worker trains a run at a time,
+and a worker that died lets the run go when its lease expires. How a run ends:
+
+- :meth:`RunTracker.finish` (``finish_run``): its metrics reach the store first, then its
+  status is set. FINISHED needs a value of the main metric; FAILED does not. If the metrics
+  cannot be sent, the run is *not* ended (it would otherwise end FINISHED without them).
+- :meth:`RunTracker.end_implicitly` (a new run or iteration, ``close``): FINISHED when the main
+  metric was logged, else the run is left unfinished with its lease released, so the same
+  params resume it later.
+- :meth:`RunTracker.release` (an interrupt, ``abandon_iteration``): left unfinished, lease
+  released. A crash leaves it unfinished too, and its lease expires.
+
+Not thread-safe: the manager's lock guards it. The lease heartbeat runs in its own thread and
+touches only the stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from tracker_core import leases
+from tracker_core import tags as T
+from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.errors import (
+    InvalidMetricError,
+    LeaseLostError,
+    NoActiveRunError,
+    RunInUseError,
+    TrackerError,
+    TrackingStoreError,
+)
+from tracker_core.metrics import MetricsBuffer
+from tracker_core.params import FineTuningParams
+from tracker_core.remote import Remote
+from tracker_core.stores import RunQuery
+from tracker_core.values import MetricValue, RunRecord, RunStatus
+
+__all__ = ["RunTracker"]
+
+log = logging.getLogger(__name__)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "?"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+class RunTracker:
+    """The run a manager is working on, and run lookups by name and id."""
+
+    def __init__(
+        self,
+        remote: Remote,
+        main_metric: str,
+        accumulators: Iterable[MetricsAccumulator] = (),
+        *,
+        lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
+    ) -> None:
+        self._remote = remote
+        self.main_metric = main_metric
+        self.lease_seconds = lease_seconds
+        self.owner = leases.new_owner_id()
+        self.metrics = MetricsBuffer(accumulators)
+        self.run: RunRecord | None = None
+        self.params: FineTuningParams | None = None
+        self._epoch = 0
+        self._heartbeat: leases.Heartbeat | None = None
+        self._has_main = False
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, run_id: str) -> RunRecord | None:
+        """The run with that id, or None."""
+        return self._remote.track("search", self._remote.tracking.get_run, run_id)
+
+    def get_existing(self, run_id: str) -> RunRecord:
+        run = self.get(run_id)
+        if run is None:
+            raise TrackerError(f"run {run_id} does not exist")
+        return run
+
+    def first(self, experiment_id: str, **query: Any) -> RunRecord | None:
+        """The oldest run of the experiment matching ``query`` (a :class:`RunQuery`'s fields)."""
+        runs = self._remote.track(
+            "search", self._remote.tracking.search_runs, RunQuery((experiment_id,), **query)
+        )
+        return min(runs, key=lambda r: (r.start_time_ms, r.run_id)) if runs else None
+
+    def get_or_create(
+        self,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """The run named ``run_name``, created if missing; True if this call created it. Two
+        workers racing to create it agree on the oldest one; the other is deleted."""
+        existing = self.first(experiment_id, run_name=run_name)
+        if existing is not None:
+            return existing, False
+        tracking = self._remote.tracking
+        created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)
+        winner = self.first(experiment_id, run_name=run_name) or created
+        if winner.run_id != created.run_id:
+            log.info("run %r was created concurrently; using %s", run_name, winner.run_id)
+            self._remote.track("delete", tracking.delete_run, created.run_id)
+            return winner, False
+        first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
+        self._remote.track(
+            "log_params", tracking.log_batch, created.run_id, first_metric, params or {}
+        )
+        return created, True
+
+    # ------------------------------------------------------------------ taking a run
+    def start(
+        self,
+        run: RunRecord,
+        params: FineTuningParams | None,
+        *,
+        created: bool = False,
+        wait: float = 0.0,
+        hold_terminal: bool = False,
+    ) -> bool:
+        """Make ``run`` the current run. Returns True if it had already ended (FINISHED,
+        FAILED or KILLED): there is nothing to train. Otherwise its lease is claimed first:
+        if a live worker holds it, wait up to ``wait`` seconds for it to end or let go, then
+        raise :class:`RunInUseError`. ``hold_terminal`` claims the lease of an ended run too
+        (to rewrite its model)."""
+        if self.run is not None:
+            raise TrackerError("a run is already current: end it first")
+        if not run.status.is_terminal or hold_terminal:
+            acquired = self._acquire(run, created=created, wait=wait, hold=hold_terminal)
+            if acquired.status.is_terminal and not hold_terminal:
+                self._stop_heartbeat()
+            run = acquired
+        self.run, self.params = run, params
+        self.metrics.reset()
+        self._has_main = self.main_metric in run.metrics
+        return run.status.is_terminal
+
+    def _acquire(self, run: RunRecord, *, created: bool, wait: float, hold: bool) -> RunRecord:
+        tracking = self._remote.tracking
+        deadline = time.monotonic() + wait
+        poll = min(max(self.lease_seconds / 10, 0.05), 5.0)
+        while True:
+            state = leases.lease_state(run, self.ttl_ms)
+            mine = state.owner == self.owner
+            if not created and not mine and state.is_live(leases.now_ms()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RunInUseError(
+                        f"run {run.run_id} ({run.run_name}) is being trained by another worker "
+                        f"({state.owner or 'being created'}; its lease runs until "
+                        f"{_when(state.expires_ms)} unless renewed): skip it, or wait for it "
+                        "with set_run(params, wait=seconds)",
+                        run_id=run.run_id,
+                        owner=state.owner or "",
+                        expires_ms=state.expires_ms or 0,
+                    )
+                time.sleep(min(poll, remaining) if math.isfinite(remaining) else poll)
+                run = self.get_existing(run.run_id)
+                if run.status.is_terminal and not hold:
+                    return run  # its holder ended it: nothing left to train
+                continue
+            epoch = state.epoch if mine and not state.released else state.epoch + 1
+            expires = leases.now_ms() + self.ttl_ms
+            params, tags = leases.claim_params(epoch, self.owner, expires)
+            if epoch == state.epoch:
+                params = {}  # this manager's own claim: renew it
+            try:
+                self._remote.track("lease", tracking.log_batch, run.run_id, (), params, tags)
+            except TrackingStoreError:
+                # params are write-once: did another worker claim this epoch first?
+                key = f"{leases.LEASE_CLAIM_PREFIX}{epoch}"
+                fresh = self.get_existing(run.run_id)
+                if not params or key not in fresh.params:
+                    raise  # refused for another reason
+                if fresh.params[key] != params[key]:
+                    log.info("run %s was claimed by another worker first", run.run_id)
+                    run, created = fresh, False
+                    continue
+                # our claim landed; the error came after it
+            break
+        self._epoch = epoch
+        self._heartbeat = leases.Heartbeat(
+            self._renewer(run.run_id, epoch),
+            self.lease_seconds,
+            expires,
+            name=f"tracker-core-lease-{run.run_id[:8]}",
+        )
+        log.debug("run %s: lease %d held by %s", run.run_id, epoch, self.owner)
+        return run
+
+    def _renewer(self, run_id: str, epoch: int) -> Callable[[int], bool | None]:
+        """The heartbeat's renewal; it holds the tracker weakly, so a forgotten manager's
+        heartbeat stops instead of keeping its run locked forever."""
+        ref = weakref.ref(self)
+
+        def renew(expires_ms: int) -> bool | None:
+            tracker = ref()
+            if tracker is None:
+                return None  # its manager is gone
+            remote, owner, ttl = tracker._remote, tracker.owner, tracker.ttl_ms
+            del tracker
+            fresh = remote.track("lease", remote.tracking.get_run, run_id)
+            if fresh is None or fresh.status.is_terminal:
+                return None  # deleted or ended: nothing left to hold
+            state = leases.lease_state(fresh, ttl)
+            if state.epoch != epoch or state.owner != owner or state.released:
+                return False
+            tag = {leases.TAG_LEASE: f"{epoch} {owner} {expires_ms}"}
+            remote.track("lease", remote.tracking.set_tags, run_id, tag)
+            return True
+
+        return renew
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
+    def require(self) -> RunRecord:
+        """The current run; raises if there is none or its lease was taken over."""
+        if self.run is None:
+            raise NoActiveRunError("no active run: call set_run(params) first")
+        if self._heartbeat is not None and self._heartbeat.lost:
+            run_id = self.run.run_id
+            self.forget()
+            raise LeaseLostError(
+                f"run {run_id}: this worker's lease expired or was taken over by another "
+                "worker; its queued metrics were dropped and the run is the other worker's now"
+            )
+        return self.run
+
+    def check_lease(self, fresh: RunRecord) -> None:
+        """Raise :class:`LeaseLostError` if ``fresh`` (just read) shows another holder."""
+        if self._epoch == 0:
+            return
+        state = leases.lease_state(fresh, self.ttl_ms)
+        if state.epoch != self._epoch or state.owner != self.owner:
+            self.forget()
+            raise LeaseLostError(
+                f"run {fresh.run_id}: lease {self._epoch} was taken over by {state.owner} "
+                f"(lease {state.epoch})"
+            )
+
+    # ------------------------------------------------------------------ metrics
+    def add_metric(self, value: MetricValue) -> None:
+        self.require()
+        if self.metrics.add(value):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued values; on failure they stay queued (nothing is lost)."""
+        batch = self.metrics.pending()
+        if not batch or self.run is None:
+            return
+        self.require()
+        self._remote.track("log_metric", self._remote.tracking.log_batch, self.run.run_id, batch)
+        self.metrics.sent(len(batch))
+        if not self._has_main:
+            self._has_main = any(v.name == self.main_metric for v in batch)
+
+    def quality(self) -> float:
+        run = self.require()
+        self.flush()
+        fresh = self.get_existing(run.run_id)
+        if self.main_metric not in fresh.metrics:
+            raise InvalidMetricError(
+                f"run {run.run_id} has no value of the main metric {self.main_metric!r}"
+            )
+        return float(fresh.metrics[self.main_metric])
+
+    # ------------------------------------------------------------------ ending
+    def finish(self, status: RunStatus) -> None:
+        """End the current run with ``status`` after its metrics reached the store."""
+        run = self.require()
+        self.flush()  # raises with the values still queued: the run is not ended
+        if run.status.is_terminal:
+            self._reset()
+            return
+        if status == RunStatus.FINISHED and not self._has_main:
+            raise InvalidMetricError(
+                f"run {run.run_id} has no value of the main metric {self.main_metric!r}: log it "
+                "before finish_run(), or end the run with finish_run(as_failed=True)"
+            )
+        self._stop_heartbeat()
+        self._remote.track("finish_run", self._remote.tracking.set_terminated, run.run_id, status)
+        self._reset()
+
+    def end_implicitly(self) -> None:
+        """End the run because the caller moved on: FINISHED if it logged the main metric,
+        else left unfinished (lease released) so the same params resume it."""
+        if self.run is None:
+            return
+        self.flush()  # raises with the values still queued: the run is not ended
+        if self.run.status.is_terminal:
+            self._reset()
+        elif self._has_main:
+            self.finish(RunStatus.FINISHED)
+        else:
+            log.info(
+                "run %s ended without a value of %r: left unfinished, the same params resume it",
+                self.run.run_id,
+                self.main_metric,
+            )
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run without ending it (it stays RUNNING): its lease is released so
+        another worker, or this one later, resumes it at once. Queued metrics are dropped
+        (flush first to keep them)."""
+        run, epoch, heartbeat = self.run, self._epoch, self._heartbeat
+        self.forget()
+        if run is None or heartbeat is None or epoch == 0:
+            return
+        try:
+            tag = leases.release_tag(epoch, self.owner)
+            self._remote.track("lease", self._remote.tracking.set_tags, run.run_id, tag)
+        except Exception as exc:  # the lease then expires on its own
+            log.warning("could not release the lease of run %s: %s", run.run_id, exc)
+
+    def forget(self) -> None:
+        """Drop the current run as a crash would: no status change, no release."""
+        self._stop_heartbeat()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.metrics.reset()
+        self.run = None
+        self.params = None
+        self._epoch = 0
+        self._has_main = False

@@ -1,0 +1,335 @@
+"""Behaviour suite: who trains a run, and how a run ends (invariant 2, and no lost metrics).
+
+- One worker trains a run at a time: the run's lease (:mod:`tracker_core.leases`); a worker
+  asking for a run another live worker holds is told so (``RunInUseError``) or waits for it;
+  a dead worker's lease expires and the run resumes.
+- A run never ends FINISHED without its main metric, nor without its queued metrics: an
+  implicit end leaves it resumable, a batch that cannot be sent keeps the run open.
+- ``with manager.run(params)`` ends the run FINISHED, FAILED (the block raised) or leaves it
+  resumable (an interrupt).
+
+Every test takes the ``backend`` fixture; import with ``from tracker_core.testing.suite_runs
+import *``.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import uuid
+from typing import Any
+
+import pytest
+
+from tracker_core.errors import (
+    InvalidMetricError,
+    LeaseLostError,
+    MaxAttemptsReachedException,
+    RunInUseError,
+    TrackingStoreError,
+    TransientError,
+)
+from tracker_core.manager import ExperimentsManager
+from tracker_core.stores import RunQuery
+from tracker_core.testing.faults import FaultyProxy
+from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.testing.suite import Params, iteration, mgr, tiny_model, weights
+from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
+
+__all__ = ["mgr"]  # completed at the end
+
+
+def _connect(backend: BackendUnderTest, plugin: str, **kwargs: Any) -> ExperimentsManager:
+    kwargs.setdefault("model_format", "state_dict")
+    kwargs.setdefault("model_factory", tiny_model)
+    kwargs.setdefault("params_type", Params)
+    return backend.connect(plugin_name=plugin, **kwargs)
+
+
+def _status(mgr: ExperimentsManager, run_id: str) -> RunStatus:
+    run = mgr.get_run_by_id(run_id)
+    assert run is not None
+    return run.status
+
+
+# --------------------------------------------------------------------------- metrics
+def test_invalid_metric_refused_and_valid_values_kept(mgr: ExperimentsManager) -> None:
+    """A name MLflow refuses is refused when the value is made, not at flush: the valid
+    values queued around it all reach the store and the run ends FINISHED with them."""
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    run_id = mgr.current_run_id or ""
+    for i in range(100):
+        mgr.save_metric(MetricValue("loss", float(i)))
+        if i == 50:
+            for bad_name in ("val acc (%)", "/abs", "a//b", ""):
+                with pytest.raises(InvalidMetricError):
+                    mgr.save_metric(MetricValue(bad_name, 1.0))
+            with pytest.raises(InvalidMetricError):
+                MetricValue("loss", 10**400)
+    mgr.save_metric(MetricValue("val/acc", 0.5))  # slashes are fine, as in MLflow
+    mgr.save_metric(MetricValue("quality", 0.9))
+    mgr.finish_run()
+    assert _status(mgr, run_id) == RunStatus.FINISHED
+    assert len(mgr.tracking.get_metric_history(run_id, "loss")) == 100
+    assert [m.value for m in mgr.tracking.get_metric_history(run_id, "val/acc")] == [0.5]
+
+
+def test_failed_metric_batch_keeps_values_and_run_open(backend: BackendUnderTest) -> None:
+    """A batch the store refuses for good stays queued, and the run is not ended: FINISHED
+    without its metrics would be skipped forever by the same params."""
+    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}")
+    proxy = FaultyProxy(mgr.tracking)
+    mgr.tracking = proxy  # type: ignore[assignment]
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    run_id = mgr.current_run_id or ""
+    for i in range(100):
+        mgr.save_metric(MetricValue("loss", float(i)))
+    mgr.save_metric(MetricValue("quality", 0.7))
+    proxy.fail("log_batch", error=TrackingStoreError("refused"), times=2)
+    with pytest.raises(TrackingStoreError):
+        mgr.finish_run()
+    assert _status(mgr, run_id) == RunStatus.RUNNING  # not FINISHED without its metrics
+    with pytest.raises(TrackingStoreError):
+        mgr.set_iteration(iteration(mgr, "other"))  # an implicit end cannot lose them either
+    assert mgr.current_run_id == run_id and _status(mgr, run_id) == RunStatus.RUNNING
+    proxy.fail("log_batch", error=TransientError("503"), times=3)  # one flush: 3 attempts
+    with pytest.raises(MaxAttemptsReachedException):
+        mgr.save_model(tiny_model())
+    mgr.finish_run()  # the store is back: everything queued arrives, then the run ends
+    assert _status(mgr, run_id) == RunStatus.FINISHED
+    assert [m.value for m in mgr.tracking.get_metric_history(run_id, "loss")] == [
+        float(i) for i in range(100)
+    ]
+    assert mgr.set_run(Params(lr=0.1)) is True
+
+
+# --------------------------------------------------------------------------- how runs end
+def test_implicit_end_without_main_metric_leaves_run_resumable(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    unfinished = mgr.current_run_id or ""
+    mgr.save_metric(MetricValue("loss", 1.0))
+    mgr.set_run(Params(lr=0.2))  # moves on before logging the main metric
+    assert _status(mgr, unfinished) == RunStatus.RUNNING
+    mgr.save_metric(MetricValue("quality", 0.3))
+    finished = mgr.current_run_id or ""
+    mgr.set_iteration(iteration(mgr, "2"))  # the main metric was logged: FINISHED
+    assert _status(mgr, finished) == RunStatus.FINISHED
+    mgr.set_iteration(iteration(mgr))
+    assert mgr.set_run(Params(lr=0.1)) is False  # resumed, not skipped forever
+    assert mgr.current_run_id == unfinished
+    mgr.save_metric(MetricValue("quality", 0.5))
+    mgr.finish_iteration()
+    assert _status(mgr, unfinished) == RunStatus.FINISHED
+    assert [m.value for m in mgr.tracking.get_metric_history(unfinished, "loss")] == [1.0]
+
+
+def test_explicit_finish_needs_the_main_metric(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    run_id = mgr.current_run_id or ""
+    with pytest.raises(InvalidMetricError):
+        mgr.finish_run()
+    assert _status(mgr, run_id) == RunStatus.RUNNING
+    mgr.finish_run(as_failed=True)  # FAILED needs no metric
+    assert _status(mgr, run_id) == RunStatus.FAILED
+
+
+def test_run_context_manager_ends_runs(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    with mgr.run(Params(lr=0.1)) as run:
+        assert not run.finished
+        mgr.save_metric(MetricValue("quality", 0.4))
+        mgr.save_model(tiny_model(1))
+    assert _status(mgr, run.run_id) == RunStatus.FINISHED and mgr.current_run_id is None
+
+    with pytest.raises(ValueError, match="diverged"), mgr.run(Params(lr=0.2)) as failed:
+        mgr.save_metric(MetricValue("loss", 1.0))
+        raise ValueError("diverged")
+    assert _status(mgr, failed.run_id) == RunStatus.FAILED
+
+    with pytest.raises(KeyboardInterrupt), mgr.run(Params(lr=0.3)) as interrupted:
+        raise KeyboardInterrupt
+    assert _status(mgr, interrupted.run_id) == RunStatus.RUNNING  # resumable
+
+    with mgr.run(Params(lr=0.1)) as again:
+        assert again.finished and again.run_id == run.run_id  # skip: nothing to do
+    with mgr.run(Params(lr=0.3)) as resumed:
+        assert not resumed.finished and resumed.run_id == interrupted.run_id
+        mgr.save_metric(MetricValue("quality", 0.2))
+    assert _status(mgr, interrupted.run_id) == RunStatus.FINISHED
+    assert mgr.get_best_quality() == (run.run_id, 0.4)
+
+
+# --------------------------------------------------------------------------- one owner per run
+def test_a_live_run_is_not_handed_to_a_second_worker(backend: BackendUnderTest) -> None:
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    a, b = _connect(backend, plugin), _connect(backend, plugin)
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    a.set_iteration(it)
+    b.set_iteration(it)
+    assert a.set_run(Params(lr=0.1)) is False
+    with pytest.raises(RunInUseError) as info:
+        b.set_run(Params(lr=0.1))
+    assert info.value.run_id == a.current_run_id and info.value.owner == a._runs.owner
+    assert b.current_run_id is None
+    a.save_metric(MetricValue("quality", 0.5))
+    a.finish_run()
+    assert b.set_run(Params(lr=0.1), wait=5) is True  # ended: b skips it
+
+
+def test_waiting_worker_takes_a_released_run(backend: BackendUnderTest) -> None:
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    a, b = _connect(backend, plugin), _connect(backend, plugin)
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    a.set_iteration(it)
+    b.set_iteration(it)
+    a.set_run(Params(lr=0.1))
+    run_id = a.current_run_id
+    a.abandon_iteration()  # an interrupt: left unfinished, lease released at once
+    assert b.set_run(Params(lr=0.1)) is False and b.current_run_id == run_id
+
+
+def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -> None:
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    dead = _connect(backend, plugin, lease_seconds=1.0)
+    dead.set_iteration(it)
+    dead.set_run(Params(lr=0.1))
+    run_id = dead.current_run_id
+    dead.save_metric(MetricValue("loss", 2.0))
+    dead.flush_metrics()
+    dead._forget_run()  # the process dies: no release, the heartbeat stops
+    heir = _connect(backend, plugin, lease_seconds=1.0)
+    heir.set_iteration(it)
+    assert heir.set_run(Params(lr=0.1), wait=30) is False
+    assert heir.current_run_id == run_id
+    heir.save_metric(MetricValue("quality", 0.8))
+    heir.finish_run()
+    assert _status(heir, run_id or "") == RunStatus.FINISHED
+
+
+def test_heartbeat_keeps_a_long_run_held(backend: BackendUnderTest) -> None:
+    """A run held longer than its lease time is still not handed over: the heartbeat renews."""
+    import time
+
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    holder = _connect(backend, plugin, lease_seconds=2.0)
+    other = _connect(backend, plugin, lease_seconds=2.0)
+    holder.set_iteration(it)
+    other.set_iteration(it)
+    holder.set_run(Params(lr=0.1))
+    time.sleep(5.0)  # two and a half lease lifetimes
+    with pytest.raises(RunInUseError):
+        other.set_run(Params(lr=0.1))
+    holder.save_metric(MetricValue("quality", 0.1))
+    holder.finish_run()
+
+
+def test_taken_over_worker_is_told(backend: BackendUnderTest) -> None:
+    """A worker stalled past its lease finds its run taken over: its next call is refused."""
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    stalled = _connect(backend, plugin, lease_seconds=1.0)
+    stalled.set_iteration(it)
+    stalled.set_run(Params(lr=0.1))
+    proxy = FaultyProxy(stalled.tracking)
+    stalled.tracking = proxy  # type: ignore[assignment]
+    proxy.fail("set_tags", error=TransientError("cut off"), times=10_000)  # no renewal lands
+    heir = _connect(backend, plugin, lease_seconds=1.0)
+    heir.set_iteration(it)
+    assert heir.set_run(Params(lr=0.1), wait=30) is False
+    heir.save_metric(MetricValue("quality", 0.9))
+    with pytest.raises(LeaseLostError):
+        stalled.save_metric(MetricValue("quality", 0.1))
+    heir.finish_run()
+    assert heir.get_run_by_id(heir.get_best_quality()[0] or "") is not None
+
+
+_SAME_PARAMS_STEPS = 20
+
+
+def _same_params_worker(backend: BackendUnderTest, plugin: str, index: int) -> str:
+    """A worker process given the same params as the others (module level: picklable)."""
+    mgr = _connect(backend, plugin)
+    mgr.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    try:
+        if mgr.set_run(Params(lr=0.1)):
+            return "skipped"
+    except RunInUseError:
+        return "in use"
+    for step in range(_SAME_PARAMS_STEPS):
+        mgr.save_metric(MetricValue("loss", float(step), step=step))
+    mgr.save_metric(MetricValue("quality", float(index)))
+    mgr.save_model(tiny_model(index))
+    mgr.finish_run()
+    mgr.close()
+    return f"trained {index}"
+
+
+def test_same_params_in_several_processes_train_once(backend: BackendUnderTest) -> None:
+    if "processes" not in backend.capabilities:
+        pytest.skip("the backend's stores are not shared across processes")
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        outcomes = pool.starmap(_same_params_worker, [(backend, plugin, i) for i in range(4)])
+    trained = [o for o in outcomes if o.startswith("trained")]
+    assert len(trained) == 1, outcomes
+    winner = int(trained[0].split()[1])
+    mgr = _connect(backend, plugin)
+    mgr.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    (run,) = mgr.tracking.search_runs(RunQuery((mgr.current_experiment_id or "",)))
+    assert len(mgr.tracking.get_metric_history(run.run_id, "loss")) == _SAME_PARAMS_STEPS
+    assert run.metrics["quality"] == float(winner)
+    assert weights(mgr.download_model_by_run_id(run.run_id)) == weights(tiny_model(winner))
+
+
+_KILLED_HOLDER = """
+import os, pickle, sys
+from tracker_core.testing.suite_runs import _connect
+from tracker_core.testing.suite import Params
+from tracker_core.values import FineTuningIteration, MetricValue
+backend = pickle.loads(bytes.fromhex(sys.argv[1]))
+mgr = _connect(backend, sys.argv[2], lease_seconds=2.0)
+mgr.set_iteration(FineTuningIteration(plugin_name=sys.argv[2], batch_id="b"))
+mgr.set_run(Params(lr=0.1))
+mgr.save_metric(MetricValue("loss", 1.0, step=0))
+mgr.flush_metrics()
+print(mgr.current_run_id, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_killed_holders_run_resumes_after_its_lease(backend: BackendUnderTest) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    if "processes" not in backend.capabilities:
+        pytest.skip("the backend's stores are not shared across processes")
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_HOLDER, pickle.dumps(backend).hex(), plugin],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.getcwd(),
+    )
+    assert done.returncode == -9, done.stderr
+    run_id = done.stdout.split()[-1]
+    heir = _connect(backend, plugin, lease_seconds=2.0)
+    heir.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    assert heir.set_run(Params(lr=0.1), wait=math.inf) is False  # once the lease expired
+    assert heir.current_run_id == run_id
+    heir.save_metric(MetricValue("loss", 0.5, step=1))
+    heir.save_metric(MetricValue("quality", 0.5))
+    heir.finish_run()
+    history = heir.tracking.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
+
+
+__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
