@@ -468,7 +468,7 @@ def _compile_attrs(cls: type, memo: dict[type, _Attrs]) -> _Attrs:
             f"{cls.__qualname__} is not frozen: use @attrs.frozen, so values cannot change "
             "after they are checked"
         )
-    if cls.__eq__ is object.__eq__:
+    if getattr(cls, "__eq__") is object.__eq__:  # noqa: B009 (mypy: a class, not an instance)
         raise _Unsupported(
             f"{cls.__qualname__} has eq=False: values read back would never be equal"
         )
