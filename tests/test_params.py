@@ -51,7 +51,9 @@ class Legacy(FineTuningParams):
 
 
 #: text every tracking database stores as it is (no NUL, no lone surrogate)
-texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+texts = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200
+)
 short_texts = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=5
 )
