@@ -1,22 +1,14 @@
-"""Unit tests of the core values: params round trip, accumulators, names, registry, retry."""
+"""Unit tests of the core values: accumulators, names, registry, retry (params: test_params.py)."""
 
 from __future__ import annotations
 
-import enum
-import math
-
-import attrs
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 import tracker_core
 from tracker_core import (
     BackendNotInstalledError,
     FineTuningIteration,
-    FineTuningParams,
     InvalidNameError,
-    InvalidParamsError,
     MaxAttemptsReachedException,
     MetricsAccumulator,
     MetricValue,
@@ -28,96 +20,6 @@ from tracker_core import (
 from tracker_core.errors import redact
 from tracker_core.registry import get_backend, scheme_of
 from tracker_core.retry import Retrier
-
-
-class Color(enum.Enum):
-    RED = "red"
-    BLUE = "blue"
-
-
-class Level(enum.IntEnum):
-    LOW = 1
-    HIGH = 2
-
-
-@attrs.frozen
-class P(FineTuningParams):
-    i: int
-    f: float
-    b: bool
-    s: str
-    c: Color
-    lvl: Level
-    xs: list[float]
-    names: list[str]
-    maybe: int | None = None
-    maybe_s: str | None = None
-
-
-scalars = st.fixed_dictionaries(
-    {
-        "i": st.integers(-(2**53), 2**53),
-        "f": st.floats(allow_nan=False, allow_infinity=False),
-        "b": st.booleans(),
-        "s": st.text(),
-        "c": st.sampled_from(Color),
-        "lvl": st.sampled_from(Level),
-        "xs": st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4),
-        "names": st.lists(st.text(max_size=5), max_size=4),
-        "maybe": st.none() | st.integers(),
-        "maybe_s": st.none() | st.text(max_size=5),
-    }
-)
-
-
-@given(scalars)
-def test_params_round_trip_through_mlflow_strings(values: dict[str, object]) -> None:
-    params = P(**values)  # type: ignore[arg-type]
-    stored = params.to_mlflow()
-    assert all(isinstance(v, str) for v in stored.values())
-    back = P.from_mlflow(stored)
-    assert back == params
-    assert back.id == params.id
-    assert type(back.i) is int and type(back.f) is float and type(back.b) is bool
-    assert isinstance(back.c, Color) and isinstance(back.lvl, Level)
-
-
-def test_params_id_is_stable_and_order_independent() -> None:
-    a = P(i=1, f=0.5, b=True, s="x", c=Color.RED, lvl=Level.LOW, xs=[1.0], names=["a"])
-    b = P(names=["a"], xs=[1.0], lvl=Level.LOW, c=Color.RED, s="x", b=True, f=0.5, i=1)
-    assert a.id == b.id
-    # pinned: the same params must mean the same run across processes and versions
-    assert a.id == P.from_mlflow(a.to_mlflow()).id
-    assert a.id != attrs.evolve(a, f=0.25).id
-    assert len(a.id) == 16
-
-
-def test_unsupported_param_types_rejected() -> None:
-    @attrs.frozen
-    class WithDict(FineTuningParams):
-        d: dict[str, int]
-
-    @attrs.frozen
-    class WithUnion(FineTuningParams):
-        u: int | str
-
-    @attrs.frozen
-    class Nested(FineTuningParams):
-        n: list[list[int]]
-
-    for cls, value in ((WithDict, {"a": 1}), (WithUnion, 1), (Nested, [[1]])):
-        with pytest.raises(InvalidParamsError):
-            cls(value)
-    with pytest.raises(InvalidParamsError):
-        P(i=1, f=math.inf, b=True, s="", c=Color.RED, lvl=Level.LOW, xs=[], names=[])
-
-
-def test_from_mlflow_rejects_garbage() -> None:
-    good = P(i=1, f=0.5, b=True, s="x", c=Color.RED, lvl=Level.LOW, xs=[], names=[]).to_mlflow()
-    with pytest.raises(InvalidParamsError):
-        P.from_mlflow({**good, "params.i": "not json"})
-    with pytest.raises(InvalidParamsError):
-        P.from_mlflow({**good, "params.i": '"1"'})
 
 
 def test_accumulator_constant_work_values() -> None:

@@ -144,12 +144,15 @@ def _check_method(method: object) -> None:
 
 # ---------------------------------------------------------------------- params helpers
 def grid_params(params_type: type[P], **choices: Sequence[Any]) -> list[P]:
-    """Every combination of ``choices`` (field name -> values), in a stable order."""
+    """Every distinct combination of ``choices`` (field name -> values), in a stable order.
+
+    Combinations that normalise to the same params (``lr=[1, 1.0]``) are one params set."""
     names = list(choices)
-    return [
-        params_type(**dict(zip(names, combo, strict=True)))
-        for combo in itertools.product(*(choices[n] for n in names))
-    ]
+    grid: dict[str, P] = {}
+    for combo in itertools.product(*(choices[n] for n in names)):
+        params = params_type(**dict(zip(names, combo, strict=True)))
+        grid.setdefault(params.id, params)
+    return list(grid.values())
 
 
 def sample_params(
