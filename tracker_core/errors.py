@@ -53,7 +53,8 @@ class InvalidMetricError(ConfigurationError):
 
 
 class InvalidParamsError(ConfigurationError):
-    """Fine-tuning params hold a type that cannot round-trip through MLflow."""
+    """Fine-tuning params hold a type or a value that cannot round-trip exactly through MLflow
+    (see :mod:`tracker_core.params` for the supported types); raised at construction."""
 
 
 class UnknownSchemeError(ConfigurationError):

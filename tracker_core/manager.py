@@ -473,7 +473,7 @@ class ExperimentsManager:
         with self._lock:
             previous = self.get_previous_iteration_id()
             if previous is None:
-                log.warning("delete_previous_iteration: no previous iteration to delete")
+                log.info("delete_previous_iteration: no previous iteration to delete")
                 return
             current = self._require_iteration()
             if self.models.best_run(current.experiment_id) is None:

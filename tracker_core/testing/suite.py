@@ -711,10 +711,10 @@ def test_bad_configuration_fails_before_writing(backend: BackendUnderTest) -> No
 def test_unsupported_params_rejected_before_writing(mgr: ExperimentsManager) -> None:
     @attrs.frozen
     class BadParams(FineTuningParams):
-        weights: dict[str, float]
+        weights: set[float]
 
     with pytest.raises(InvalidParamsError):
-        BadParams(weights={"a": 1.0})
+        BadParams(weights={1.0})
     with pytest.raises(InvalidParamsError):
         Params(lr=math.nan)
     assert mgr.get_experiments() == []
