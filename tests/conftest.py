@@ -65,7 +65,9 @@ def _make_leg(
 
 
 @pytest.fixture(params=LEGS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendUnderTest:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendUnderTest]:
     artifact_side, tracking_side = request.param.split("-")
     tracking_uri = request.getfixturevalue(f"{tracking_side}_tracking")
-    return attrs.evolve(_make_leg(artifact_side, tracking_uri, request, tmp_path), id=request.param)
+    leg = attrs.evolve(_make_leg(artifact_side, tracking_uri, request, tmp_path), id=request.param)
+    yield leg
+    leg.close_all()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import tracker_core
 from tracker_core import FineTuningIteration, MetricValue
 from tracker_core.testing.harness import FAST_RETRY
-from tracker_core.testing.suite import Params, marked_models, stored_models, tiny_model
+from tracker_core.testing.support import Params, marked_models, stored_models, tiny_model
 
 qualities = st.lists(
     st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, -3.0, 42.0]), min_size=1, max_size=6

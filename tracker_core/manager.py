@@ -266,6 +266,7 @@ class ExperimentsManager:
             with self._lock:
                 self._runs.end_implicitly()
         finally:
+            self._runs.close()
             self.tracking.close()
             self.artifacts.close()
 

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,7 +38,7 @@ from tracker_core.errors import (
     TrackerError,
     TrackingStoreError,
 )
-from tracker_core.metrics import MetricsBuffer
+from tracker_core.metrics import MetricsQueue
 from tracker_core.params import FineTuningParams
 from tracker_core.remote import Remote
 from tracker_core.stores import RunQuery
@@ -70,7 +70,7 @@ class RunTracker:
         self.main_metric = main_metric
         self.lease_seconds = lease_seconds
         self.owner = leases.new_owner_id()
-        self.metrics = MetricsBuffer(accumulators)
+        self.metrics = MetricsQueue(self._send_metrics, accumulators)
         self.run: RunRecord | None = None
         self.params: FineTuningParams | None = None
         self._epoch = 0
@@ -147,7 +147,7 @@ class RunTracker:
                 self._stop_heartbeat()
             run = acquired
         self.run, self.params = run, params
-        self.metrics.reset()
+        self.metrics.start(run.run_id)
         self._has_main = self.main_metric in run.metrics
         return run.status.is_terminal
 
@@ -259,20 +259,24 @@ class RunTracker:
 
     # ------------------------------------------------------------------ metrics
     def add_metric(self, value: MetricValue) -> None:
+        """Queue a value (sent in the background, see :mod:`tracker_core.metrics`)."""
         self.require()
-        if self.metrics.add(value):
-            self.flush()
+        queued = self.metrics.add(value)
+        if not self._has_main and any(v.name == self.main_metric for v in queued):
+            self._has_main = True  # queued; every way a run ends sends it first
+
+    def _send_metrics(self, run_id: str, values: Sequence[MetricValue]) -> None:
+        """Send one batch (the queue's sender thread, or ``flush``)."""
+        if self._heartbeat is not None and self._heartbeat.lost:
+            raise LeaseLostError(f"run {run_id}: the lease was lost; metrics not sent")
+        self._remote.track("log_metric", self._remote.tracking.log_batch, run_id, values)
 
     def flush(self) -> None:
-        """Send the queued values; on failure they stay queued (nothing is lost)."""
-        batch = self.metrics.pending()
-        if not batch or self.run is None:
+        """Send every queued value now; on failure they stay queued (nothing is lost)."""
+        if self.run is None or not len(self.metrics):
             return
         self.require()
-        self._remote.track("log_metric", self._remote.tracking.log_batch, self.run.run_id, batch)
-        self.metrics.sent(len(batch))
-        if not self._has_main:
-            self._has_main = any(v.name == self.main_metric for v in batch)
+        self.metrics.flush()
 
     def quality(self) -> float:
         run = self.require()
@@ -337,6 +341,10 @@ class RunTracker:
         """Drop the current run as a crash would: no status change, no release."""
         self._stop_heartbeat()
         self._reset()
+
+    def close(self) -> None:
+        """Stop the metrics sender (call after the run ended)."""
+        self.metrics.close()
 
     def _reset(self) -> None:
         self.metrics.reset()

@@ -196,6 +196,18 @@ class MetricValue:
         factory=lambda: int(time.time() * 1000), kw_only=True, validator=_timestamp
     )
 
+    @classmethod
+    def _derived(cls, name: str, value: float, step: int, timestamp_ms: int) -> MetricValue:
+        """Internal fast path for values derived from checked ones (a step filled in, an
+        accumulator's series): no validation, no conversion."""
+        self = object.__new__(cls)
+        setter = object.__setattr__
+        setter(self, "name", name)
+        setter(self, "value", value)
+        setter(self, "step", step)
+        setter(self, "timestamp_ms", timestamp_ms)
+        return self
+
     def add_prefix(self, prefix: str) -> MetricValue:
         """A copy named ``<prefix>_<name>``."""
         return attrs.evolve(self, name=f"{prefix}_{self.name}")

@@ -47,14 +47,37 @@ class BackendUnderTest:
     storage_options: Mapping[str, Any] | None = None
     env: Mapping[str, str] = attrs.field(factory=dict)
     capabilities: frozenset[str] = frozenset()
+    _opened: list[ExperimentsManager] = attrs.field(factory=list, init=False, eq=False, repr=False)
 
     def connect(self, **kwargs: Any) -> ExperimentsManager:
-        """A manager on this backend; a unique plugin name unless one is given."""
+        """A manager on this backend; a unique plugin name unless one is given. Closed by
+        :meth:`close_all` (the ``backend`` fixture calls it when the test ends)."""
         kwargs.setdefault("plugin_name", f"plugin-{uuid.uuid4().hex[:8]}")
         kwargs.setdefault("main_metric", "quality")
         kwargs.setdefault("retry", FAST_RETRY)
         kwargs.setdefault("storage_options", self.storage_options)
-        return connect(self.artifact_root, tracking_uri=self.tracking_uri, **kwargs)
+        manager = connect(self.artifact_root, tracking_uri=self.tracking_uri, **kwargs)
+        self._opened.append(manager)
+        return manager
+
+    def close_all(self) -> None:
+        """Close every manager :meth:`connect` made (runs still held are let go, not ended:
+        a test may have left one unfinished on purpose)."""
+        while self._opened:
+            manager = self._opened.pop()
+            with contextlib.suppress(Exception):
+                manager.abandon_iteration()
+            with contextlib.suppress(Exception):
+                manager.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # managers stay in the process that made them
+        state = {f.name: getattr(self, f.name) for f in attrs.fields(type(self))}
+        state["_opened"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     @contextlib.contextmanager
     def mlflow_env(self) -> Iterator[None]:

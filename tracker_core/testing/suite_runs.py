@@ -1,15 +1,12 @@
-"""Behaviour suite: who trains a run, and how a run ends (invariant 2, and no lost metrics).
+"""Behaviour suite: runs, who trains them and how they end (invariant 2).
 
-- One worker trains a run at a time: the run's lease (:mod:`tracker_core.leases`); a worker
-  asking for a run another live worker holds is told so (``RunInUseError``) or waits for it;
-  a dead worker's lease expires and the run resumes.
-- A run never ends FINISHED without its main metric, nor without its queued metrics: an
-  implicit end leaves it resumable, a batch that cannot be sent keeps the run open.
-- ``with manager.run(params)`` ends the run FINISHED, FAILED (the block raised) or leaves it
-  resumable (an interrupt).
-
-Every test takes the ``backend`` fixture; import with ``from tracker_core.testing.suite_runs
-import *``.
+- the same params in the same iteration are the same run: a finished run is skipped, an
+  unfinished one resumes; params come back typed;
+- one worker trains a run at a time (the run's lease, :mod:`tracker_core.leases`); a worker
+  asking for a run another live worker holds is told so or waits; a dead worker's lease
+  expires and the run resumes;
+- a run never ends FINISHED without its main metric; an implicit end leaves it resumable;
+  ``with manager.run(params)`` ends it FINISHED, FAILED (the block raised) or resumable.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import time
 import uuid
 from typing import Any
 
@@ -26,6 +24,8 @@ from tracker_core.errors import (
     InvalidMetricError,
     LeaseLostError,
     MaxAttemptsReachedException,
+    NoActiveIterationError,
+    NoActiveRunError,
     RunInUseError,
     TrackingStoreError,
     TransientError,
@@ -34,10 +34,93 @@ from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
 from tracker_core.testing.faults import FaultyProxy
 from tracker_core.testing.harness import BackendUnderTest
-from tracker_core.testing.suite import Params, iteration, mgr, tiny_model, weights
+from tracker_core.testing.support import (
+    Optimizer,
+    Params,
+    iteration,
+    mgr,
+    run_with_quality,
+    tiny_model,
+    weights,
+)
 from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 
 __all__ = ["mgr"]  # completed at the end
+
+
+# --------------------------------------------------------------------------- runs
+def test_set_run_needs_an_iteration(mgr: ExperimentsManager) -> None:
+    with pytest.raises(NoActiveIterationError):
+        mgr.set_run(Params(lr=0.1))
+    with pytest.raises(NoActiveRunError):
+        mgr.save_metric(MetricValue("quality", 1.0))
+
+
+def test_set_run_resumes_same_params(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    assert mgr.set_run(Params(lr=0.1)) is False  # new
+    first = mgr.current_run_id
+    mgr._forget_run()  # crash: never finished
+    assert mgr.set_run(Params(lr=0.1)) is False  # unfinished: resumed, train again
+    assert mgr.current_run_id == first
+    mgr.save_metric(MetricValue("quality", 0.3))
+    mgr.finish_run()
+    assert mgr.set_run(Params(lr=0.1)) is True  # finished: skip
+    assert mgr.current_run_id == first
+    assert mgr.set_run(Params(lr=0.2)) is False
+    assert mgr.current_run_id != first
+    runs = mgr.tracking.search_runs(RunQuery((mgr.current_experiment_id or "",)))
+    assert len(runs) == 2
+
+
+def test_finish_run_as_failed(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    run_id = mgr.current_run_id or ""
+    mgr.finish_run(as_failed=True)
+    run = mgr.get_run_by_id(run_id)
+    assert run is not None and run.status == RunStatus.FAILED
+    assert mgr.set_run(Params(lr=0.1)) is True  # tried already: skipped, not retried
+    assert mgr.get_run_by_id(run_id, models_only=True) is None
+
+
+def test_failed_run_is_not_quality_zero(backend: BackendUnderTest) -> None:
+    mgr = backend.connect(is_loss=True, model_format="state_dict", params_type=Params)
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    mgr.finish_run(as_failed=True)
+    good = run_with_quality(mgr, Params(lr=0.2), 0.7)
+    assert mgr.get_best_quality() == (good, 0.7)
+    assert mgr.get_best_current_run_id() == (good, False)
+
+
+def test_params_round_trip_typed(mgr: ExperimentsManager) -> None:
+    params = Params(
+        lr=0.001,
+        epochs=3,
+        optimizer=Optimizer.SGD,
+        layers=[16, 8, 2],
+        freeze=True,
+        note="a, b",
+        warmup=None,
+    )
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(params)
+    run = mgr.get_run_by_id(mgr.current_run_id or "")
+    assert run is not None
+    back = Params.from_mlflow(run.params)
+    assert back == params and back.id == params.id
+    assert isinstance(back.epochs, int) and isinstance(back.lr, float)
+    assert back.optimizer is Optimizer.SGD and back.freeze is True
+
+
+def test_get_run_by_id_models_only(mgr: ExperimentsManager) -> None:
+    mgr.set_iteration(iteration(mgr))
+    with_model = run_with_quality(mgr, Params(lr=0.1), 0.9)
+    without = run_with_quality(mgr, Params(lr=0.2), 0.1)  # worse: not saved
+    assert mgr.get_run_by_id(with_model, models_only=True) is not None
+    assert mgr.get_run_by_id(without, models_only=True) is None
+    assert mgr.get_run_by_id(without) is not None
 
 
 def _connect(backend: BackendUnderTest, plugin: str, **kwargs: Any) -> ExperimentsManager:
@@ -214,7 +297,6 @@ def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -
 
 def test_heartbeat_keeps_a_long_run_held(backend: BackendUnderTest) -> None:
     """A run held longer than its lease time is still not handed over: the heartbeat renews."""
-    import time
 
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
@@ -291,7 +373,7 @@ def test_same_params_in_several_processes_train_once(backend: BackendUnderTest) 
 _KILLED_HOLDER = """
 import os, pickle, sys
 from tracker_core.testing.suite_runs import _connect
-from tracker_core.testing.suite import Params
+from tracker_core.testing.support import Params
 from tracker_core.values import FineTuningIteration, MetricValue
 backend = pickle.loads(bytes.fromhex(sys.argv[1]))
 mgr = _connect(backend, sys.argv[2], lease_seconds=2.0)

@@ -1,0 +1,99 @@
+"""What the behaviour suite's modules share: a params class, a tiny model, run helpers, the
+``mgr`` fixture (a manager on the leg under test, ``state_dict`` models)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+import pytest
+
+from tracker_core import tags as T
+from tracker_core.manager import ExperimentsManager
+from tracker_core.params import FineTuningParams
+from tracker_core.stores import RunQuery
+from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.values import FineTuningIteration, MetricValue
+
+__all__ = [
+    "Optimizer",
+    "Params",
+    "iteration",
+    "marked_models",
+    "mgr",
+    "run_with_quality",
+    "stored_models",
+    "tiny_model",
+    "weights",
+]
+
+
+class Optimizer(enum.Enum):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+@attrs.frozen
+class Params(FineTuningParams):
+    lr: float
+    epochs: int = 1
+    optimizer: Optimizer = Optimizer.ADAM
+    layers: list[int] = attrs.field(factory=lambda: [8, 4])
+    freeze: bool = False
+    note: str = ""
+    warmup: float | None = None
+
+
+def tiny_model(seed: int = 0) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 2)
+
+
+def weights(model: Any) -> list[float]:
+    """A model's weights as plain floats (accepts a module or a state dict)."""
+    state = model.state_dict() if hasattr(model, "state_dict") else model
+    return [float(x) for tensor in state.values() for x in tensor.flatten().tolist()]
+
+
+def run_with_quality(
+    mgr: ExperimentsManager, params: Params, quality: float, *, save: bool = True, seed: int = 0
+) -> str:
+    """One run: log the main metric, save the model (best only), finish. Returns the run id."""
+    mgr.set_run(params)
+    run_id = mgr.current_run_id
+    assert run_id is not None
+    mgr.save_metric(MetricValue(mgr.main_metric, quality))
+    if save:
+        mgr.save_model(tiny_model(seed))
+    mgr.finish_run()
+    return run_id
+
+
+def marked_models(mgr: ExperimentsManager, experiment_id: str) -> set[str]:
+    runs = mgr.tracking.search_runs(RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE}))
+    return {r.run_id for r in runs}
+
+
+def stored_models(mgr: ExperimentsManager, experiment_id: str) -> set[str]:
+    """Run ids whose model files exist in the artifact store (whatever the marks say)."""
+    out = set()
+    for run in mgr.tracking.search_runs(RunQuery((experiment_id,))):
+        if mgr.artifacts.exists(f"{run.artifact_uri}/{T.MODEL_DIR}"):
+            out.add(run.run_id)
+    return out
+
+
+def iteration(mgr: ExperimentsManager, batch: str = "b1") -> FineTuningIteration:
+    return FineTuningIteration(plugin_name=mgr.plugin_name, batch_id=batch)
+
+
+@pytest.fixture
+def mgr(backend: BackendUnderTest) -> Any:
+    manager = backend.connect(
+        model_format="state_dict", model_factory=tiny_model, params_type=Params
+    )
+    yield manager
+    manager.close()
