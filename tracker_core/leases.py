@@ -171,6 +171,8 @@ class Heartbeat:
         self._renew = renew
         self._ttl = ttl_seconds
         self._expires_ms = expires_ms
+        # the same expiry on this process's monotonic clock: `lost` is read on every call
+        self._deadline = time.monotonic() + (expires_ms - now_ms()) / 1000
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -178,9 +180,12 @@ class Heartbeat:
 
     @property
     def lost(self) -> bool:
-        if not self._lost.is_set() and now_ms() >= self._expires_ms:
+        if self._lost.is_set():
+            return True
+        if time.monotonic() >= self._deadline:
             self._lost.set()
-        return self._lost.is_set()
+            return True
+        return False
 
     def _loop(self) -> None:
         interval = max(self._ttl / 3.0, 0.05)
@@ -201,6 +206,7 @@ class Heartbeat:
                 self._lost.set()
                 return
             self._expires_ms = expires
+            self._deadline = time.monotonic() + (expires - now_ms()) / 1000
 
     def stop(self) -> None:
         self._stop.set()

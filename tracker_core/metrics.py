@@ -80,6 +80,7 @@ class MetricsQueue:
         self._failure: BaseException | None = None
         self._retry_at = 0.0
         self._closed = False
+        self._woken = False  # the sender was told a batch is due and has not run since
         self._cond = threading.Condition(threading.Lock())
         self._sending = threading.Lock()  # one send at a time, oldest values first
         self._thread: threading.Thread | None = None
@@ -136,7 +137,8 @@ class MetricsQueue:
             if not self._pending:
                 self._oldest = time.monotonic()
             self._pending.extend(items)
-            if len(self._pending) >= self.batch_size:
+            if len(self._pending) >= self.batch_size and not self._woken:
+                self._woken = True
                 self._cond.notify_all()
         if self._thread is None:
             self._start_thread()
@@ -195,6 +197,7 @@ class MetricsQueue:
         returns to its loop between rounds, so a forgotten queue can be collected). False:
         stop."""
         with self._cond:
+            self._woken = False
             if self._closed:
                 return False
             wait = self._due(time.monotonic())

@@ -69,9 +69,14 @@ def validate_name(value: str, what: str) -> str:
     return value
 
 
+_VALID_METRIC_NAMES: set[str] = set()  # names already checked (metrics repeat their names)
+
+
 def validate_metric_name(value: str, what: str = "metric name") -> str:
     """Check a metric name against MLflow's own rule, so a name MLflow would refuse at flush
     time (losing the batch it travels in) is refused here, when the value is created."""
+    if isinstance(value, str) and value in _VALID_METRIC_NAMES:
+        return value
     if not isinstance(value, str) or not value.strip():
         raise InvalidMetricError(f"{what} must be a non-empty string, got {value!r}")
     if len(value) > MAX_KEY_LENGTH:
@@ -90,6 +95,8 @@ def validate_metric_name(value: str, what: str = "metric name") -> str:
             f"{what} {value!r} is not a valid MLflow metric name: no leading slash, '//', "
             "'.' or '..' path components, no trailing slash"
         )
+    if len(_VALID_METRIC_NAMES) < 10_000:
+        _VALID_METRIC_NAMES.add(value)
     return value
 
 
@@ -139,6 +146,8 @@ class FineTuningIteration:
 def _to_float(value: Any) -> Any:
     """Numbers (int, float, numpy scalars, one-element tensors) become floats; anything else is
     left for the validator to refuse with a clear message."""
+    if type(value) is float:
+        return value
     if isinstance(value, bool | str | bytes) or value is None:
         return value
     if isinstance(value, numbers.Real) or hasattr(value, "__float__"):
@@ -153,6 +162,10 @@ def _to_float(value: Any) -> Any:
                 f"metric value of type {type(value).__name__} is not one number: {exc}"
             ) from exc
     return value
+
+
+def _metric_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    validate_metric_name(value)
 
 
 def _finite(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
@@ -189,7 +202,7 @@ class MetricValue:
     an int step. Raises :class:`~tracker_core.errors.InvalidMetricError`.
     """
 
-    name: str = attrs.field(validator=lambda _i, _a, v: validate_metric_name(v))
+    name: str = attrs.field(validator=_metric_name)
     value: float = attrs.field(converter=_to_float, validator=_finite)
     step: int | None = attrs.field(default=None, kw_only=True, validator=_step)
     timestamp_ms: int = attrs.field(
