@@ -32,8 +32,17 @@ from tracker_core.errors import (
     NoActiveRunError,
     TrackerError,
 )
+from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.metrics import MetricsBuffer
-from tracker_core.models import ModelKeeper, OrphanedModel, OrphanScan, is_marked
+from tracker_core.models import (
+    MissingModel,
+    MissingScan,
+    ModelKeeper,
+    OrphanedModel,
+    OrphanedUpload,
+    OrphanScan,
+    is_marked,
+)
 from tracker_core.params import FineTuningParams
 from tracker_core.ranking import Ranking
 from tracker_core.registry import get_backend, import_object, scheme_of
@@ -849,13 +858,30 @@ class ExperimentsManager:
     def find_orphaned_models(
         self, *, include_running: bool = False, max_depth: int = 4
     ) -> OrphanScan:
-        """Model folders no run marks: the orphans of a crash between writing and marking
-        (see :meth:`ModelKeeper.find_orphans`)."""
-        return self.models.find_orphans(include_running=include_running, max_depth=max_depth)
+        """Model folders no run marks and incomplete uploads whose writer is gone: what
+        crashes leave (see :meth:`ModelKeeper.find_orphans`)."""
+        ttl = getattr(self, "lease_seconds", DEFAULT_LEASE_SECONDS)
+        return self.models.find_orphans(
+            include_running=include_running, max_depth=max_depth, lease_seconds=ttl
+        )
 
     def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
         """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
         return self.models.delete_orphan(orphan)
+
+    def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
+        """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
+        self.models.abort_upload(upload)
+
+    def find_models_missing_files(self) -> MissingScan:
+        """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""
+        ttl = getattr(self, "lease_seconds", DEFAULT_LEASE_SECONDS)
+        return self.models.find_missing_files(lease_seconds=ttl)
+
+    def unmark_model_missing_files(self, model: MissingModel) -> bool:
+        """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
+        ttl = getattr(self, "lease_seconds", DEFAULT_LEASE_SECONDS)
+        return self.models.unmark_missing(model, lease_seconds=ttl)
 
     # ------------------------------------------------------------------ downloads
     def download_model_files(
