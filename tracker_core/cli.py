@@ -555,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-runs", type=int, help="params sets carried to the next iteration")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("gc", help="find model folders no run marks (crash orphans); dry run")
+    p = sub.add_parser(
+        "gc", help="find model folders and uploads no run needs (crash debris); dry run"
+    )
     p.add_argument("--delete", action="store_true", help="delete them")
     p.add_argument(
         "--include-running",
@@ -650,7 +652,7 @@ def _configure_logging(verbose: bool, stream: TextIO) -> None:
     # MLflow's own notices (database setup, pickle warnings) are noise on a command line;
     # it reads its level when first imported, so say it before that, and after for good measure
     if not verbose and "mlflow" not in sys.modules:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "CRITICAL")
     # MLflow logs a traceback at ERROR before raising what we report in one line anyway
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
