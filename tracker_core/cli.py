@@ -18,7 +18,14 @@ on stderr; ``--debug`` adds the traceback.
 
 Only ``run`` writes to the tracking store. Every other command needs an existing one: a
 ``sqlite:`` database file that does not exist (or an MLflow file store folder) is an error,
-never a new empty database.
+never a new empty database. A read-only database file serves every read.
+
+``gc`` and ``verify`` against a root that does not exist: a missing bucket (S3, GCS) is an
+error naming it, since a bucket must exist before anything is written and its absence means a
+wrong name, endpoint or account; a missing prefix in an existing bucket, or a missing local
+folder, holds nothing to collect (the first model written creates it). ``gc`` and ``verify``
+touch nothing that belongs to a run held by a live worker (its lease has not expired);
+``gc --include-running`` also takes those, for when no worker is running.
 """
 
 from __future__ import annotations
