@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from tracker_core.errors import ArtifactStoreError
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 
 __all__ = [
@@ -274,7 +275,7 @@ class ArtifactStore(abc.ABC):
     def abort_upload(self, upload: IncompleteUpload) -> None:
         """Abort one upload found by :meth:`list_incomplete_uploads`, freeing its parts; no
         error if it is already gone. The default, for stores that list none, refuses."""
-        raise NotImplementedError(f"{type(self).__name__} has no incomplete uploads to abort")
+        raise ArtifactStoreError(f"{type(self).__name__} cannot abort uploads ({upload.uri})")
 
     def remove_empty_folders(self, uri: str, stop: str) -> None:  # noqa: B027 - optional hook
         """Remove the folder at ``uri`` and its parents while they are empty, up to ``stop``

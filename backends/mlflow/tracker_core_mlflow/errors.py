@@ -48,10 +48,10 @@ PERMANENT_CODES = frozenset(
     }
 )
 _RETRYABLE_STATUS = frozenset({408, 429})
-# "failed with error code 503 != 200" (non-JSON error body) and urllib3's
-# "too many 503 error responses" (MLflow's own HTTP retries exhausted)
 #: SQLite's answer to a write on a read-only file (MLflow reports it TEMPORARILY_UNAVAILABLE)
 _READ_ONLY = "attempt to write a readonly database"
+# "failed with error code 503 != 200" (non-JSON error body) and urllib3's
+# "too many 503 error responses" (MLflow's own HTTP retries exhausted)
 _STATUS_IN_MESSAGE = re.compile(r"(?:error code|too many) (\d{3})\b")
 
 
