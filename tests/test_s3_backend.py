@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,10 @@ from _s3gcs_fixtures import assert_plain_mlflow_reads, round_trip, same_weights,
 
 import tracker_core
 from tracker_core import tags as T
+from tracker_core.cli import main
 from tracker_core.errors import ConfigurationError
 from tracker_core.testing.harness import FAST_RETRY
+from tracker_core.testing.suite_reconcile import set_lease
 from tracker_core_s3 import (
     ExperimentsManagerWithAmazonS3Backend,
     S3Backend,
@@ -181,3 +187,95 @@ def test_plain_mlflow_reads_the_model(
     _, run_id = round_trip(manager, model)
     env = {"MLFLOW_S3_ENDPOINT_URL": moto_endpoint}
     assert_plain_mlflow_reads(run_id, model, sqlite_tracking_uri, env, tmp_path)
+
+
+_SAVE_AND_HANG = r"""
+import asyncio, sys
+import attrs, torch
+import tracker_core
+from tracker_core import FineTuningIteration, FineTuningParams, MetricValue
+from tracker_core_s3.backend import TrackerS3FileSystem
+
+bucket, endpoint, tracking = sys.argv[1:4]
+call_s3 = TrackerS3FileSystem._call_s3
+
+
+async def hang_before_completing(self, method, *args, **kwargs):
+    # fault injection on the real store: every part is stored, the upload is never
+    # completed; the test kills this process here
+    if method == "complete_multipart_upload":
+        print("parts stored", flush=True)
+        await asyncio.sleep(3600)
+    return await call_s3(self, method, *args, **kwargs)
+
+
+TrackerS3FileSystem._call_s3 = hang_before_completing
+
+
+@attrs.frozen
+class P(FineTuningParams):
+    lr: float = 0.1
+
+
+def big_model():
+    return torch.nn.Linear(2750, 2750)  # 7.6 M float32 weights: 30 MB
+
+
+mgr = tracker_core.connect(
+    f"s3://{bucket}/models", tracking_uri=tracking, main_metric="quality", plugin_name="plugin",
+    storage_options={"endpoint_url": endpoint}, model_format="state_dict", model_factory=big_model,
+)
+mgr.set_iteration(FineTuningIteration(plugin_name="plugin", batch_id="b1"))
+mgr.set_run(P(lr=0.5))
+print(mgr.current_run_id, flush=True)
+mgr.save_metric(MetricValue("quality", 0.9))
+mgr.save_model(big_model())
+"""
+
+
+def test_kill_during_a_30mb_save_then_gc_leaves_nothing(
+    s3_bucket: str, moto_endpoint: str, sqlite_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 while a 30 MB model is being uploaded leaves an incomplete multipart upload;
+    once the worker's lease has expired, `gc --delete` leaves no object and no upload."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_AND_HANG, s3_bucket, moto_endpoint, sqlite_tracking_uri],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        run_id = child.stdout.readline().strip()
+        assert child.stdout.readline().strip() == "parts stored", child.stderr.read()[-3000:]
+    finally:
+        child.kill()  # SIGKILL: no cleanup of any kind runs
+        child.wait(timeout=60)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    fs = s3_filesystem({"endpoint_url": moto_endpoint})
+
+    def uploads() -> list[str]:
+        page = fs.call_s3("list_multipart_uploads", Bucket=s3_bucket, Prefix="models/")
+        return [u["Key"] for u in page.get("Uploads") or []]
+
+    (key,) = uploads()
+    assert f"/{run_id}/artifacts/model/" in key
+
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", moto_endpoint)
+    argv = ["--tracking-uri", sqlite_tracking_uri, "--artifact-uri", f"s3://{s3_bucket}/models"]
+
+    def gc_delete() -> dict[str, object]:
+        out, err = io.StringIO(), io.StringIO()
+        assert main([*argv, "--json", "gc", "--delete"], stdout=out, stderr=err) == 0, err
+        data: dict[str, object] = json.loads(out.getvalue())
+        return data
+
+    first = gc_delete()  # the worker's lease has not expired yet: it may still be alive
+    assert first["uploads"] == [] and uploads() == [key]
+    manager = _connect(s3_bucket, moto_endpoint, sqlite_tracking_uri)
+    set_lease(manager, run_id, expires_in_ms=-1_000)  # ... now it has
+    second = gc_delete()
+    assert [u["run_id"] for u in second["uploads"]] == [run_id]  # type: ignore[index, union-attr]
+    assert uploads() == []
+    fs.invalidate_cache()
+    assert fs.find(f"{s3_bucket}/models") == []

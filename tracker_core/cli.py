@@ -8,27 +8,50 @@ Commands::
     tracker-core [--metric M] download IT|RUN DEST     # copy a model's files to DEST
     tracker-core run METHOD --batch-id B               # one iteration of a method
     tracker-core gc [--delete]                         # find (and delete) orphaned models
+    tracker-core verify [--unmark]                     # marked models whose files are gone
 
-Tables for people, ``--json`` for scripts. Exit status: 0 success, 1 the operation failed,
-2 usage error. Errors are one line on stderr; ``--debug`` adds the traceback.
+Tables for people, ``--json`` for scripts. Exit status: 0 success, 1 the operation failed
+(``verify``: a marked model has no files), 2 usage error, 130 interrupted, 141 standard
+output closed early (``tracker-core --json runs X | head -1``: the reader went away, as a
+shell reports a process killed by SIGPIPE; nothing is printed about it). Errors are one line
+on stderr; ``--debug`` adds the traceback.
+
+Only ``run`` writes to the tracking store. Every other command needs an existing one: a
+``sqlite:`` database file that does not exist (or an MLflow file store folder) is an error,
+never a new empty database. A read-only database file serves every read.
+
+``gc`` and ``verify`` against a root that does not exist: a missing bucket (S3, GCS) is an
+error naming it, since a bucket must exist before anything is written and its absence means a
+wrong name, endpoint or account; a missing prefix in an existing bucket, or a missing local
+folder, holds nothing to collect (the first model written creates it). ``gc`` and ``verify``
+touch nothing that belongs to a run held by a live worker (its lease has not expired);
+``gc --include-running`` also takes those, for when no worker is running.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from tracker_core import tags as T
-from tracker_core.errors import ConfigurationError, ModelNotFoundError, TrackerError
+from tracker_core.errors import (
+    CleanupRefusedError,
+    ConfigurationError,
+    ModelNotFoundError,
+    TrackerError,
+)
 from tracker_core.finetune import IterationResult, parse_iteration_name, run_iteration
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, ExperimentsManager
 from tracker_core.params import PARAM_PREFIX
@@ -41,8 +64,16 @@ _ANY_PLUGIN = "tracker-core-cli"  # a placeholder plugin name for commands that 
 _ANY_METRIC = "tracker-core-cli"
 
 
+#: exit status when standard output is closed early: 128 + SIGPIPE, as a shell reports it
+EXIT_OUTPUT_CLOSED = 141
+
+
 class UsageError(Exception):
     """A command-line mistake: exit status 2."""
+
+
+class _OutputClosed(Exception):
+    """Whoever reads our standard output went away (``| head``)."""
 
 
 # ---------------------------------------------------------------------- output helpers
@@ -51,12 +82,16 @@ class Output:
         self.as_json, self.out = as_json, out
 
     def emit(self, data: Any, table: Callable[[], Iterator[str]]) -> None:
-        if self.as_json:
-            json.dump(data, self.out, indent=2, sort_keys=True, default=str)
-            self.out.write("\n")
-        else:
-            for line in table():
-                self.out.write(line + "\n")
+        try:
+            if self.as_json:
+                json.dump(data, self.out, indent=2, sort_keys=True, default=str)
+                self.out.write("\n")
+            else:
+                for line in table():
+                    self.out.write(line + "\n")
+            self.out.flush()
+        except BrokenPipeError as exc:
+            raise _OutputClosed() from exc
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Iterator[str]:
@@ -86,15 +121,70 @@ def _decode_params(params: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- resolution
+def _sqlite_problem(path: Path) -> str | None:
+    """Why ``path`` is not an MLflow SQLite database we can read; None if it is one."""
+    if not path.is_file():
+        return "no such file"
+    if not os.access(path, os.R_OK):
+        return "this user may not read it"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    try:
+        # read-only: opening this way never creates or changes anything
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'"
+            ).fetchone()
+    except sqlite3.Error as exc:
+        return f"not a readable SQLite database: {exc}"
+    return None if found else "a SQLite database, but not MLflow's: it has no experiments"
+
+
+def require_tracking_store(uri: str) -> None:
+    """Raise :class:`ConfigurationError` unless a local tracking store at ``uri`` exists.
+
+    A ``sqlite:`` URI must name an existing MLflow database, a plain path or ``file:`` URI
+    (MLflow's file store) an existing folder. Other URIs (a tracking server, PostgreSQL) are
+    not checked here. Commands that only read must not create a database: MLflow would
+    create and migrate an empty one, and report nothing found in it.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    where: Path | None
+    problem: str | None
+    if scheme == "sqlite" or scheme.startswith("sqlite+"):
+        raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if raw in ("", ":memory:"):
+            where, problem = None, "an in-memory database holds nothing"
+        else:
+            where = Path(raw)
+            problem = _sqlite_problem(where)
+    elif scheme in ("", "file"):
+        where = Path(unquote(parts.path) if scheme == "file" else uri)
+        problem = None if where.is_dir() else "no such folder"
+    else:
+        return
+    if problem:
+        raise ConfigurationError(
+            f"no tracking database at {where.absolute() if where else uri} ({problem}): "
+            "point --tracking-uri (or MLFLOW_TRACKING_URI) at an existing one, "
+            "e.g. sqlite:////abs/path/mlflow.db"
+        )
+
+
 def _manager(
     args: argparse.Namespace, *, plugin: bool = False, metric: bool = False
 ) -> ExperimentsManager:
+    """A manager for a command that reads (or repairs) an existing tracking store."""
     from tracker_core.connect import connect
 
     if plugin and not args.plugin:
         raise UsageError(f"{args.command}: --plugin is required")
     if metric and not args.metric:
         raise UsageError(f"{args.command}: --metric is required")
+    require_tracking_store(args.tracking_uri)
     return connect(
         args.artifact_uri,
         tracking_uri=args.tracking_uri,
@@ -327,16 +417,31 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
         scan = manager.find_orphaned_models(
             include_running=args.include_running, max_depth=args.max_depth
         )
+        if args.delete and (scan.orphans or scan.uploads) and scan.experiments == 0:
+            raise CleanupRefusedError(
+                f"gc --delete: no experiment of the tracking store {manager.tracking_uri} keeps "
+                f"its models under {store.root}, so every model there looks orphaned; check "
+                "--tracking-uri and --artifact-uri (nothing was deleted)"
+            )
         orphans: list[dict[str, Any]] = [attrs.asdict(o) for o in scan.orphans]
-        skipped = [attrs.asdict(o) for o in scan.skipped]
+        uploads: list[dict[str, Any]] = [attrs.asdict(u) for u in scan.uploads]
         if args.delete:
             for orphan, model in zip(orphans, scan.orphans, strict=True):
                 orphan["deleted"] = manager.delete_orphaned_model(model)
+            for item, upload in zip(uploads, scan.uploads, strict=True):
+                manager.abort_orphaned_upload(upload)
+                item["aborted"] = True
+    skipped = [attrs.asdict(o) for o in scan.skipped]
+    skipped_uploads = [attrs.asdict(u) for u in scan.skipped_uploads]
+    missing = [attrs.asdict(m) for m in scan.missing]
     data = {
         "root": store.root,
         "dry_run": not args.delete,
         "orphans": orphans,
         "skipped": skipped,
+        "uploads": uploads,
+        "skipped_uploads": skipped_uploads,
+        "missing": missing,
         "marked_models": scan.marked_models,
     }
 
@@ -348,13 +453,66 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
         )
         if orphans:
             yield from _table(["folder", "reason"], [[o["uri"], o["reason"]] for o in orphans])
+        if uploads:
+            yield (
+                f"{len(uploads)} incomplete upload(s) "
+                f"({'aborted' if args.delete else 'would abort'}):"
+            )
+            yield from _table(["object", "reason"], [[u["uri"], u["reason"]] for u in uploads])
         for s in skipped:
-            yield f"skipped {s['uri']}: {s['reason']} (resume it, or use --include-running)"
-        if orphans and not args.delete:
+            yield f"skipped {s['uri']}: {s['reason']} (use --include-running if it is dead)"
+        for u in skipped_uploads:
+            yield f"skipped upload of {u['uri']}: {u['reason']}"
+        for m in missing:
+            yield f"run {m['run_id']} is marked as holding {m['uri']}, but its files are gone"
+        if missing:
+            yield "marked models without files: see `tracker-core verify` (and `--unmark`)"
+        if (orphans or uploads) and not args.delete:
             yield "dry run: nothing deleted; run again with --delete to delete them"
 
     out.emit(data, table)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    with _manager(args) as manager:
+        store = manager.artifacts
+        scan = manager.find_models_missing_files()
+        missing: list[dict[str, Any]] = [attrs.asdict(m) for m in scan.missing]
+        if args.unmark:
+            for item, model in zip(missing, scan.missing, strict=True):
+                item["unmarked"] = manager.unmark_model_missing_files(model)
+    remaining = [m for m in missing if not m.get("unmarked")]
+    data = {
+        "root": store.root,
+        "checked": scan.checked,
+        "missing": missing,
+        "outside": list(scan.outside),
+    }
+
+    def table() -> Iterator[str]:
+        yield (
+            f"{scan.checked} marked model(s) under {store.root} checked: "
+            f"{len(missing)} with their files gone"
+        )
+        if missing:
+            rows = [
+                [
+                    m["run_id"],
+                    m["experiment_id"],
+                    "unmarked" if m.get("unmarked") else "live worker" if m["live"] else "marked",
+                    m["uri"],
+                ]
+                for m in missing
+            ]
+            yield from _table(["run", "experiment", "state", "model"], rows)
+        if scan.outside:
+            yield f"{len(scan.outside)} marked model(s) live in another store: not checked"
+        if remaining and not args.unmark:
+            yield "run again with --unmark to unmark them (an initial model can then be uploaded)"
+
+    out.emit(data, table)
+    return 1 if remaining else 0
 
 
 # ---------------------------------------------------------------------- parser and main
@@ -404,15 +562,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-runs", type=int, help="params sets carried to the next iteration")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("gc", help="find model folders no run marks (crash orphans); dry run")
+    p = sub.add_parser(
+        "gc", help="find model folders and uploads no run needs (crash debris); dry run"
+    )
     p.add_argument("--delete", action="store_true", help="delete them")
     p.add_argument(
         "--include-running",
         action="store_true",
-        help="also models of RUNNING runs (only if no worker is running)",
+        help="also models and uploads of runs held by live workers (only if none is running)",
     )
     p.add_argument("--max-depth", type=int, default=5, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "verify", help="list runs marked as holding a model whose files are gone (exit 1 if any)"
+    )
+    p.add_argument(
+        "--unmark",
+        action="store_true",
+        help="unmark them as a deletion would (runs held by live workers are left alone)",
+    )
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -431,6 +601,9 @@ def main(
     try:
         status: int = args.func(args, Output(args.json, out_stream))
         return status
+    except _OutputClosed:
+        _discard_output(out_stream)
+        return EXIT_OUTPUT_CLOSED
     except UsageError as exc:
         parser.print_usage(err_stream)
         err_stream.write(f"tracker-core: error: {exc}\n")
@@ -451,6 +624,18 @@ def main(
             " (use --debug for the traceback)\n"
         )
         return 1
+
+
+def _discard_output(stream: TextIO) -> None:
+    """After a broken pipe: point standard output at /dev/null, so that the interpreter's
+    final flush does not print "Exception ignored ... BrokenPipeError" (the recipe of
+    Python's documentation, "Note on SIGPIPE")."""
+    if stream is not sys.stdout and stream is not sys.__stdout__:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -474,8 +659,9 @@ def _configure_logging(verbose: bool, stream: TextIO) -> None:
     # MLflow's own notices (database setup, pickle warnings) are noise on a command line;
     # it reads its level when first imported, so say it before that, and after for good measure
     if not verbose and "mlflow" not in sys.modules:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.ERROR)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "CRITICAL")
+    # MLflow logs a traceback at ERROR before raising what we report in one line anyway
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 if __name__ == "__main__":  # pragma: no cover

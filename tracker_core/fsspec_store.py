@@ -17,6 +17,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
 
 from tracker_core.errors import ArtifactStoreError, ModelNotFoundError, redact
 from tracker_core.stores import ArtifactStore, ProgressCallback
@@ -42,6 +43,10 @@ class FsspecArtifactStore(ArtifactStore):
 
     ``classifier`` tells transient errors of this filesystem (True), permanent ones (False),
     or has no opinion (None); ``secrets`` are scrubbed from every error message.
+    ``directories``: whether the filesystem has real folders (default: only the local disk
+    does); empty folders left by a deletion are removed only there (an object store's
+    ``rmdir`` may delete a bucket). ``buckets``: whether the first segment of a path is a
+    bucket that must exist before anything is written (S3, GCS): :meth:`check_root` checks it.
     """
 
     def __init__(
@@ -51,11 +56,17 @@ class FsspecArtifactStore(ArtifactStore):
         *,
         classifier: Callable[[BaseException], bool | None] | None = None,
         secrets: tuple[str | None, ...] = (),
+        directories: bool | None = None,
+        buckets: bool = False,
     ) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
         self._classifier = classifier
         self._secrets = secrets
+        self.has_directories = (
+            isinstance(fs, LocalFileSystem) if directories is None else directories
+        )
+        self._buckets = buckets
 
     # -- helpers ------------------------------------------------------------------------
     def _path(self, uri: str) -> str:
@@ -96,6 +107,17 @@ class FsspecArtifactStore(ArtifactStore):
             if info.get("type") != "directory"
         }
 
+    def _put_file(self, local: str, remote: str, **kwargs: Any) -> None:
+        try:
+            self.fs.put_file(local, remote, **kwargs)
+        except FileNotFoundError:
+            if not self.has_directories or not os.path.exists(local):
+                raise
+            # another worker removed an empty parent folder (see remove_empty_folders)
+            # between our mkdir and our write: create it again, once
+            self.fs.makedirs(self.fs._parent(remote), exist_ok=True)
+            self.fs.put_file(local, remote, **kwargs)
+
     # -- ArtifactStore ------------------------------------------------------------------
     def upload_dir(
         self, local_dir: Path, uri: str, progress: ProgressCallback | None = None
@@ -111,7 +133,7 @@ class FsspecArtifactStore(ArtifactStore):
                 rel = path.relative_to(local_dir).as_posix()
                 callback = _Bytes(progress, done, total) if progress else None
                 kwargs = {"callback": callback} if callback else {}
-                self.fs.put_file(os.fspath(path), f"{target}/{rel}", **kwargs)
+                self._put_file(os.fspath(path), f"{target}/{rel}", **kwargs)
                 done += path.stat().st_size
                 if progress:
                     progress(done, total)
@@ -166,3 +188,34 @@ class FsspecArtifactStore(ArtifactStore):
                     dirs.add("/".join([base, *parts[: depth + 1]]))
                     break
         return sorted(self.fs.unstrip_protocol(d) for d in dirs)
+
+    def check_root(self) -> None:
+        """On a store with buckets, raise :class:`ArtifactStoreError` if the root's bucket
+        does not exist; a missing prefix (or, on a local disk, folder) is fine: the first
+        write creates it."""
+        if not self._buckets:
+            return
+        bucket = self._path(self.root).lstrip("/").split("/", 1)[0]
+        with self._guard("check", self.root):
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise ArtifactStoreError(
+                    f"bucket {bucket!r} of {self.root} does not exist: check the bucket "
+                    "name in the artifact URI, and the endpoint and account it is read with"
+                ) from None
+
+    def remove_empty_folders(self, uri: str, stop: str) -> None:
+        if not self.has_directories:
+            return  # an object store has no folders; its rmdir may delete a bucket
+        root = self._path(self.root)
+        stop_path = self._path(stop) if self.owns(stop) else root
+        path = self._path(uri)
+        while path.startswith(stop_path + "/") and path.startswith(root + "/"):
+            try:
+                self.fs.rmdir(path)
+            except FileNotFoundError:
+                pass  # already gone: look at its parent
+            except OSError:
+                return  # not empty (or not ours to remove): stop here
+            path = path.rsplit("/", 1)[0]

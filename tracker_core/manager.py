@@ -46,7 +46,15 @@ from tracker_core.errors import (
     TrackerError,
 )
 from tracker_core.iterations import Iterations
-from tracker_core.models import ModelKeeper, OrphanedModel, OrphanScan, is_marked
+from tracker_core.models import (
+    MissingModel,
+    MissingScan,
+    ModelKeeper,
+    OrphanedModel,
+    OrphanedUpload,
+    OrphanScan,
+    is_marked,
+)
 from tracker_core.params import FineTuningParams
 from tracker_core.ranking import Ranking
 from tracker_core.registry import get_backend, import_object, scheme_of
@@ -840,13 +848,27 @@ class ExperimentsManager:
     def find_orphaned_models(
         self, *, include_running: bool = False, max_depth: int = 4
     ) -> OrphanScan:
-        """Model folders no run marks: the orphans of a crash between writing and marking
-        (see :meth:`ModelKeeper.find_orphans`)."""
-        return self.models.find_orphans(include_running=include_running, max_depth=max_depth)
+        """Model folders no run marks and incomplete uploads whose writer is gone: what
+        crashes leave (see :meth:`ModelKeeper.find_orphans`)."""
+        return self.models.find_orphans(
+            include_running=include_running, max_depth=max_depth, lease_seconds=self.lease_seconds
+        )
 
     def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
         """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
         return self.models.delete_orphan(orphan)
+
+    def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
+        """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
+        self.models.abort_upload(upload)
+
+    def find_models_missing_files(self) -> MissingScan:
+        """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""
+        return self.models.find_missing_files(lease_seconds=self.lease_seconds)
+
+    def unmark_model_missing_files(self, model: MissingModel) -> bool:
+        """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
+        return self.models.unmark_missing(model, lease_seconds=self.lease_seconds)
 
     # ------------------------------------------------------------------ downloads
     def _marked_run(self, run_id: str) -> RunRecord:

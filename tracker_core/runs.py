@@ -110,6 +110,12 @@ class RunTracker:
         workers racing to create it agree on the oldest one; the other is deleted."""
         existing = self.first(experiment_id, run_name=run_name)
         if existing is not None:
+            if params and any(existing.params.get(k) != v for k, v in params.items()):
+                # its creator died before logging them (they are write-once: same values only)
+                self._remote.track(
+                    "log_params", self._remote.tracking.log_batch, existing.run_id, (), params
+                )
+                existing = self.get_existing(existing.run_id)
             return existing, False
         tracking = self._remote.tracking
         created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)

@@ -26,11 +26,13 @@ from typing import Any, Protocol
 
 import attrs
 
+from tracker_core.errors import ArtifactStoreError
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 
 __all__ = [
     "ArtifactStore",
     "ExperimentQuery",
+    "IncompleteUpload",
     "ProgressCallback",
     "RunQuery",
     "TrackingStore",
@@ -81,6 +83,20 @@ class RunQuery:
     order_by_metric: str | None = None
     ascending: bool = False
     max_results: int | None = None
+
+
+@attrs.frozen
+class IncompleteUpload:
+    """An upload that was started and neither completed nor aborted (an S3 multipart upload
+    whose writer was killed). Its parts cost storage but no object listing shows them.
+
+    ``uri`` is the object it would have created; ``initiated_ms`` when it was started
+    (milliseconds since the epoch), if the store says.
+    """
+
+    uri: str
+    upload_id: str
+    initiated_ms: int | None = None
 
 
 class ProgressCallback(Protocol):
@@ -246,6 +262,34 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def find_dirs(self, uri: str, name: str, max_depth: int) -> list[str]:
         """URIs of directories called ``name`` at most ``max_depth`` levels below ``uri``."""
+
+    # -- optional, with defaults for stores that have nothing to report ----------------------
+    #: whether folders are real (a local disk): they exist on their own, empty or not, and
+    #: are removed explicitly. Object stores (S3, GCS) have none: a "folder" is a key prefix.
+    has_directories: bool = False
+
+    def check_root(self) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`~tracker_core.errors.ArtifactStoreError` if :attr:`root` cannot hold
+        models because what must exist before the first write is missing (a bucket). A
+        missing prefix or folder is not an error: the first write creates it. The default
+        cannot tell and checks nothing."""
+
+    def list_incomplete_uploads(self, uri: str) -> list[IncompleteUpload]:
+        """Uploads under ``uri`` that were started and never completed or aborted.
+
+        Only stores whose interrupted writes leave hidden parts behind have any (S3 multipart
+        uploads); the default finds none (a local file, a GCS resumable upload)."""
+        return []
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Abort one upload found by :meth:`list_incomplete_uploads`, freeing its parts; no
+        error if it is already gone. The default, for stores that list none, refuses."""
+        raise ArtifactStoreError(f"{type(self).__name__} cannot abort uploads ({upload.uri})")
+
+    def remove_empty_folders(self, uri: str, stop: str) -> None:  # noqa: B027 - optional hook
+        """Remove the folder at ``uri`` and its parents while they are empty, up to ``stop``
+        (exclusive; never above :attr:`root`). Only stores with real folders
+        (:attr:`has_directories`) have any; the default does nothing."""
 
     # -- derived ------------------------------------------------------------------------
     def join(self, *parts: str) -> str:

@@ -14,7 +14,8 @@ The suite is one module per concept, each of which can also be imported on its o
 - :mod:`~tracker_core.testing.suite_metrics`: nothing lost or counted twice (invariant 5);
 - :mod:`~tracker_core.testing.suite_errors`: loud typed failures, one retry policy, no global
   state, interoperability (invariants 4-6);
-- :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store.
+- :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store;
+- :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave.
 
 Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
 ``"mlflow"``, plain MLflow reads what we wrote; ``"processes"``, the stores are shared by
@@ -29,6 +30,7 @@ from tracker_core.testing import (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_reconcile,
     suite_runs,
 )
 from tracker_core.testing.suite_errors import *  # noqa: F403
@@ -36,10 +38,19 @@ from tracker_core.testing.suite_iterations import *  # noqa: F403
 from tracker_core.testing.suite_metrics import *  # noqa: F403
 from tracker_core.testing.suite_models import *  # noqa: F403
 from tracker_core.testing.suite_params import *  # noqa: F403
+from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
 from tracker_core.testing.support import mgr  # noqa: F401
 
-_MODULES = (suite_errors, suite_iterations, suite_metrics, suite_models, suite_params, suite_runs)
+_MODULES = (
+    suite_errors,
+    suite_iterations,
+    suite_metrics,
+    suite_models,
+    suite_params,
+    suite_reconcile,
+    suite_runs,
+)
 
 #: the tests (and the ``mgr`` fixture they share); helpers live in tracker_core.testing.support
 __all__ = sorted(

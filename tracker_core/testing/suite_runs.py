@@ -414,4 +414,20 @@ def test_killed_holders_run_resumes_after_its_lease(backend: BackendUnderTest) -
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
 
 
+def test_run_whose_creator_died_before_its_params_is_resumed(backend: BackendUnderTest) -> None:
+    """A worker killed between creating a run and logging its params leaves a bare run; once
+    its creation grace (one lease time) has passed, the same params find it, complete it and
+    train it."""
+    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=1.0)
+    mgr.set_iteration(iteration(mgr))
+    params = Params(lr=0.1)
+    bare = mgr.tracking.create_run(mgr.current_experiment_id or "", params.id, {})
+    assert mgr.set_run(params, wait=30) is False and mgr.current_run_id == bare.run_id
+    run = mgr.get_run_by_id(bare.run_id)
+    assert run is not None and Params.from_mlflow(run.params) == params
+    mgr.save_metric(MetricValue("quality", 0.5))
+    mgr.finish_run()
+    assert mgr.get_top_params_by_experiment_id(mgr.current_experiment_id or "") == [params]
+
+
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]

@@ -138,4 +138,6 @@ class GCSBackend(MlflowBackend):
             gcs_root_uri(artifact_uri),
             classifier=classify_gcs_error,
             secrets=secrets_of(storage_options),
+            buckets=True,
+            directories=False,
         )

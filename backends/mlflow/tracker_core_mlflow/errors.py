@@ -48,6 +48,8 @@ PERMANENT_CODES = frozenset(
     }
 )
 _RETRYABLE_STATUS = frozenset({408, 429})
+#: SQLite's answer to a write on a read-only file (MLflow reports it TEMPORARILY_UNAVAILABLE)
+_READ_ONLY = "attempt to write a readonly database"
 # "failed with error code 503 != 200" (non-JSON error body) and urllib3's
 # "too many 503 error responses" (MLflow's own HTTP retries exhausted)
 _STATUS_IN_MESSAGE = re.compile(r"(?:error code|too many) (\d{3})\b")
@@ -80,6 +82,8 @@ def _classify_one(exc: BaseException) -> bool | None:
         return True  # MLflow's own retries on 408/429/5xx ran out
     if type(exc).__name__ == "OperationalError" and "database is locked" in str(exc):
         return True  # SQLAlchemy / sqlite3 busy database
+    if _READ_ONLY in str(exc):
+        return False  # SQLite: the database file (or its folder) is read-only
     if not isinstance(exc, MlflowException):
         return None
     code = error_code(exc)

@@ -22,6 +22,7 @@ import fcntl
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -109,22 +110,40 @@ def _sqlite_init_lock(uri: str) -> Iterator[bool]:
     MLflow migrates a fresh database on first use; several worker processes starting at
     once on the same new file race in alembic and fail. The first one to take the lock
     migrates; the others find the tables ready. The lock is a ``flock`` on the database file
-    itself (created empty if missing, which SQLite reads as an empty database); SQLite's own
-    locks are POSIX record locks, which ``flock`` does not touch. Other URIs need no lock
-    (yields False).
+    itself; SQLite's own locks are POSIX record locks, which ``flock`` does not touch. Other
+    URIs need no lock (yields False).
+
+    An existing database is opened read-only for the lock (``flock`` needs no write access),
+    so a read-only database file serves reads; writes to it then fail in MLflow with a
+    :class:`~tracker_core.errors.TrackingStoreError`. A missing database is created empty
+    (SQLite reads an empty file as an empty database), with its folder, as MLflow would.
+    A file that cannot be opened raises :class:`~tracker_core.errors.TrackingStoreError`.
     """
     parts = urlsplit(uri)
     if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
         yield False
         return
     db_path = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(db_path, "ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        try:
+            fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise TrackingStoreError(
+            f"cannot open the SQLite tracking database {db_path}: {reason}; check that the "
+            "path is right and that this user may read it (and write it, to record runs)"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield True
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _deleted_name(name: str, experiment_id: str) -> str:

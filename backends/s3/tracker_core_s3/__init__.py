@@ -10,9 +10,11 @@ from tracker_core_s3.backend import S3Backend, TrackerS3FileSystem, s3_filesyste
 from tracker_core_s3.credentials import S3Credentials
 from tracker_core_s3.errors import classify_s3_error
 from tracker_core_s3.manager import ExperimentsManagerWithAmazonS3Backend
+from tracker_core_s3.store import S3ArtifactStore
 
 __all__ = [
     "ExperimentsManagerWithAmazonS3Backend",
+    "S3ArtifactStore",
     "S3Backend",
     "S3Credentials",
     "TrackerS3FileSystem",

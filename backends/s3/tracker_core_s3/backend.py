@@ -35,11 +35,11 @@ from urllib.parse import urlsplit
 import s3fs
 
 from tracker_core.errors import ConfigurationError
-from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.retry import Retrier
 from tracker_core.stores import ArtifactStore
 from tracker_core_mlflow.backend import MlflowBackend
 from tracker_core_s3.errors import classify_s3_error
+from tracker_core_s3.store import S3ArtifactStore
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -150,7 +150,7 @@ class S3Backend(MlflowBackend):
         self, artifact_uri: str, *, storage_options: Mapping[str, Any] | None, retrier: Retrier
     ) -> ArtifactStore:
         root = s3_root_uri(artifact_uri)
-        return FsspecArtifactStore(
+        return S3ArtifactStore(
             s3_filesystem(storage_options),
             root,
             classifier=classify_s3_error,

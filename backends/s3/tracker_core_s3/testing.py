@@ -39,6 +39,7 @@ def make_s3_backend_under_test(
 
     The credentials go in ``storage_options`` (so worker processes get them too) and, with
     ``MLFLOW_S3_ENDPOINT_URL``, in ``env`` for plain-MLflow reads (capability ``"mlflow"``).
+    Capability ``"multipart"``: a killed upload leaves an incomplete multipart upload.
     """
     bucket = bucket or f"suite-{uuid.uuid4().hex[:12]}"
     options = {"endpoint_url": endpoint, "key": key, "secret": secret}
@@ -54,5 +55,5 @@ def make_s3_backend_under_test(
             "AWS_SECRET_ACCESS_KEY": secret,
             "AWS_EC2_METADATA_DISABLED": "true",
         },
-        capabilities=frozenset({"mlflow"}),
+        capabilities=frozenset({"mlflow", "multipart"}),
     )
