@@ -413,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-depth", type=int, default=5, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_gc)
+
+    # serve / worker / task: the task service (it imports its web and queue stack on use)
+    from tracker_core.service.cli import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 
