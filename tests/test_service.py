@@ -126,9 +126,11 @@ def test_every_run_failing_ends_the_task_in_error(stack: Stack) -> None:
 def test_without_batch_id_the_method_hook_or_a_generated_id_is_used(stack: Stack) -> None:
     hooked = stack.client.create("svc-batched")
     assert hooked["batch_id"] == "batch-from-the-method"
-    generated = [stack.client.create("svc-fail")["batch_id"] for _ in range(2)]
-    assert generated[0] != generated[1]
-    assert all(len(b) == 24 and int(b, 16) >= 0 for b in generated)
+    generated = [stack.client.create("svc-fail") for _ in range(2)]
+    assert generated[0]["batch_id"] != generated[1]["batch_id"]
+    assert all(len(t["batch_id"]) == 24 and int(t["batch_id"], 16) >= 0 for t in generated)
+    for task in (hooked, *generated):  # no need to train them
+        stack.client.cancel(task["id"])
 
 
 # ---------------------------------------------------------------------- idempotency
@@ -145,6 +147,7 @@ def test_concurrent_posts_with_one_key_create_one_task_and_one_job(stack: Stack)
         (1,)
     ]
     assert len(stack.jobs_of(task_id)) == 1
+    stack.client.cancel(task_id)
 
 
 def test_same_key_with_another_body_is_a_conflict_naming_the_difference(stack: Stack) -> None:
@@ -160,6 +163,7 @@ def test_same_key_with_another_body_is_a_conflict_naming_the_difference(stack: S
     status, again = post(stack, first)
     assert status == 200 and again["id"] == task["id"]
     assert stack.count_tasks() == before
+    stack.client.cancel(task["id"])
 
 
 # ---------------------------------------------------------------------- bad input
@@ -287,8 +291,10 @@ def test_cli_against_the_live_api(stack: Stack, done_task: dict[str, Any]) -> No
     code, out, _ = run_cli("--json", "task", "create", "svc-fail", "--batch-id", "cli-1",
                            "--metadata", '{"a": 1}', "--idempotency-key", "cli-k", *url)  # fmt: skip
     assert code == 0 and json.loads(out)["id"] == created["id"]
+    code, out, _ = run_cli("task", "cancel", created["id"], *url)
+    assert code == 0 and f"task {created['id']}:" in out
     code, out, _ = run_cli("task", "status", created["id"], "--wait", "--poll", "0.2", *url)
-    assert code == 1 and f"task {created['id']}: error" in out  # --wait: error exits 1
+    assert code == 1 and f"task {created['id']}: canceled" in out  # --wait: not done exits 1
     code, out, _ = run_cli("task", "status", done_task["id"], "--wait", *url)
     assert code == 0 and "best run:" in out and done_task["result"]["best_run_id"] in out
     code, out, _ = run_cli("task", "list", "--status", "done", *url)

@@ -28,6 +28,7 @@ How a task ends, by what its child reports:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -53,7 +54,7 @@ from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
-from tracker_core.service.supervisor import ChildProcess, Outcome
+from tracker_core.service.supervisor import ChildProcess, Outcome, warm_up
 
 __all__ = ["WorkerRuntime", "run_worker"]
 
@@ -160,7 +161,7 @@ class WorkerRuntime:
             await self.repo.finish(task.id, execution, TaskStatus.ERROR, error=str(exc))
             return
         child = ChildProcess(spec)
-        child.start()
+        await asyncio.to_thread(child.start)
         stop.attach(child)
 
         async def on_progress(progress: dict[str, Any]) -> None:
@@ -250,6 +251,7 @@ async def run_worker(
     """Run a worker process's two Procrastinate workers until ``stop`` is set."""
     registry = registry or MethodRegistry(settings.methods)
     app = build_app(settings, conninfo, max_pool=settings.concurrency + 4)
+    warming = asyncio.create_task(asyncio.to_thread(warm_up), name="forkserver warm-up")
     async with app.open_async():
         await ensure_schema(app)
         runtime = WorkerRuntime(settings, TaskRepository(app.connector.pool), registry)  # type: ignore[attr-defined]
@@ -292,6 +294,8 @@ async def run_worker(
             task.cancel()
         stopper.cancel()
         results = await asyncio.gather(*workers, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await warming
         for task, result in zip(workers, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.error("%s failed: %s", task.get_name(), result, exc_info=result)
