@@ -149,8 +149,10 @@ class Stack:
     def wait_worker_ready(self, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
         """Until the worker process has registered its Procrastinate workers."""
         wait_for(
-            lambda: "task slot(s) on" in Path(proc.log_path).read_text()  # type: ignore[attr-defined]
-            or (proc.poll() is not None and _raise(f"worker exited:\n{tail(proc)}")),
+            lambda: (
+                "task slot(s) on" in Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+                or (proc.poll() is not None and _raise(f"worker exited:\n{tail(proc)}"))
+            ),
             timeout,
             "the worker to start",
             poll=0.2,

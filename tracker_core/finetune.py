@@ -62,6 +62,7 @@ from tracker_core.codecs import get_codec
 from tracker_core.errors import (
     ArtifactStoreError,
     ConfigurationError,
+    InvalidParamsError,
     IterationFailedError,
     MaxAttemptsReachedException,
     ModelNotFoundError,
@@ -390,7 +391,12 @@ def _run_iteration(
             manager.get_runs(existing.experiment_id),
             key=lambda r: (r.start_time_ms, r.run_id),
         ):
-            params.append(method.params_type.from_mlflow(run.params))
+            try:
+                params.append(method.params_type.from_mlflow(run.params))
+            except InvalidParamsError:
+                # killed between creating the run and logging its params: the run is named
+                # after its params id, so the planned set with that id resumes it
+                log.warning("run %s (%s) has no params yet; skipped", run.run_id, run.run_name)
     params = _dedupe(params)
     if not params:
         raise ConfigurationError(f"fine-tuning method {method.name!r} proposed no params sets")
