@@ -283,13 +283,13 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 def test_cli_against_the_live_api(stack: Stack, done_task: dict[str, Any]) -> None:
     url = ["--url", stack.url]
-    code, out, _ = run_cli("task", "create", "svc-fail", "--batch-id", "cli-1",
-                           "--metadata", '{"a": 1}', "--idempotency-key", "cli-k", *url, "--json")  # fmt: skip
+    create = ["task", "create", "svc-fail", "--batch-id", "cli-1", "--metadata", '{"a": 1}']
+    create += ["--idempotency-key", "cli-k", *url]
+    code, out, _ = run_cli(*create, "--json")
     assert code == 0
     created = json.loads(out)
     assert created["batch_id"] == "cli-1" and created["metadata"] == {"a": 1}
-    code, out, _ = run_cli("--json", "task", "create", "svc-fail", "--batch-id", "cli-1",
-                           "--metadata", '{"a": 1}', "--idempotency-key", "cli-k", *url)  # fmt: skip
+    code, out, _ = run_cli("--json", *create)
     assert code == 0 and json.loads(out)["id"] == created["id"]
     code, out, _ = run_cli("task", "cancel", created["id"], *url)
     assert code == 0 and f"task {created['id']}:" in out
@@ -380,8 +380,8 @@ def test_serve_embedded_end_to_end_restart_keeps_tasks_and_leaves_no_process(
     data = tmp_path / "data"
     port = servers.free_port()
     stack.url = f"http://127.0.0.1:{port}"
-    args = ["serve", "--data-dir", str(data), "--port", str(port), "--allow-root",
-            *method_options(), "--poll-seconds", "0.5", "--shutdown-grace-seconds", "5"]  # fmt: skip
+    args = ["serve", "--data-dir", str(data), "--port", str(port), "--allow-root"]
+    args += [*method_options(), "--poll-seconds", "0.5", "--shutdown-grace-seconds", "5"]
 
     def start() -> Any:
         proc = stack.spawn(args, "serve")
@@ -390,7 +390,7 @@ def test_serve_embedded_end_to_end_restart_keeps_tasks_and_leaves_no_process(
 
     def stop(proc: Any) -> None:
         pg_pid = int((data / "postgres" / "postmaster.pid").read_text().split()[0])
-        family = descendants(proc.pid) + [psutil.Process(pg_pid)]
+        family = [*descendants(proc.pid), psutil.Process(pg_pid)]
         assert stack.stop(proc) == 0, tail(proc)
         wait_for(lambda: not alive(family), 60, "every process of serve to end")
 
