@@ -8,7 +8,9 @@ import concurrent.futures
 import io
 import json
 import os
+import shutil
 import signal
+import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -23,6 +25,7 @@ from _service_harness import (
     alive,
     create_database,
     descendants,
+    premigrate,
     stack_on,
     tail,
     wait_for,
@@ -371,13 +374,25 @@ def test_kill_9_of_a_worker_mid_task_another_worker_finishes_it(fleet: Stack) ->
 
 
 # ---------------------------------------------------------------------- tracker-core serve
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data folder outside pytest's tree: as root, the embedded PostgreSQL runs as another
+    account that must reach it, and pytest resets its own folders to mode 0700."""
+    path = Path(tempfile.mkdtemp(prefix="tracker-core-serve-"))
+    try:
+        yield path / "data"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_serve_embedded_end_to_end_restart_keeps_tasks_and_leaves_no_process(
-    tmp_path: Path,
+    tmp_path: Path, data_dir: Path
 ) -> None:
     from _service_methods import method_options
 
     stack = Stack(database="", work=tmp_path, tracking_uri="", artifact_uri="")
-    data = tmp_path / "data"
+    data = data_dir
+    premigrate(f"sqlite:///{data / 'mlflow.db'}", str(data / "models"))
     port = servers.free_port()
     stack.url = f"http://127.0.0.1:{port}"
     args = ["serve", "--data-dir", str(data), "--port", str(port), "--allow-root"]

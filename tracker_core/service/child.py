@@ -109,7 +109,8 @@ def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None
     """Entry point of the child process (``multiprocessing`` spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
-        level=spec.log_level, format=f"%(levelname)s task {spec.task_id} %(name)s: %(message)s"
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s task {spec.task_id} %(name)s: %(message)s",
     )
     ctl = _Control(control)
 
