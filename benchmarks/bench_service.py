@@ -178,13 +178,14 @@ def phase_api_load(svc: Service, clients: int, requests: int) -> dict[str, list[
 
     def poster(c: int) -> None:
         for r in range(requests):
-            task = timed("POST", lambda: client.create("svc-fast", batch_id=f"load-{c}-{r}"))
+            batch = f"load-{c}-{r}"
+            task = timed("POST", lambda b=batch: client.create("svc-fast", batch_id=b))
             ids.append(task["id"])
 
     def getter(_c: int) -> None:
         for _ in range(requests):
             task_id = random.choice(ids)
-            timed("GET", lambda: client.get(task_id))
+            timed("GET", lambda t=task_id: client.get(t))
 
     def health(_c: int) -> None:
         for _ in range(requests):

