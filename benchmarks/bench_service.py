@@ -51,7 +51,7 @@ class Service:
             "--database", database,
             "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
             "--artifact-uri", str(work / "models"),
-            "--quiet", *method_options(),
+            *method_options(),
         ]  # fmt: skip
         self.env = {
             **os.environ,
@@ -88,18 +88,15 @@ class Service:
                 time.sleep(0.2)
 
     def worker(self) -> subprocess.Popen[bytes]:
-        """A worker process, once it has registered its two Procrastinate workers."""
-        before = self.registered()
+        """A worker process, once it has registered its Procrastinate workers."""
         proc = self.spawn("worker")
+        log = self.work / f"proc-{len(self.procs) - 1}.log"
         deadline = time.monotonic() + 120
-        while self.registered() < before + 2:
+        while "task slot(s) on" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start (exit {proc.returncode})")
+                raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
         return proc
-
-    def registered(self) -> int:
-        return int(self.sql("SELECT count(*) FROM procrastinate_workers")[0][0])
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         import psycopg
