@@ -267,6 +267,7 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--data-dir",
+        metavar="DIR",
         default=os.environ.get("TRACKER_CORE_DATA") or DEFAULT_DATA_DIR,
         help="the embedded layout's folder: database, MLflow SQLite, models "
         "(default: $TRACKER_CORE_DATA, else ./%(default)s)",
@@ -274,11 +275,13 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tracking-uri",
         dest="service_tracking_uri",
+        metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the data folder)",
     )
     p.add_argument(
         "--artifact-uri",
         dest="service_artifact_uri",
+        metavar="URI",
         help="where models live: a path, s3:// or gs:// (default: <data folder>/models)",
     )
     p.add_argument(
@@ -291,6 +294,7 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--concurrency",
         type=_positive_int,
+        metavar="N",
         default=1,
         help="tasks this worker runs at once, one training process each (default 1)",
     )
