@@ -106,8 +106,10 @@ class Locked(_Base):
 
 
 class Cancel(_Base):
+    """Slow runs, so that a cancel lands inside one (and stops it at its next step)."""
+
     name = "svc-cancel"
-    sleep = 1.5
+    sleep = 2.5
 
 
 class Kill(_Base):
