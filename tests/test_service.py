@@ -373,6 +373,21 @@ def test_kill_9_of_a_worker_mid_task_another_worker_finishes_it(fleet: Stack) ->
         assert sorted(r.status.value for r in runs) == ["FINISHED"] * 3
 
 
+def test_store_failures_are_retried_then_the_task_ends_in_error(fleet: Stack) -> None:
+    for proc in fleet.procs:  # only a worker whose model store is broken is left
+        if "worker" in proc.args:  # type: ignore[operator]
+            fleet.stop(proc)
+    broken = fleet.start_worker(
+        "--artifact-uri", "/dev/null/models", "--max-attempts", "2", "--retry-wait-seconds", "1"
+    )
+    fleet.wait_worker_ready(broken)
+    task = fleet.client.create("svc-fast", batch_id="broken-1")
+    ended = fleet.wait_status(task["id"], "error")
+    assert ended["attempts"] == 2
+    assert "ArtifactStoreError" in ended["error"] and "gave up after 2 attempts" in ended["error"]
+    assert [(s, a) for _, s, a in fleet.jobs_of(task["id"])] == [("succeeded", 2)]
+
+
 # ---------------------------------------------------------------------- tracker-core serve
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
