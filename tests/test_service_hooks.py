@@ -3,6 +3,7 @@ that the core imports none of the service. In process, on SQLite and a local fol
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -163,3 +164,37 @@ def test_the_core_and_its_command_line_import_none_of_the_service_stack() -> Non
     assert (
         "tracker_core.service.api" not in service and "tracker_core.service.worker" not in service
     )
+
+
+def test_service_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    from tracker_core.service.errors import ServiceConfigurationError
+    from tracker_core.service.settings import ServiceSettings, parse_method_options
+
+    url = "postgresql+psycopg://u:secret@db/x"
+    settings = ServiceSettings(database_url=url, data_dir=tmp_path)
+    assert settings.database_url == "postgresql://u:secret@db/x"  # SQLAlchemy-style accepted
+    assert "secret" not in settings.redacted_database_url()
+    with pytest.raises(ServiceConfigurationError, match="postgresql://"):
+        ServiceSettings(database_url="mysql://db/x")
+    with pytest.raises(ServiceConfigurationError, match="twice"):
+        ServiceSettings(heartbeat_seconds=5, stall_seconds=8)
+    with pytest.raises(ServiceConfigurationError, match="module:attr"):
+        parse_method_options(["m=no_colon"])
+    embedded = ServiceSettings(data_dir=tmp_path)
+    assert embedded.resolved_tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert embedded.resolved_artifact_uri == str(tmp_path.resolve() / "models")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_as_root_the_embedded_database_needs_consent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracker_core.service.embedded import EmbeddedPostgres
+    from tracker_core.service.errors import ServiceConfigurationError
+    from tracker_core.service.settings import ServiceSettings
+
+    monkeypatch.delenv("TRACKER_CORE_ALLOW_ROOT", raising=False)
+    with pytest.raises(ServiceConfigurationError, match="--allow-root") as info:
+        EmbeddedPostgres(ServiceSettings(data_dir=tmp_path / "data")).start()
+    assert "pgserver" in str(info.value)
+    assert not (tmp_path / "data").exists()  # nothing was created or opened

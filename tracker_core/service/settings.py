@@ -84,7 +84,9 @@ def parse_method_options(
                 f"--method {item!r}: expected NAME=module:attr (e.g. my-method=pkg.mod:MyMethod)"
             )
         out[name.strip()] = spec.strip()
-    return tuple(sorted(out.items()))
+    result = tuple(sorted(out.items()))
+    _check_methods(None, None, result)  # type: ignore[arg-type]
+    return result
 
 
 @attrs.frozen
