@@ -583,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmark them as a deletion would (runs held by live workers are left alone)",
     )
     p.set_defaults(func=cmd_verify)
+
+    # serve / worker / task: the task service (it imports its web and queue stack on use)
+    from tracker_core.service.cli import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 

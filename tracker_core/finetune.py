@@ -22,6 +22,16 @@ An iteration is identified by its plugin and ``batch_id``: calling :func:`run_it
 with the same batch resumes the newest iteration of that batch (finished runs are skipped, an
 unfinished one restarts), and is a no-op that returns the same result once it is complete.
 
+Progress and stopping (for a supervisor such as the task service):
+
+- ``on_progress`` is called with an :class:`IterationProgress` once the params sets are known
+  and after every run (trained, failed or skipped);
+- ``should_stop`` is polled before every run; when it returns True the driver raises
+  :class:`IterationStopped` there. A method can stop sooner from inside ``train`` by calling
+  :func:`check_stop` (or testing :func:`stop_requested`) at its own safe points. Either way
+  the current run is left unfinished, exactly as after a crash, so calling
+  :func:`run_iteration` again with the same batch resumes it.
+
 Failure semantics:
 
 - an exception from the method (``train``/``evaluate``, or a non-finite metric) fails that run
@@ -37,11 +47,12 @@ Failure semantics:
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +63,12 @@ from tracker_core.codecs import get_codec
 from tracker_core.errors import (
     ArtifactStoreError,
     ConfigurationError,
+    InvalidParamsError,
     IterationFailedError,
     LeaseLostError,
     MaxAttemptsReachedException,
     ModelNotFoundError,
+    RunInUseError,
     TrackingStoreError,
     TransientError,
 )
@@ -71,7 +84,16 @@ from tracker_core.values import (
     validate_name,
 )
 
-__all__ = ["IterationResult", "RunResult", "parse_iteration_name", "run_iteration"]
+__all__ = [
+    "IterationProgress",
+    "IterationResult",
+    "IterationStopped",
+    "RunResult",
+    "check_stop",
+    "parse_iteration_name",
+    "run_iteration",
+    "stop_requested",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +160,60 @@ class IterationResult:
     @property
     def trained_runs(self) -> tuple[RunResult, ...]:
         return tuple(r for r in self.runs if r.trained)
+
+
+@attrs.frozen
+class IterationProgress:
+    """How far an iteration is: ``finished`` of ``planned`` runs have ended (trained in this
+    call, or finished in an earlier one), ``failed`` of them failed in this call."""
+
+    planned: int
+    finished: int
+    failed: int
+
+
+class IterationStopped(BaseException):
+    """The iteration was asked to stop (see :func:`check_stop`).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: it is not a failure of the run, so the
+    driver leaves the run unfinished instead of marking it FAILED, and the next call of
+    :func:`run_iteration` for the same batch resumes it.
+    """
+
+
+#: the stop check of the iteration running in this context (set by run_iteration)
+_stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "tracker_core_stop_check", default=None
+)
+
+
+def stop_requested() -> bool:
+    """Whether the iteration running in this thread was asked to stop.
+
+    False outside :func:`run_iteration`, or when it was given no ``should_stop``. Threads a
+    method starts do not inherit the check unless started with ``contextvars.copy_context``.
+    """
+    check = _stop_check.get()
+    return bool(check is not None and check())
+
+
+def check_stop() -> None:
+    """Raise :class:`IterationStopped` if the iteration was asked to stop; else return.
+
+    Call it from ``train`` at points where stopping is safe (between epochs, every N
+    steps): a canceled task then stops within one step instead of at the end of the run.
+    """
+    if stop_requested():
+        raise IterationStopped("the iteration was asked to stop")
+
+
+@contextmanager
+def _stop_scope(should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    token = _stop_check.set(should_stop)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
 
 
 def parse_iteration_name(name: str) -> FineTuningIteration | None:
@@ -232,6 +308,8 @@ def run_iteration(
     *,
     seed: int | None = 0,
     work_dir: str | Path | None = None,
+    on_progress: Callable[[IterationProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> IterationResult:
     """Run (or resume) one fine-tuning iteration of ``method`` on the data batch ``batch_id``.
 
@@ -241,10 +319,28 @@ def run_iteration(
     sets. Temporary files (the local copy of the starting model) go to a fresh folder under
     ``work_dir`` (default: the system temporary folder), removed before returning or raising.
 
+    ``on_progress`` and ``should_stop`` are for supervisors (see the module docstring):
+    progress reports, and a stop check polled before every run and offered to the method
+    through :func:`check_stop`.
+
     Returns an :class:`IterationResult`. Raises
-    :class:`~tracker_core.errors.IterationFailedError` if no run succeeded, and store errors
-    (after retries) as they are; see the module docstring for what is kept in each case.
+    :class:`~tracker_core.errors.IterationFailedError` if no run succeeded,
+    :class:`IterationStopped` if asked to stop, and store errors (after retries) as they are;
+    see the module docstring for what is kept in each case.
     """
+    with _stop_scope(should_stop):
+        return _run_iteration(method, manager, batch_id, seed, work_dir, on_progress, should_stop)
+
+
+def _run_iteration(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    batch_id: str,
+    seed: int | None,
+    work_dir: str | Path | None,
+    on_progress: Callable[[IterationProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> IterationResult:
     _check_method(method)
     _check_manager(manager, method)
     validate_name(batch_id, "batch_id")
@@ -299,7 +395,12 @@ def run_iteration(
             manager.get_runs(existing.experiment_id),
             key=lambda r: (r.start_time_ms, r.run_id),
         ):
-            params.append(method.params_type.from_mlflow(run.params))
+            try:
+                params.append(method.params_type.from_mlflow(run.params))
+            except InvalidParamsError:
+                # killed between creating the run and logging its params: the run is named
+                # after its params id, so the planned set with that id resumes it
+                log.warning("run %s (%s) has no params yet; skipped", run.run_id, run.run_name)
     params = _dedupe(params)
     if not params:
         raise ConfigurationError(f"fine-tuning method {method.name!r} proposed no params sets")
@@ -314,7 +415,12 @@ def run_iteration(
         assert experiment_id is not None
         try:
             results = _run_all(
-                method, manager, params, _StartModel(manager, start_run_id, work / "model")
+                method,
+                manager,
+                params,
+                _StartModel(manager, start_run_id, work / "model"),
+                on_progress,
+                should_stop,
             )
         except BaseException:
             manager.abandon_iteration()
@@ -382,19 +488,49 @@ def run_iteration(
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: how long one wait for a run another live worker holds lasts before the stop check
+_LEASE_POLL_SECONDS = 5.0
+
+
+def _take_run(
+    manager: ExperimentsManager, params: FineTuningParams, should_stop: Callable[[], bool] | None
+) -> bool:
+    """``set_run`` that waits for a run another live worker holds: until it ends (True: skip
+    it) or is let go, or its worker's lease expires (False: train it); a stop request ends
+    the wait."""
+    while True:
+        try:
+            return manager.set_run(params, wait=_LEASE_POLL_SECONDS)
+        except RunInUseError:
+            if should_stop is not None and should_stop():
+                raise IterationStopped("stopped while another worker held a run") from None
+
+
 def _run_all(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
     params: Sequence[FineTuningParams],
     start: _StartModel,
+    on_progress: Callable[[IterationProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
     """Steps 4-6 for every params set: ``{params id: (trained, error)}``."""
     done: dict[str, tuple[bool, str | None]] = {}
+
+    def report() -> None:
+        if on_progress is not None:
+            failed = sum(1 for _, error in done.values() if error is not None)
+            on_progress(IterationProgress(len(params), len(done), failed))
+
+    report()
     for index, p in enumerate(params, 1):
-        # a run another live worker trains is waited for: it ends (skipped) or is let go
-        if manager.set_run(p, wait=math.inf):
+        if should_stop is not None and should_stop():
+            log.info("stop requested: leaving the iteration before run %d/%d", index, len(params))
+            raise IterationStopped(f"stopped before run {index} of {len(params)}")
+        if _take_run(manager, p, should_stop):
             log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
             done[p.id] = (False, None)
+            report()
             continue
         log.info("run %d/%d (%s): %r", index, len(params), manager.current_run_id, p)
         model = start.fresh_copy()  # a failure here is the store's, not the run's: it stops
@@ -409,6 +545,7 @@ def _run_all(
             log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)
             manager.finish_run(as_failed=True)
             done[p.id] = (True, _describe(exc))
+            report()
             continue
         log.info(
             "run %s: %s=%s%s",
@@ -419,6 +556,7 @@ def _run_all(
         )
         manager.finish_run()
         done[p.id] = (True, None)
+        report()
     return done
 
 

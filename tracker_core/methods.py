@@ -33,6 +33,11 @@ The contract of one run, as the driver (:func:`tracker_core.finetune.run_iterati
    under that name before.
 3. An exception from either marks the run FAILED; it does not count as a quality.
 
+A long ``train`` may call :func:`tracker_core.finetune.check_stop` now and then: it returns at
+once unless the iteration was asked to stop (a task canceled in the task service), and then
+raises :class:`~tracker_core.finetune.IterationStopped`, which leaves the run unfinished, as a
+crash would, so a later call for the same batch resumes it.
+
 Methods are found by name through the entry-point group ``tracker_core.methods`` (see
 :func:`load_method`) or passed as objects.
 """
@@ -102,6 +107,17 @@ class FineTuningMethod(abc.ABC, Generic[P]):
     @abc.abstractmethod
     def evaluate(self, model: Any, params: P, manager: ExperimentsManager) -> float:
         """The main metric of the fine-tuned ``model`` (a finite number)."""
+
+    def next_batch_id(self) -> str | None:
+        """Optional hook: the data batch to fine-tune on when a task names none.
+
+        The task service calls it when a task is created without a ``batch_id`` (the seed's
+        "current clickstream batch will be released and used"). Return the batch id, or None
+        to let the caller generate a sortable one. It may be called more than once for one
+        request (a repeated idempotency key), so releasing a batch here should be idempotent.
+        The default returns None.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"

