@@ -19,7 +19,7 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
-from tracker_core.errors import ConfigurationError, ModelNotFoundError
+from tracker_core.errors import ConfigurationError, ModelLoadError, ModelNotFoundError
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
 from tracker_core.stores import ArtifactStore, ExperimentQuery, RunQuery, TrackingStore
@@ -183,6 +183,8 @@ class ModelKeeper:
         try:
             self.download_files(run, staging, progress=None)
             return codec.load(staging, model_factory)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model of run {run.run_id}: {exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
