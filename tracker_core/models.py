@@ -32,7 +32,12 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
-from tracker_core.errors import ConfigurationError, ModelFilesMissingError, ModelNotFoundError
+from tracker_core.errors import (
+    ConfigurationError,
+    ModelFilesMissingError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from tracker_core.leases import DEFAULT_LEASE_SECONDS, now_ms, run_is_live
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
@@ -305,6 +310,8 @@ class ModelKeeper:
         try:
             self.download_files(run, staging, progress=None)
             return codec.load(staging, model_factory)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model of run {run.run_id}: {exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
