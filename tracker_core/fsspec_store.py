@@ -1,23 +1,28 @@
 """An :class:`~tracker_core.stores.ArtifactStore` over any fsspec filesystem.
 
 Local disk, S3 and GCS differ only in the filesystem they hand to :class:`FsspecArtifactStore`
-and in how they classify their errors; the transfer logic is written once here. Transfers
-go file by file through ``put_file`` / ``get_file``, which stream (multipart on S3, resumable on
-GCS), and report progress in bytes.
+and in how they classify their errors; the transfer logic is written once here. A folder's
+files move :data:`PARALLEL_FILES` at a time through the filesystem's ``put_file`` /
+``get_file``, which stream (see :mod:`tracker_core.transfers`), with one progress in bytes
+over the folder. On an asynchronous filesystem (S3, GCS) every file of the folder is one
+task on fsspec's event loop (as fsspec's own batch ``get(list, list)``); a synchronous one
+(the local disk) uses threads. A download given the model's manifest lists nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 
@@ -65,9 +70,12 @@ class _FileBytes(Callback):  # type: ignore[misc]
         self._folder.update(self._name, self.value or 0)
 
 
-def _each(fn: Callable[[tuple[str, str, int]], None], jobs: list[tuple[str, str, int]]) -> None:
-    """``fn`` on every job, :data:`PARALLEL_FILES` at a time; the first error is raised (after
-    the others ended, so nothing is left writing)."""
+Job = tuple[str, str, int]
+
+
+def _each(fn: Callable[[Job], None], jobs: list[Job]) -> None:
+    """``fn`` on every job, :data:`PARALLEL_FILES` at a time in threads; the first error is
+    raised (after the others ended, so nothing is left writing)."""
     if len(jobs) <= 1:
         for job in jobs:
             fn(job)
@@ -76,6 +84,25 @@ def _each(fn: Callable[[tuple[str, str, int]], None], jobs: list[tuple[str, str,
         futures = [pool.submit(fn, job) for job in jobs]
     for future in futures:
         future.result()
+
+
+async def _each_async(fn: Callable[[Job], Awaitable[None]], jobs: list[Job]) -> None:
+    """``await fn(job)`` for every job, :data:`PARALLEL_FILES` at a time on one event loop;
+    on the first error the others are cancelled, and it is raised once they ended."""
+    slots = asyncio.Semaphore(PARALLEL_FILES)
+
+    async def one(job: Job) -> None:
+        async with slots:
+            await fn(job)
+
+    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class FsspecArtifactStore(ArtifactStore):
@@ -159,6 +186,9 @@ class FsspecArtifactStore(ArtifactStore):
             self.fs.put_file(local, remote, **kwargs)
 
     # -- ArtifactStore ------------------------------------------------------------------
+    def _is_async(self) -> bool:
+        return isinstance(self.fs, AsyncFileSystem) and getattr(self.fs, "async_impl", False)
+
     def upload_dir(
         self, local_dir: Path, uri: str, progress: ProgressCallback | None = None
     ) -> None:
@@ -171,15 +201,29 @@ class FsspecArtifactStore(ArtifactStore):
         total = sum(size for _, _, size in jobs)
         folder = _Progress(progress, total)
 
-        def put(job: tuple[str, str, int]) -> None:
+        def put(job: Job) -> None:
             local, remote, size = job
             self._put_file(local, remote, **folder.callback(remote))
             folder.update(remote, size)
 
+        async def put_async(job: Job) -> None:
+            local, remote, size = job
+            await self.fs._put_file(local, remote, **folder.callback(remote))
+            folder.update(remote, size)
+
         with self._guard("upload", uri):
-            if self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
-            _each(put, jobs)
+            # remove what an earlier save left here
+            if self.has_directories:
+                if self.fs.exists(target):
+                    self.fs.rm(target, recursive=True)
+            else:  # one listing (`exists` on an object store's folder is two requests)
+                stale = self._files(target)
+                if stale:
+                    self.fs.rm(sorted(stale))
+            if self._is_async():
+                sync(self.fs.loop, _each_async, put_async, jobs)
+            else:
+                _each(put, jobs)
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
 
     def download_dir(
@@ -199,16 +243,25 @@ class FsspecArtifactStore(ArtifactStore):
                 raise ModelNotFoundError(f"no model files at {uri}")
             jobs = [(f"{source}/{rel}", rel, size) for rel, size in sorted(files.items())]
             folder = _Progress(progress, sum(files.values()))
+            for parent in {(Path(local_dir) / rel).parent for _, rel, _ in jobs}:
+                parent.mkdir(parents=True, exist_ok=True)
 
-            def get(job: tuple[str, str, int]) -> None:
+            def get(job: Job) -> None:
                 remote, rel, size = job
-                dest = Path(local_dir) / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(remote, os.fspath(dest), **folder.callback(rel))
+                self.fs.get_file(remote, os.fspath(Path(local_dir) / rel), **folder.callback(rel))
+                folder.update(rel, size)
+
+            async def get_async(job: Job) -> None:
+                remote, rel, size = job
+                dest = os.fspath(Path(local_dir) / rel)
+                await self.fs._get_file(remote, dest, **folder.callback(rel))
                 folder.update(rel, size)
 
             try:
-                _each(get, jobs)
+                if self._is_async():
+                    sync(self.fs.loop, _each_async, get_async, jobs)
+                else:
+                    _each(get, jobs)
             except FileNotFoundError as exc:  # a file of the manifest is gone
                 raise ModelNotFoundError(f"model files at {uri} are incomplete: {exc}") from exc
 

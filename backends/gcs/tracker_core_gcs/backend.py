@@ -15,8 +15,12 @@ The filesystem is gcsfs's JSON-API :class:`gcsfs.core.GCSFileSystem`, tuned for 
   undecorated request functions, so tracker-core's tenacity policy is the only one.
 - **bounded waits**: connect and read timeouts on every request.
 - **streaming in bounded memory**: resumable uploads in :data:`DEFAULT_BLOCK_SIZE` chunks
-  (one in memory at a time); downloads stream to disk (ranged and concurrent for files of
-  100 MB and more, bounded by gcsfs's prefetcher).
+  (one in memory at a time); downloads stream to disk (:mod:`tracker_core.transfers`): one GET
+  up to :data:`DEFAULT_DOWNLOAD_PART_SIZE` (gcsfs first asks for the object's metadata, a
+  round trip of its own), a bigger object's first part from that same response and the
+  others by ranged GETs pinned to its generation, :data:`DEFAULT_DOWNLOAD_CONCURRENCY` at a
+  time, each written to its place in the file as it arrives (gcsfs's prefetcher holds
+  2 x 4 x 16 MiB).
 - **no listing cache**: another worker may have written or deleted a model since we last
   listed.
 
@@ -34,18 +38,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from fsspec.callbacks import NoOpCallback
 from gcsfs.core import GCSFileSystem
+from gcsfs.retry import validate_response
 
-from tracker_core.errors import ConfigurationError
+from tracker_core.errors import ConfigurationError, TransientError
 from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.retry import Retrier
 from tracker_core.stores import ArtifactStore
+from tracker_core.transfers import Stream, download_to_file
 from tracker_core_gcs.errors import classify_gcs_error
 from tracker_core_mlflow.backend import MlflowBackend
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_DOWNLOAD_CONCURRENCY",
+    "DEFAULT_DOWNLOAD_PART_SIZE",
     "READ_TIMEOUT",
     "GCSBackend",
     "TrackerGCSFileSystem",
@@ -56,6 +65,11 @@ __all__ = [
 
 #: resumable-upload chunk (GCS wants a multiple of 256 KiB)
 DEFAULT_BLOCK_SIZE = 16 * 2**20
+#: largest object downloaded in one GET (gcsfs's threshold for concurrent downloads); bigger
+#: ones in evened ranges of at most this size
+DEFAULT_DOWNLOAD_PART_SIZE = 100 * 2**20
+#: ranges of one object in flight (gcsfs's default concurrency)
+DEFAULT_DOWNLOAD_CONCURRENCY = 4
 #: seconds to open a connection / to wait for data on it
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
@@ -67,7 +81,11 @@ def _undecorated(fn: Any) -> Any:
 
 
 class TrackerGCSFileSystem(GCSFileSystem):  # type: ignore[misc]
-    """``GCSFileSystem`` trying each request once, uploading in ``default_block_size`` chunks."""
+    """``GCSFileSystem`` trying each request once, uploading in ``default_block_size`` chunks,
+    downloading in one GET up to ``download_part_size`` and in ranges above."""
+
+    download_part_size = DEFAULT_DOWNLOAD_PART_SIZE
+    download_concurrency = DEFAULT_DOWNLOAD_CONCURRENCY
 
     _request = _undecorated(GCSFileSystem._request)
     _get_file_request = _undecorated(GCSFileSystem._get_file_request)
@@ -79,6 +97,84 @@ class TrackerGCSFileSystem(GCSFileSystem):  # type: ignore[misc]
         if chunksize is None:
             chunksize = int(self.default_block_size)
         return await super()._put_file(lpath, rpath, *args, chunksize=chunksize, **kwargs)
+
+    async def _get_file(self, rpath: str, lpath: str, callback: Any = None, **kwargs: Any) -> None:
+        if os.path.isdir(lpath):
+            return
+        if set(kwargs) - {"concurrency", "chunk_size"} or self.consistency not in ("none", None):
+            # headers, generations, consistency checks: gcsfs's own path knows them
+            await super()._get_file(rpath, lpath, callback=callback, **kwargs)
+            return
+        callback = callback or NoOpCallback()
+        url = self.url(rpath)
+        await self._set_session()
+        first = await self._open_download(url, rpath, {})
+        encoded = first.headers.get("Content-Encoding", "identity") != "identity"
+        length = first.headers.get("Content-Length")
+        size = None if encoded or length is None else int(length)
+        generation = first.headers.get("x-goog-generation")
+        pinned = (
+            f"{url}&generation={generation}" if generation and "generation=" not in url else url
+        )
+
+        async def open_range(start: int, end: int) -> Stream:
+            try:
+                response = await self._open_download(
+                    pinned, rpath, {"Range": f"bytes={start}-{end - 1}"}
+                )
+            except FileNotFoundError as exc:
+                if pinned == url:
+                    raise
+                raise TransientError(
+                    f"gs://{rpath} was rewritten or deleted while it was being downloaded"
+                ) from exc
+            if response.status != 206:
+                response.release()
+                raise TransientError(f"gs://{rpath}: the server ignored a byte range")
+            return _ResponseStream(response)
+
+        if size is not None:
+            callback.set_size(size)
+        await download_to_file(
+            lpath,
+            _ResponseStream(first),
+            size,
+            open_range,
+            part_size=int(kwargs.get("chunk_size") or self.download_part_size),
+            concurrency=int(kwargs.get("concurrency") or self.download_concurrency),
+            on_bytes=callback.relative_update,
+        )
+
+    async def _open_download(
+        self, url: str, rpath: str, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """An open GET of ``url``; HTTP errors raised as gcsfs raises them."""
+        response: aiohttp.ClientResponse = await self.session.get(
+            url=url,
+            params=self._get_params({}),
+            headers=self._get_headers(headers),
+            timeout=self.requests_timeout,
+        )
+        if response.status >= 400:
+            try:
+                content = await response.read()
+            finally:
+                response.release()
+            validate_response(response.status, content, rpath)
+        return response
+
+
+class _ResponseStream:
+    """An aiohttp response body as a :class:`~tracker_core.transfers.Stream`."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def read(self, n: int) -> bytes:
+        return await self._response.content.read(n)
+
+    def close(self) -> None:
+        self._response.release()
 
 
 def gcs_root_uri(artifact_uri: str) -> str:
