@@ -34,7 +34,7 @@ __all__ = ["PARALLEL_FILES", "FsspecArtifactStore"]
 log = logging.getLogger(__name__)
 
 
-#: files of one folder in flight at once
+#: files of one folder in flight at once, unless the filesystem sets fsspec's ``batch_size``
 PARALLEL_FILES = 8
 
 
@@ -73,23 +73,23 @@ class _FileBytes(Callback):  # type: ignore[misc]
 Job = tuple[str, str, int]
 
 
-def _each(fn: Callable[[Job], None], jobs: list[Job]) -> None:
-    """``fn`` on every job, :data:`PARALLEL_FILES` at a time in threads; the first error is
-    raised (after the others ended, so nothing is left writing)."""
-    if len(jobs) <= 1:
+def _each(fn: Callable[[Job], None], jobs: list[Job], limit: int) -> None:
+    """``fn`` on every job, ``limit`` at a time in threads; the first error is raised (after
+    the others ended, so nothing is left writing)."""
+    if len(jobs) <= 1 or limit <= 1:
         for job in jobs:
             fn(job)
         return
-    with ThreadPoolExecutor(min(PARALLEL_FILES, len(jobs)), "tracker-core-transfer") as pool:
+    with ThreadPoolExecutor(min(limit, len(jobs)), "tracker-core-transfer") as pool:
         futures = [pool.submit(fn, job) for job in jobs]
     for future in futures:
         future.result()
 
 
-async def _each_async(fn: Callable[[Job], Awaitable[None]], jobs: list[Job]) -> None:
-    """``await fn(job)`` for every job, :data:`PARALLEL_FILES` at a time on one event loop;
-    on the first error the others are cancelled, and it is raised once they ended."""
-    slots = asyncio.Semaphore(PARALLEL_FILES)
+async def _each_async(fn: Callable[[Job], Awaitable[None]], jobs: list[Job], limit: int) -> None:
+    """``await fn(job)`` for every job, ``limit`` at a time on one event loop; on the first
+    error the others are cancelled, and it is raised once they ended."""
+    slots = asyncio.Semaphore(max(1, limit))
 
     async def one(job: Job) -> None:
         async with slots:
@@ -189,6 +189,28 @@ class FsspecArtifactStore(ArtifactStore):
     def _is_async(self) -> bool:
         return isinstance(self.fs, AsyncFileSystem) and getattr(self.fs, "async_impl", False)
 
+    def _parallel_files(self) -> int:
+        """Files in flight: one at a time on the local disk (measured: threads only add
+        their cost to page-cache copies), else the filesystem's ``batch_size`` (fsspec's
+        setting for batch operations) if it has one, else :data:`PARALLEL_FILES`."""
+        if isinstance(self.fs, LocalFileSystem):
+            return 1
+        batch = getattr(self.fs, "batch_size", None)
+        return int(batch) if isinstance(batch, int) and batch > 0 else PARALLEL_FILES
+
+    def _each(
+        self,
+        fn: Callable[[Job], None],
+        fn_async: Callable[[Job], Awaitable[None]],
+        jobs: list[Job],
+    ) -> None:
+        """Every job: as tasks on fsspec's event loop for an asynchronous filesystem (S3,
+        GCS), in threads otherwise (the local disk)."""
+        if self._is_async():
+            sync(self.fs.loop, _each_async, fn_async, jobs, self._parallel_files())
+        else:
+            _each(fn, jobs, self._parallel_files())
+
     def upload_dir(
         self, local_dir: Path, uri: str, progress: ProgressCallback | None = None
     ) -> None:
@@ -212,19 +234,39 @@ class FsspecArtifactStore(ArtifactStore):
             folder.update(remote, size)
 
         with self._guard("upload", uri):
-            # remove what an earlier save left here
-            if self.has_directories:
+            if self._is_async() and not self.has_directories:
+                sync(self.fs.loop, self._replace_async, target, put_async, jobs)
+            else:  # remove what an earlier save left here, then write
                 if self.fs.exists(target):
                     self.fs.rm(target, recursive=True)
-            else:  # one listing (`exists` on an object store's folder is two requests)
-                stale = self._files(target)
-                if stale:
-                    self.fs.rm(sorted(stale))
-            if self._is_async():
-                sync(self.fs.loop, _each_async, put_async, jobs)
-            else:
-                _each(put, jobs)
+                _each(put, jobs, self._parallel_files())
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
+
+    async def _replace_async(
+        self, target: str, put: Callable[[Job], Awaitable[None]], jobs: list[Job]
+    ) -> None:
+        """Write every job to the object store while listing, concurrently, what an earlier
+        save left under ``target``; then delete the listed files this save did not write (a
+        new file of the same name was simply overwritten). One listing, off the critical path.
+        """
+        listing = asyncio.ensure_future(self._find_async(target))
+        try:
+            await _each_async(put, jobs, self._parallel_files())
+        except BaseException:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
+            raise
+        written = {remote for _, remote, _ in jobs}
+        stale = sorted(path for path in await listing if path not in written)
+        if stale:
+            await self.fs._rm(stale)
+
+    async def _find_async(self, path: str) -> list[str]:
+        try:
+            found = await self.fs._find(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [p for p, info in found.items() if info.get("type") != "directory"]
 
     def download_dir(
         self,
@@ -258,10 +300,7 @@ class FsspecArtifactStore(ArtifactStore):
                 folder.update(rel, size)
 
             try:
-                if self._is_async():
-                    sync(self.fs.loop, _each_async, get_async, jobs)
-                else:
-                    _each(get, jobs)
+                self._each(get, get_async, jobs)
             except FileNotFoundError as exc:  # a file of the manifest is gone
                 raise ModelNotFoundError(f"model files at {uri} are incomplete: {exc}") from exc
 

@@ -52,6 +52,7 @@ from tracker_core_mlflow.backend import MlflowBackend
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_DOWNLOAD_CONCURRENCY",
     "DEFAULT_DOWNLOAD_PART_SIZE",
@@ -70,6 +71,10 @@ DEFAULT_BLOCK_SIZE = 16 * 2**20
 DEFAULT_DOWNLOAD_PART_SIZE = 100 * 2**20
 #: ranges of one object in flight (gcsfs's default concurrency)
 DEFAULT_DOWNLOAD_CONCURRENCY = 4
+#: files of a model in flight (fsspec's ``batch_size``; gcsfs's concurrency default). The GCS
+#: emulator is a single-threaded HTTP/1.0 server that queues 6 connections: 8 at once stall
+#: for a TCP retransmission (1 s), 16 get connections reset
+DEFAULT_BATCH_SIZE = 4
 #: seconds to open a connection / to wait for data on it
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
@@ -210,6 +215,7 @@ def gcs_filesystem(storage_options: Mapping[str, Any] | None = None) -> TrackerG
         aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
     )
     options.setdefault("block_size", DEFAULT_BLOCK_SIZE)
+    options.setdefault("batch_size", DEFAULT_BATCH_SIZE)
     options.setdefault("use_listings_cache", False)
     return TrackerGCSFileSystem(**options)
 
