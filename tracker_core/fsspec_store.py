@@ -105,7 +105,10 @@ class FsspecArtifactStore(ArtifactStore):
         total = sum(p.stat().st_size for p in files)
         with self._guard("upload", uri):
             if self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
+                # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
+                # attempt whose earlier delete landed though its answer was lost): that is done
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(target, recursive=True)
             done = 0
             for path in files:
                 rel = path.relative_to(local_dir).as_posix()
