@@ -107,22 +107,36 @@ class RunTracker:
         params: Mapping[str, str] | None = None,
     ) -> tuple[RunRecord, bool]:
         """The run named ``run_name``, created if missing; True if this call created it. Two
-        workers racing to create it agree on the oldest one; the other is deleted."""
+        workers racing to create it agree on the oldest one; the other is deleted.
+
+        A run found without its ``params`` gets them: its creator died between creating it
+        and logging them, or it is the twin an earlier attempt of this call created (the
+        answer to ``create_run`` was lost, so the retry created a second run)."""
         existing = self.first(experiment_id, run_name=run_name)
         if existing is not None:
-            return existing, False
+            return self._with_params(existing, params), False
         tracking = self._remote.tracking
         created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)
         winner = self.first(experiment_id, run_name=run_name) or created
         if winner.run_id != created.run_id:
             log.info("run %r was created concurrently; using %s", run_name, winner.run_id)
             self._remote.track("delete", tracking.delete_run, created.run_id)
-            return winner, False
+            return self._with_params(winner, params), False
         first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
         self._remote.track(
             "log_params", tracking.log_batch, created.run_id, first_metric, params or {}
         )
         return created, True
+
+    def _with_params(self, run: RunRecord, params: Mapping[str, str] | None) -> RunRecord:
+        """``run``, with the ``params`` it lacks logged (the same values are accepted twice)."""
+        missing = {k: v for k, v in (params or {}).items() if k not in run.params}
+        if not missing:
+            return run
+        log.info("run %s has no params yet; logging them", run.run_id)
+        tracking = self._remote.tracking
+        self._remote.track("log_params", tracking.log_batch, run.run_id, (), missing)
+        return self.get_existing(run.run_id)
 
     # ------------------------------------------------------------------ taking a run
     def start(
