@@ -52,6 +52,7 @@ from tracker_core.codecs import get_codec
 from tracker_core.errors import (
     ArtifactStoreError,
     ConfigurationError,
+    InvalidParamsError,
     IterationFailedError,
     LeaseLostError,
     MaxAttemptsReachedException,
@@ -299,7 +300,12 @@ def run_iteration(
             manager.get_runs(existing.experiment_id),
             key=lambda r: (r.start_time_ms, r.run_id),
         ):
-            params.append(method.params_type.from_mlflow(run.params))
+            try:
+                params.append(method.params_type.from_mlflow(run.params))
+            except InvalidParamsError:
+                # created by a worker that died before logging its params: its params set
+                # is among the ones above (the run gets its params when that set resumes it)
+                log.warning("run %s (%s) has no params yet; skipped", run.run_id, run.run_name)
     params = _dedupe(params)
     if not params:
         raise ConfigurationError(f"fine-tuning method {method.name!r} proposed no params sets")
