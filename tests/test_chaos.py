@@ -28,6 +28,7 @@ from tracker_core import (
     MetricValue,
 )
 from tracker_core.fsspec_store import FsspecArtifactStore
+from tracker_core.methods import FineTuningMethod
 from tracker_core.testing import servers
 from tracker_core.testing.faults import FaultyProxy
 
@@ -261,3 +262,108 @@ def test_a_run_whose_creator_died_before_logging_params_gets_them_on_resume(tmp_
         manager.save_metric(MetricValue("score", 0.4))
     (run,) = manager.get_runs(experiment_id)
     assert _Params.from_mlflow(run.params) == params
+
+
+def test_a_lease_claimed_slowly_is_renewed_before_it_expires() -> None:
+    """Seed 4 (s3, keep=1, sequence): the claim of a lease took most of its TTL (its request
+    was retried after timeouts), and the heartbeat's first renewal came a full interval after
+    the claim returned - past the lease's expiry, when a waiting worker had taken the run
+    over. The holder failed with LeaseLostError."""
+    import time
+
+    from tracker_core.leases import Heartbeat, now_ms
+
+    ttl = 1.5
+    expires = now_ms() + 200  # the claim's retries used all but 0.2 s of the lease
+    renewals: list[bool] = []
+
+    def renew(new_expiry: int) -> bool:
+        in_time = now_ms() < expires or bool(renewals)  # once expired, another worker takes it
+        renewals.append(in_time)
+        return in_time
+
+    heartbeat = Heartbeat(renew, ttl, expires)
+    try:
+        time.sleep(1.0)
+        assert renewals and renewals[0] is True
+        assert not heartbeat.lost
+    finally:
+        heartbeat.stop()
+
+
+class _Method(FineTuningMethod[_Params]):
+    name = "soak-regression"
+    params_type = _Params
+    main_metric = "score"
+    model_format = "state_dict"
+    interrupt_at: float | None = None
+
+    def initial_model(self) -> Any:
+        return _tiny()
+
+    def initial_params(self, seed: int | None = None) -> list[_Params]:
+        return [_Params(lr=0.1), _Params(lr=0.2)]
+
+    def train(self, model: Any, params: _Params, manager: ExperimentsManager) -> Any:
+        if params.lr == self.interrupt_at:
+            raise KeyboardInterrupt  # the worker dies in this run
+        return _tiny()
+
+    def evaluate(self, model: Any, params: _Params, manager: ExperimentsManager) -> float:
+        return params.lr
+
+
+def test_the_driver_resumes_an_iteration_holding_a_run_without_params(tmp_path: Path) -> None:
+    """Seed 4 (s3, keep=1, sequence): a worker killed between creating a run and logging its
+    params (kill point set_run.after_create) left a run the resuming driver could not read
+    (InvalidParamsError), so every restart of that worker failed at once."""
+    from tracker_core.finetune import run_iteration
+
+    manager = _manager(tmp_path)
+    dying = _Method()
+    dying.interrupt_at = 0.1
+    with pytest.raises(KeyboardInterrupt):
+        run_iteration(dying, manager, "b1")
+    experiment_id = manager.get_experiments()[0].experiment_id
+    second = _Params(lr=0.2)
+    manager.tracking.create_run(experiment_id, second.id, {"tracker.plugin": "soak-regression"})
+
+    result = run_iteration(_Method(), manager, "b1")
+
+    assert result.resumed
+    assert sorted(r.status.value for r in result.runs) == ["FINISHED", "FINISHED"]
+    runs = manager.get_runs(experiment_id)
+    assert sorted(_Params.from_mlflow(r.params).lr for r in runs) == [0.1, 0.2]
+
+
+def test_download_last_model_while_another_worker_deletes_that_iteration(tmp_path: Path) -> None:
+    """Seed 2 (s3, keep=3): a restarted worker picked the previous iteration's best model
+    while another worker was deleting that iteration; the model was unmarked before it was
+    read and download_last_model raised ModelNotFoundError instead of picking again."""
+    import torch
+
+    first, second = _manager(tmp_path), _manager(tmp_path)
+    initial = _tiny()
+    first.upload_initial_model(initial)
+    _iteration_with_a_model(first, "b0", 0.1)
+    _iteration_with_a_model(first, "b1", 0.2)
+    previous = first.get_previous_iteration_id()
+    assert previous is not None
+    second.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
+    store = second.tracking
+
+    class CleanedUpMeanwhile:
+        """The second worker's store: the first worker deletes the previous iteration right
+        after the second one picked its best model."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def get_run(self, run_id: str) -> Any:
+            if first.get_experiment(previous).lifecycle_stage == "active":  # type: ignore[union-attr]
+                first.delete_iteration(previous)
+            return store.get_run(run_id)
+
+    second.tracking = CleanedUpMeanwhile()  # type: ignore[assignment]
+    model = second.download_last_model()
+    assert all(torch.equal(model[k], v) for k, v in initial.state_dict().items())
