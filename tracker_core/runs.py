@@ -114,6 +114,7 @@ class RunTracker:
         answer to ``create_run`` was lost, so the retry created a second run)."""
         existing = self.first(experiment_id, run_name=run_name)
         if existing is not None:
+            self._drop_twins(existing)
             return self._with_params(existing, params), False
         tracking = self._remote.tracking
         created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)
@@ -127,6 +128,25 @@ class RunTracker:
             "log_params", tracking.log_batch, created.run_id, first_metric, params or {}
         )
         return created, True
+
+    def _drop_twins(self, winner: RunRecord) -> None:
+        """Delete the younger runs of ``winner``'s name that a creator left behind: it was
+        killed between creating its twin and deleting it (after a lost ``create_run`` answer,
+        or racing another creator). Only twins never claimed and past their creation's grace
+        (see :mod:`tracker_core.leases`) are deleted: a live creator deletes its own."""
+        query = RunQuery((winner.experiment_id,), run_name=winner.run_name)
+        twins = self._remote.track("search", self._remote.tracking.search_runs, query)
+        now = leases.now_ms()
+        for twin in twins:
+            if (
+                twin.run_id == winner.run_id
+                or twin.status.is_terminal
+                or leases.lease_state(twin, self.ttl_ms).epoch != 0
+                or leases.run_is_live(twin, self.ttl_ms, now)
+            ):
+                continue
+            log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
+            self._remote.track("delete", self._remote.tracking.delete_run, twin.run_id)
 
     def _with_params(self, run: RunRecord, params: Mapping[str, str] | None) -> RunRecord:
         """``run``, with the ``params`` it lacks logged (the same values are accepted twice)."""
