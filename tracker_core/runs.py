@@ -132,17 +132,15 @@ class RunTracker:
     def _drop_twins(self, winner: RunRecord) -> None:
         """Delete the younger runs of ``winner``'s name that a creator left behind: it was
         killed between creating its twin and deleting it (after a lost ``create_run`` answer,
-        or racing another creator). Only twins never claimed and past their creation's grace
-        (see :mod:`tracker_core.leases`) are deleted: a live creator deletes its own."""
+        or racing another creator). Every creator resumes the oldest run, so a younger twin
+        is never claimed nor trained; a live creator deleting it too is harmless."""
         query = RunQuery((winner.experiment_id,), run_name=winner.run_name)
         twins = self._remote.track("search", self._remote.tracking.search_runs, query)
-        now = leases.now_ms()
         for twin in twins:
             if (
                 twin.run_id == winner.run_id
                 or twin.status.is_terminal
                 or leases.lease_state(twin, self.ttl_ms).epoch != 0
-                or leases.run_is_live(twin, self.ttl_ms, now)
             ):
                 continue
             log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
