@@ -74,7 +74,7 @@ class Sizes:
     workers: int = 8
     runs_per_worker: int = 25  # shape "one"
     iterations: int = 4  # shape "sequence"
-    runs_per_iteration: int = 48  # shape "sequence": shared by all workers
+    runs_per_iteration: int = 16  # shape "sequence": shared by all workers
     loss_points: int = 300
     large_fraction: float = 0.1  # models of ~10 MiB (two S3 multipart parts)
     armed_kills: int = 12  # at most this many kill-point kills per trial
@@ -82,7 +82,7 @@ class Sizes:
     random_kill_every: float = 10.0  # mean seconds between random kills
     arm_probability: float = 0.6
     max_errors_per_worker: int = 3
-    lease_seconds: float = 20.0
+    lease_seconds: float = 15.0
     fault_rate: float = 0.2
     storage_timeout: float = 2.0
     #: (attempts, first wait, longest wait): the default, and for whole-folder transfers
@@ -343,20 +343,34 @@ class Trial:
         config = self.base_config(batch)
         procs: dict[int, Any] = {}
         incarnation: dict[int, int] = {}
-        errors: Counter[int] = Counter()
-        random_kills: set[tuple[int, int]] = set()
         for w in range(s.workers):
             mine = [p for p in params if p[0] in (w, -1)]
             procs[w] = self.spawn({**config, "params": mine}, w, 0)
             incarnation[w] = 0
+        try:
+            return self._supervise(batch, params, deadline, config, procs, incarnation)
+        finally:
+            for process in procs.values():  # an interrupted soak leaves no worker behind
+                with contextlib.suppress(Exception):
+                    process.kill()
+
+    def _supervise(
+        self,
+        batch: str,
+        params: list[tuple[int, int, float]],
+        deadline: float,
+        config: dict[str, Any],
+        procs: dict[int, Any],
+        incarnation: dict[int, int],
+    ) -> bool:
+        s = self.sizes
+        errors: Counter[int] = Counter()
+        random_kills: set[tuple[int, int]] = set()
         next_kill = time.monotonic() + self.rng.expovariate(1 / s.random_kill_every)
         ok = True
         while procs:
             if time.monotonic() > deadline:
                 self.worker_problems.append(f"{batch}: trial timed out with {len(procs)} worker(s)")
-                for process in procs.values():
-                    with contextlib.suppress(Exception):
-                        process.kill()
                 return False
             for w, process in list(procs.items()):
                 if process.is_alive():
