@@ -76,6 +76,7 @@ class RunTracker:
         self._epoch = 0
         self._heartbeat: leases.Heartbeat | None = None
         self._has_main = False
+        self._resumed = False
 
     @property
     def ttl_ms(self) -> int:
@@ -130,17 +131,20 @@ class RunTracker:
         return created, True
 
     def _drop_twins(self, winner: RunRecord) -> None:
-        """Delete the younger runs of ``winner``'s name that a creator left behind: it was
+        """Delete the other runs of ``winner``'s name that a creator left behind: it was
         killed between creating its twin and deleting it (after a lost ``create_run`` answer,
-        or racing another creator). Every creator resumes the oldest run, so a younger twin
-        is never claimed nor trained; a live creator deleting it too is harmless."""
+        or racing another creator). Only twins never claimed and past their creation's grace
+        (:mod:`tracker_core.leases`) go: within it, a live creator may still be about to
+        claim its run (creation times are the clients', so "oldest" can change meanwhile)."""
         query = RunQuery((winner.experiment_id,), run_name=winner.run_name)
         twins = self._remote.track("search", self._remote.tracking.search_runs, query)
+        now = leases.now_ms()
         for twin in twins:
             if (
                 twin.run_id == winner.run_id
                 or twin.status.is_terminal
                 or leases.lease_state(twin, self.ttl_ms).epoch != 0
+                or leases.run_is_live(twin, self.ttl_ms, now)
             ):
                 continue
             log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
@@ -179,6 +183,7 @@ class RunTracker:
                 self._stop_heartbeat()
             run = acquired
         self.run, self.params = run, params
+        self._resumed = not created
         self.metrics.reset()
         self._has_main = self.main_metric in run.metrics
         return run.status.is_terminal
@@ -331,6 +336,11 @@ class RunTracker:
             )
         self._stop_heartbeat()
         self._remote.track("finish_run", self._remote.tracking.set_terminated, run.run_id, status)
+        if self._resumed:  # its creator may have died leaving a twin (see _drop_twins)
+            try:
+                self._drop_twins(run)
+            except TrackerError as exc:
+                log.warning("could not look for twins of run %s: %s", run.run_id, exc)
         self._reset()
 
     def end_implicitly(self) -> None:
@@ -376,3 +386,4 @@ class RunTracker:
         self.params = None
         self._epoch = 0
         self._has_main = False
+        self._resumed = False
