@@ -568,6 +568,10 @@ class Trial:
 
 
 # ---------------------------------------------------------------------- the soak
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 class Soak:
     """Servers, proxies, a forkserver for the workers, and the trials."""
 
@@ -588,6 +592,9 @@ class Soak:
     @contextlib.contextmanager
     def started(self, seed: int) -> Iterator[Soak]:
         os.environ.update(CLIENT_ENV)
+        # stop cleanly on SIGTERM too (a background `make chaos` ignores SIGINT): the servers
+        # and workers started here are stopped on the way out
+        signal.signal(signal.SIGTERM, _terminate)
         self.mp = multiprocessing.get_context("forkserver")
         self.mp.set_forkserver_preload(["chaos.worker"])
         with servers(self.out / "servers", seed) as running:

@@ -270,12 +270,12 @@ def storage_options(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def retry_config(config: dict[str, Any]) -> RetryConfig:
-    """More attempts for whole-folder transfers: each attempt is several requests, and any
-    failed one fails the attempt."""
-    transfers = RetryParams(*config["retry_transfers"])
+    """More attempts for whole-folder operations: each attempt is several requests (a GCS
+    delete_tree is ~7), and any failed one fails the attempt."""
+    folders = RetryParams(*config["retry_transfers"])
     return RetryConfig(
         RetryParams(*config["retry"]),
-        {"upload_model": transfers, "download_model": transfers},
+        {"upload_model": folders, "download_model": folders, "delete_model": folders},
     )
 
 

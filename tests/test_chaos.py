@@ -373,6 +373,8 @@ def test_a_twin_run_left_by_a_killed_creator_is_deleted_on_resume(tmp_path: Path
     """Seed 3 (gcs, keep=3): a lost create_run answer made the retry create a twin, and the
     worker was killed before deleting it (kill point set_run.after_create); the twin stayed a
     RUNNING run without params forever, so the iteration never counted as finished."""
+    import time
+
     manager = _manager(tmp_path)
     manager.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
     experiment_id = manager.current_experiment_id or ""
@@ -380,6 +382,7 @@ def test_a_twin_run_left_by_a_killed_creator_is_deleted_on_resume(tmp_path: Path
     tags = {"tracker.plugin": "soak-regression"}
     older = manager.tracking.create_run(experiment_id, params.id, tags)  # the lost answer
     manager.tracking.create_run(experiment_id, params.id, tags)  # the retry's twin
+    time.sleep(2.2)  # both past their creation grace (lease_seconds=2): the creator is dead
     with manager.run(params, wait=30) as run:
         manager.save_metric(MetricValue("score", 0.5))
     assert run.run_id == older.run_id
