@@ -30,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=parse_seeds, default=list(SEEDS), help="e.g. 1-20 or 3,7")
     parser.add_argument("--quick", action="store_true", help="small trials (as in make test)")
+    parser.add_argument(
+        "--full-load", action="store_true", help="8 workers x 25 runs a trial (~8 min each)"
+    )
     parser.add_argument("--out", type=Path, default=Path("chaos-out"), help="trial data folder")
     parser.add_argument("--keep-all", action="store_true", help="keep passing trials' data too")
     parser.add_argument("--table", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = Sizes.quick() if args.quick else Sizes.full_load() if args.full_load else Sizes()
     results, seconds = run_soak(args.seeds, args.out, sizes, keep_all=args.keep_all)
     text = table(results, seconds)
     say()

@@ -207,6 +207,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()  # held: the loop keeps weak refs only
         self.port = 0
         self.enabled = True
 
@@ -259,6 +260,10 @@ class FaultProxy:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         try:
             while await self._one(reader, writer):
                 pass

@@ -72,9 +72,9 @@ class Sizes:
     """How big a trial is."""
 
     workers: int = 8
-    runs_per_worker: int = 25  # shape "one"
+    runs_per_worker: int = 10  # shape "one"
     iterations: int = 4  # shape "sequence"
-    runs_per_iteration: int = 16  # shape "sequence": shared by all workers
+    runs_per_iteration: int = 8  # shape "sequence": shared by all workers
     loss_points: int = 300
     large_fraction: float = 0.1  # models of ~10 MiB (two S3 multipart parts)
     armed_kills: int = 12  # at most this many kill-point kills per trial
@@ -89,6 +89,11 @@ class Sizes:
     retry: tuple[int, float, float] = (12, 0.1, 2.0)
     retry_transfers: tuple[int, float, float] = (40, 0.1, 2.0)
     trial_timeout: float = 20 * 60.0
+
+    @classmethod
+    def full_load(cls) -> Sizes:
+        """The issue's load: 8 workers x 25 runs (shape one), 4 iterations of 16 runs."""
+        return cls(runs_per_worker=25, runs_per_iteration=16)
 
     @classmethod
     def quick(cls) -> Sizes:
