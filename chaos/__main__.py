@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from chaos.soak import Sizes, run_soak, say, table
+from chaos.soak import Sizes, load_results, run_soak, say, table
 
 #: the soak's trials
 SEEDS = tuple(range(1, 21))
@@ -36,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("chaos-out"), help="trial data folder")
     parser.add_argument("--keep-all", action="store_true", help="keep passing trials' data too")
     parser.add_argument("--table", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--report", type=Path, help="only print the table of the trials kept in this folder"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        kept = load_results(args.report)
+        say(table(kept, sum(r.seconds for r in kept)))
+        return 0 if all(r.passed for r in kept) else 1
     sizes = Sizes.quick() if args.quick else Sizes.full_load() if args.full_load else Sizes()
     results, seconds = run_soak(args.seeds, args.out, sizes, keep_all=args.keep_all)
     text = table(results, seconds)

@@ -51,7 +51,7 @@ from chaos.audit import INVARIANTS, Check, TrialFacts, audit, storage_fs
 from chaos.journal import read_journals
 from chaos.proxy import FAULT_KINDS, FaultPlan, FaultProxy, ProxySet
 
-__all__ = ["Sizes", "Soak", "TrialResult", "settings_of", "table"]
+__all__ = ["Sizes", "Soak", "TrialResult", "load_results", "settings_of", "table"]
 
 #: environment of the workers and of gc: one request per retry attempt, short timeouts
 CLIENT_ENV = {
@@ -636,6 +636,25 @@ def run_soak(
             results.append(result)
         elapsed = time.monotonic() - started
     return results, elapsed
+
+
+def load_results(out: Path) -> list[TrialResult]:
+    """The results a soak kept (``--keep-all``, or failing trials) under ``out``, by seed."""
+    results = []
+    for path in sorted(Path(out).glob("trial-*/result.json")):
+        data = json.loads(path.read_text())
+        settings = data["settings"]
+        result = TrialResult(data["seed"], settings["storage"], settings["keep"], settings["shape"])
+        result.runs, result.seconds = data["runs"], data["seconds"]
+        result.kills, result.armed = Counter(data["kills"]), Counter(data["armed"])
+        result.faults = {k: Counter(v) for k, v in data["faults"].items()}
+        result.retried, result.restarts = Counter(data["retried"]), data["restarts"]
+        result.checks = {
+            k: Check(v["held"], list(v["problems"])) for k, v in data["checks"].items()
+        }
+        result.kept_at = str(path.parent)
+        results.append(result)
+    return sorted(results, key=lambda r: r.seed)
 
 
 # ---------------------------------------------------------------------- the table
