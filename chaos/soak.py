@@ -174,7 +174,9 @@ def servers(workdir: Path, seed: int) -> Iterator[Servers]:
         srv.gcs_emulator(workdir) as gcs_url,
         ProxySet() as proxies,
     ):
-        plan = FaultPlan()
+        # a hung request is held until the client gives up, at most 8 s (then reset): the
+        # workers' clients time out after 2 s; tracker-core gc's S3 client waits 60 s
+        plan = FaultPlan(hang_seconds=8.0)
         for name, url in (("mlflow", mlflow_url), ("s3", s3_url), ("gcs", gcs_url)):
             proxies.add(
                 FaultProxy(
