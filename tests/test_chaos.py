@@ -388,3 +388,26 @@ def test_a_twin_run_left_by_a_killed_creator_is_deleted_on_resume(tmp_path: Path
     assert run.run_id == older.run_id
     assert [r.run_id for r in manager.get_runs(experiment_id)] == [older.run_id]
     assert not manager.has_unfinished_runs(experiment_id)
+
+
+def test_two_workers_logging_the_same_missing_params_at_once_both_go_on(tmp_path: Path) -> None:
+    """Seed 4 (s3, keep=1, sequence, full trial): two driver workers resumed a run its creator
+    left without params and logged them at the same moment; MLflow on PostgreSQL refused the
+    slower insert (UniqueViolation on param_pk, answered as BAD_REQUEST) and that worker failed,
+    though the params it wanted were there."""
+    from tracker_core.errors import TrackingStoreError
+
+    manager = _manager(tmp_path)
+    manager.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
+    experiment_id = manager.current_experiment_id or ""
+    params = _Params(lr=0.6)
+    manager.tracking.create_run(experiment_id, params.id, {"tracker.plugin": "soak-regression"})
+    faulty = FaultyProxy(manager.tracking)
+    duplicate = TrackingStoreError('BAD_REQUEST: duplicate key value violates "param_pk"')
+    faulty.fail("log_batch", error=duplicate, after_call=True)  # the other worker's insert won
+    manager.tracking = faulty  # type: ignore[assignment]
+    with manager.run(params, wait=30):
+        manager.save_metric(MetricValue("score", 0.6))
+    (run,) = manager.get_runs(experiment_id)
+    assert _Params.from_mlflow(run.params) == params
+    assert run.status.value == "FINISHED"

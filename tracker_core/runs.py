@@ -125,9 +125,7 @@ class RunTracker:
             self._remote.track("delete", tracking.delete_run, created.run_id)
             return self._with_params(winner, params), False
         first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
-        self._remote.track(
-            "log_params", tracking.log_batch, created.run_id, first_metric, params or {}
-        )
+        self._log_params(created, params or {}, first_metric)
         return created, True
 
     def _drop_twins(self, winner: RunRecord) -> None:
@@ -156,9 +154,24 @@ class RunTracker:
         if not missing:
             return run
         log.info("run %s has no params yet; logging them", run.run_id)
-        tracking = self._remote.tracking
-        self._remote.track("log_params", tracking.log_batch, run.run_id, (), missing)
+        self._log_params(run, missing)
         return self.get_existing(run.run_id)
+
+    def _log_params(
+        self, run: RunRecord, params: Mapping[str, str], metrics: list[MetricValue] | None = None
+    ) -> None:
+        """Log a run's params. Another worker may log the same ones at the same moment (it
+        resumes the run its creator left without them); MLflow on PostgreSQL then refuses the
+        slower insert (``UniqueViolation`` on ``param_pk``): the params being there with these
+        values is what counts."""
+        tracking = self._remote.tracking
+        try:
+            self._remote.track("log_params", tracking.log_batch, run.run_id, metrics or (), params)
+        except TrackingStoreError:
+            fresh = self.get_existing(run.run_id)
+            if not params or any(fresh.params.get(k) != v for k, v in params.items()):
+                raise
+            log.info("params of run %s were logged by another worker meanwhile", run.run_id)
 
     # ------------------------------------------------------------------ taking a run
     def start(
