@@ -178,7 +178,10 @@ class FsspecArtifactStore(ArtifactStore):
 
         with self._guard("upload", uri):
             if self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
+                # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
+                # attempt whose earlier delete landed though its answer was lost): that is done
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(target, recursive=True)
             _each(put, jobs)
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
 
