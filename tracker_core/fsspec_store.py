@@ -238,7 +238,8 @@ class FsspecArtifactStore(ArtifactStore):
                 sync(self.fs.loop, self._replace_async, target, put_async, jobs)
             else:  # remove what an earlier save left here, then write
                 if self.fs.exists(target):
-                    self.fs.rm(target, recursive=True)
+                    with contextlib.suppress(FileNotFoundError):  # see _replace_async
+                        self.fs.rm(target, recursive=True)
                 _each(put, jobs, self._parallel_files())
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
 
@@ -259,7 +260,10 @@ class FsspecArtifactStore(ArtifactStore):
         written = {remote for _, remote, _ in jobs}
         stale = sorted(path for path in await listing if path not in written)
         if stale:
-            await self.fs._rm(stale)
+            # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
+            # attempt whose earlier delete landed though its answer was lost): that is done
+            with contextlib.suppress(FileNotFoundError):
+                await self.fs._rm(stale)
 
     async def _find_async(self, path: str) -> list[str]:
         try:
