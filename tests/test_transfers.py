@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
 from _s3gcs_fixtures import SmallParams
+from fsspec.callbacks import Callback
 
 import tracker_core
 from tracker_core import ExperimentsManager, FineTuningIteration, MetricValue
@@ -26,6 +28,7 @@ from tracker_core.codecs import ModelCodec
 from tracker_core.errors import ModelFilesMissingError, TransientError
 from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.testing.harness import FAST_RETRY
+from tracker_core.transfers import even_parts
 
 FOLDER = "test-folder"
 
@@ -384,3 +387,254 @@ def test_gcs_a_download_asks_no_metadata_first(
     fs.get_file(f"{gcs_bucket}/w.bin", str(tmp_path / "ranged.bin"))
     assert infos == []
     assert (tmp_path / "ranged.bin").read_bytes() == data
+
+
+# ------------------------------------------------ streamed in bounded memory, failure paths
+BIG = 40 * MiB
+
+
+def _big_file(tmp_path: Path, seed: int = 12) -> Path:
+    path = tmp_path / "big.bin"
+    path.write_bytes(random.Random(seed).randbytes(BIG + 7))
+    return path
+
+
+def _warm(fs: Any, bucket: str, tmp_path: Path) -> None:
+    """One small round trip first, so the client's one-time setup (botocore loads its
+    service model, ~10 MB) is not counted as the transfer's."""
+    (tmp_path / "warm.bin").write_bytes(b"warm")
+    fs.put_file(str(tmp_path / "warm.bin"), f"{bucket}/warm.bin")
+    fs.get_file(f"{bucket}/warm.bin", str(tmp_path / "warm-back.bin"))
+
+
+def _peak(fn: Any, *args: Any) -> int:
+    """Bytes of Python memory ``fn(*args)`` held at most at once (tracemalloc's peak)."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _gcs_fs(gcs_endpoint: str) -> Any:
+    from tracker_core_gcs import gcs_filesystem
+
+    options = {"endpoint_url": gcs_endpoint, "token": "anon", "project": "test"}
+    return gcs_filesystem({**options, "skip_instance_cache": True})
+
+
+def test_s3_a_file_moves_through_a_few_buffers_whatever_its_size(
+    s3fs_tuned: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A multipart upload and a ranged download of a 40 MiB file hold under a quarter of it
+    (s3fs reads a whole file under two parts into memory, a part per upload in flight and a
+    whole range per ranged GET)."""
+    big = _big_file(tmp_path)
+    remote = f"{s3_bucket}/big.bin"
+    _warm(s3fs_tuned, s3_bucket, tmp_path)
+    assert _peak(s3fs_tuned.put_file, str(big), remote) < BIG / 4
+    for part_size in (BIG * 2, 12 * MiB):  # one GET, then four ranges
+        s3fs_tuned.download_part_size = part_size
+        back = tmp_path / f"back-{part_size}.bin"
+        assert _peak(s3fs_tuned.get_file, remote, str(back)) < BIG / 4
+        assert back.read_bytes() == big.read_bytes()
+
+
+def test_gcs_a_file_moves_through_a_few_buffers_whatever_its_size(
+    gcs_bucket: str, gcs_endpoint: str, tmp_path: Path
+) -> None:
+    """gcsfs reads each 16 MiB upload chunk into memory (and the next before the last is
+    freed), and a ranged download's ranges too."""
+    fs = _gcs_fs(gcs_endpoint)
+    big = _big_file(tmp_path)
+    remote = f"{gcs_bucket}/big.bin"
+    _warm(fs, gcs_bucket, tmp_path)
+    assert _peak(fs.put_file, str(big), remote) < BIG / 4
+    for part_size in (BIG * 2, 12 * MiB):
+        fs.download_part_size = part_size
+        back = tmp_path / f"back-{part_size}.bin"
+        assert _peak(fs.get_file, remote, str(back)) < BIG / 4
+        assert back.read_bytes() == big.read_bytes()
+
+
+class Bytes(Callback):  # type: ignore[misc]
+    """fsspec's per-file callback, keeping every (value, size) it was told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.seen.append((self.value, self.size))
+
+
+@pytest.mark.parametrize("leg", ["s3", "gcs"])
+def test_progress_of_one_big_file_rises_to_its_size_in_steps(
+    leg: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Bytes done / total while one file moves in parts (up) and in ranges (down)."""
+    if leg == "s3":
+        fs, bucket = request.getfixturevalue("s3fs_tuned"), request.getfixturevalue("s3_bucket")
+    else:
+        fs = _gcs_fs(request.getfixturevalue("gcs_endpoint"))
+        bucket = request.getfixturevalue("gcs_bucket")
+    big = _big_file(tmp_path)
+    size = big.stat().st_size
+    fs.download_part_size = 12 * MiB
+    up, down = Bytes(), Bytes()
+    fs.put_file(str(big), f"{bucket}/big.bin", callback=up)
+    fs.get_file(f"{bucket}/big.bin", str(tmp_path / "back.bin"), callback=down)
+    for seen in (up.seen, down.seen):
+        assert len(seen) >= 3 and seen[-1] == (size, size)
+        assert all(total == size for _, total in seen)
+        assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_s3_a_range_failing_mid_download_leaves_no_file(
+    s3fs_tuned: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other ranges are cancelled and the partial file removed: a reader never finds a
+    file of the right name with holes (s3fs leaves what it wrote)."""
+    big = _big_file(tmp_path)
+    s3fs_tuned.put_file(str(big), f"{s3_bucket}/big.bin")
+    s3fs_tuned.download_part_size = 12 * MiB
+    third = f"bytes={even_parts(big.stat().st_size, 12 * MiB)[2][0]}-"
+    call_s3 = s3fs_tuned._call_s3
+
+    async def third_range_fails(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "get_object" and kwargs.get("Range", "").startswith(third):
+            raise ConnectionResetError("injected: connection reset by peer")
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs_tuned, "_call_s3", third_range_fails)
+    back = tmp_path / "back.bin"
+    with pytest.raises(OSError, match="injected"):
+        s3fs_tuned.get_file(f"{s3_bucket}/big.bin", str(back))
+    assert not back.exists()
+
+
+def test_gcs_a_range_failing_mid_download_leaves_no_file(
+    gcs_bucket: str, gcs_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _gcs_fs(gcs_endpoint)
+    big = _big_file(tmp_path)
+    fs.put_file(str(big), f"{gcs_bucket}/big.bin")
+    fs.download_part_size = 12 * MiB
+    fs.download_concurrency = 2  # one range at a time beside the first GET
+    opened: list[dict[str, str]] = []
+    open_download = fs._open_download
+
+    async def second_range_fails(url: str, rpath: str, headers: dict[str, str]) -> Any:
+        opened.append(headers)
+        if len(opened) == 3:
+            raise ConnectionResetError("injected: connection reset by peer")
+        return await open_download(url, rpath, headers)
+
+    monkeypatch.setattr(fs, "_open_download", second_range_fails)
+    back = tmp_path / "back.bin"
+    with pytest.raises(OSError, match="injected"):
+        fs.get_file(f"{gcs_bucket}/big.bin", str(back))
+    assert not back.exists()
+
+
+def test_s3_a_part_failing_mid_upload_aborts_the_multipart_upload(
+    s3fs_tuned: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is left: no object, no open upload holding the parts that landed."""
+    big = _big_file(tmp_path)
+    call_s3 = s3fs_tuned._call_s3
+    calls: list[str] = []
+
+    async def third_part_fails(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        if method == "upload_part" and kwargs["PartNumber"] == 3:
+            raise ConnectionResetError("injected: connection reset by peer")
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs_tuned, "_call_s3", third_part_fails)
+    with pytest.raises(OSError, match="injected"):
+        s3fs_tuned.put_file(str(big), f"{s3_bucket}/big.bin")
+    assert "abort_multipart_upload" in calls and "complete_multipart_upload" not in calls
+    assert not s3fs_tuned.call_s3("list_multipart_uploads", Bucket=s3_bucket).get("Uploads")
+    assert not s3fs_tuned.exists(f"{s3_bucket}/big.bin")
+
+
+# ------------------------------------------------------------- a folder over an old one
+def test_s3_a_folder_saved_over_an_old_one_costs_its_puts_one_listing_and_one_delete(
+    s3fs_tuned: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old folder is listed while the new files are written (no ``exists`` first: two
+    requests on S3), then what the new save did not overwrite is deleted in one request."""
+    from tracker_core_s3.errors import classify_s3_error
+    from tracker_core_s3.store import S3ArtifactStore
+
+    store = S3ArtifactStore(s3fs_tuned, f"s3://{s3_bucket}/m", classifier=classify_s3_error)
+    uri = store.join("model")
+    first, second = tmp_path / "first", tmp_path / "second"
+    FolderCodec().save(tokenizer(files=20, seed=1), first)
+    new = tokenizer(files=20, seed=2)
+    new = {**{k: v for k, v in new.items() if not k.startswith("assets/")}, "extra.bin": b"x"}
+    FolderCodec().save(new, second)
+    store.upload_dir(first, uri)
+
+    calls = S3Calls(monkeypatch, s3fs_tuned)
+    store.upload_dir(second, uri)
+    assert sorted(calls.calls) == sorted(
+        ["put_object"] * len(new) + ["list_objects_v2", "delete_objects"]
+    )
+    store.download_dir(uri, tmp_path / "down")
+    assert _files(tmp_path / "down") == new
+
+
+def test_gcs_a_folder_saved_over_an_old_one_whose_files_vanish_meanwhile_is_saved(
+    gcs_bucket: str, gcs_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried save whose earlier attempt's delete landed though its answer was lost:
+    the old files it listed are gone when it deletes them; gcsfs then raises
+    FileNotFoundError ('nothing got deleted'), which means done."""
+    from tracker_core_gcs.errors import classify_gcs_error
+
+    fs = _gcs_fs(gcs_endpoint)
+    store = FsspecArtifactStore(
+        fs, f"gs://{gcs_bucket}/m", classifier=classify_gcs_error, buckets=True
+    )
+    uri = store.join("model")
+    first, second = tmp_path / "first", tmp_path / "second"
+    FolderCodec().save(tokenizer(files=6, seed=1), first)
+    FolderCodec().save({"only.bin": b"new"}, second)
+    store.upload_dir(first, uri)
+    find = fs._find
+
+    async def listed_then_deleted_by_the_earlier_attempt(path: str, **kwargs: Any) -> Any:
+        found = await find(path, **kwargs)
+        await fs._rm(list(found))
+        return found
+
+    monkeypatch.setattr(fs, "_find", listed_then_deleted_by_the_earlier_attempt)
+    store.upload_dir(second, uri)
+    monkeypatch.undo()
+    store.download_dir(uri, tmp_path / "down")
+    assert _files(tmp_path / "down") == {"only.bin": b"new"}
+
+
+def test_gcs_a_chunk_failing_mid_upload_cancels_the_resumable_upload(
+    gcs_bucket: str, gcs_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _gcs_fs(gcs_endpoint)
+    big = _big_file(tmp_path)
+    call = fs._call
+    methods: list[str] = []
+
+    async def second_chunk_fails(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        methods.append(method)
+        if (kwargs.get("headers") or {}).get("Content-Range", "").startswith("bytes 16777216-"):
+            raise ConnectionResetError("injected: connection reset by peer")
+        return await call(method, path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call", second_chunk_fails)
+    with pytest.raises(OSError, match="injected"):
+        fs.put_file(str(big), f"{gcs_bucket}/big.bin")
+    assert methods[-1] == "DELETE"
+    monkeypatch.undo()
+    assert not fs.exists(f"{gcs_bucket}/big.bin")

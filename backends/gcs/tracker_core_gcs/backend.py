@@ -32,6 +32,8 @@ Application Default Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud, met
 
 from __future__ import annotations
 
+import contextlib
+import mimetypes
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -39,14 +41,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from fsspec.callbacks import NoOpCallback
-from gcsfs.core import GCSFileSystem
+from gcsfs.core import GCSFileSystem, initiate_upload
 from gcsfs.retry import validate_response
 
 from tracker_core.errors import ConfigurationError, TransientError
 from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.retry import Retrier
 from tracker_core.stores import ArtifactStore
-from tracker_core.transfers import Stream, download_to_file
+from tracker_core.transfers import FileRange, Stream, download_to_file
 from tracker_core_gcs.errors import classify_gcs_error
 from tracker_core_mlflow.backend import MlflowBackend
 
@@ -75,6 +77,8 @@ DEFAULT_DOWNLOAD_CONCURRENCY = 4
 #: emulator is a single-threaded HTTP/1.0 server that queues 6 connections: 8 at once stall
 #: for a TCP retransmission (1 s), 16 get connections reset
 DEFAULT_BATCH_SIZE = 4
+#: files under this size are one simple upload (gcsfs's threshold), bigger ones resumable
+_SIMPLE_UPLOAD = 5 * 2**20
 #: seconds to open a connection / to wait for data on it
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
@@ -97,11 +101,72 @@ class TrackerGCSFileSystem(GCSFileSystem):  # type: ignore[misc]
     _get_file_concurrent = _undecorated(GCSFileSystem._get_file_concurrent)
 
     async def _put_file(
-        self, lpath: str, rpath: str, *args: Any, chunksize: int | None = None, **kwargs: Any
+        self,
+        lpath: str,
+        rpath: str,
+        *args: Any,
+        chunksize: int | None = None,
+        callback: Any = None,
+        content_type: str | None = None,
+        mode: str = "overwrite",
+        **kwargs: Any,
     ) -> Any:
-        if chunksize is None:
-            chunksize = int(self.default_block_size)
-        return await super()._put_file(lpath, rpath, *args, chunksize=chunksize, **kwargs)
+        chunksize = int(chunksize or self.default_block_size)
+        plain = not args and not any(kwargs.values()) and self.consistency in ("none", None)
+        if os.path.isdir(lpath) or not plain or os.path.getsize(lpath) < _SIMPLE_UPLOAD:
+            # small (gcsfs reads it whole: bounded), or metadata / consistency checks that
+            # gcsfs's own path knows
+            return await super()._put_file(
+                lpath, rpath, *args, chunksize=chunksize, callback=callback,
+                content_type=content_type, mode=mode, **kwargs,
+            )  # fmt: skip
+        await self._put_resumable(
+            lpath, rpath, chunksize, callback or NoOpCallback(), content_type, mode
+        )
+        self.invalidate_cache(self._parent(rpath))
+
+    async def _put_resumable(
+        self,
+        lpath: str,
+        rpath: str,
+        chunksize: int,
+        callback: Any,
+        content_type: str | None,
+        mode: str,
+    ) -> None:
+        """``lpath`` as one resumable upload of ``chunksize`` requests, each body read from
+        the file as it is sent (gcsfs reads each chunk into memory, and the next one before
+        the last is freed). A chunk the server kept only part of goes on from where it
+        stopped; on failure the upload is cancelled."""
+        if content_type is None:
+            content_type = mimetypes.guess_type(lpath)[0] or "application/octet-stream"
+        bucket, key, generation = self.split_path(rpath)
+        if generation:
+            raise ValueError("Cannot write to specific object generation")
+        size = os.path.getsize(lpath)
+        callback.set_size(size)
+        location = await initiate_upload(self, bucket, key, content_type, mode=mode)
+        offset = 0
+        try:
+            while offset < size:
+                end = min(offset + chunksize, size)
+                headers = {
+                    "Content-Range": f"bytes {offset}-{end - 1}/{size}",
+                    "Content-Type": content_type,
+                    "Content-Length": str(end - offset),
+                }
+                with FileRange(lpath, offset, end - offset) as body:
+                    answer, _ = await self._call("POST", location, headers=headers, data=body)
+                kept = answer.get("Range")  # all bytes kept so far: "bytes=0-<last>"
+                done = int(kept.rsplit("-", 1)[1]) + 1 if kept else end
+                if done <= offset:
+                    raise TransientError(f"gs://{rpath}: the server kept none of a chunk")
+                offset = done
+                callback.absolute_update(offset)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._call("DELETE", location.replace("&ifGenerationMatch=0", ""))
+            raise
 
     async def _get_file(self, rpath: str, lpath: str, callback: Any = None, **kwargs: Any) -> None:
         if os.path.isdir(lpath):
