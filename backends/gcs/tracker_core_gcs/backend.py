@@ -14,8 +14,10 @@ The filesystem is gcsfs's JSON-API :class:`gcsfs.core.GCSFileSystem`, tuned for 
   waits (``@retry_request``, not configurable); :class:`TrackerGCSFileSystem` calls the
   undecorated request functions, so tracker-core's tenacity policy is the only one.
 - **bounded waits**: connect and read timeouts on every request.
-- **streaming in bounded memory**: resumable uploads in :data:`DEFAULT_BLOCK_SIZE` chunks
-  (one in memory at a time); downloads stream to disk (:mod:`tracker_core.transfers`): one GET
+- **streaming in bounded memory**: a file over 5 MiB is one resumable upload of
+  :data:`DEFAULT_BLOCK_SIZE` requests whose bodies are read from the file as they are sent
+  (gcsfs reads each chunk into memory, the next one before the last is freed: 46 MB held
+  for a 40 MiB file); downloads stream to disk (:mod:`tracker_core.transfers`): one GET
   up to :data:`DEFAULT_DOWNLOAD_PART_SIZE` (gcsfs first asks for the object's metadata, a
   round trip of its own), a bigger object's first part from that same response and the
   others by ranged GETs pinned to its generation, :data:`DEFAULT_DOWNLOAD_CONCURRENCY` at a
