@@ -641,3 +641,28 @@ def test_gcs_a_chunk_failing_mid_upload_cancels_the_resumable_upload(
     assert methods[-1] == "DELETE"
     monkeypatch.undo()
     assert not fs.exists(f"{gcs_bucket}/big.bin")
+
+
+def test_s3_whether_a_model_folder_exists_is_one_request(
+    s3fs_tuned: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3fs asks ``HeadObject`` of the folder's name (no such key) then lists: two round
+    trips on every save and every served-model check. A sibling whose name starts alike
+    (``model-old``, ``model.bin``) is not the folder."""
+    from tracker_core_s3.errors import classify_s3_error
+    from tracker_core_s3.store import S3ArtifactStore
+
+    store = S3ArtifactStore(s3fs_tuned, f"s3://{s3_bucket}/m", classifier=classify_s3_error)
+    FolderCodec().save({"a/b.bin": b"1", "c.bin": b"2"}, tmp_path / "model")
+    store.upload_dir(tmp_path / "model", store.join("run", "model"))
+    (tmp_path / "f.bin").write_bytes(b"3")
+    for sibling in ("run/model-old/x.bin", "run/model.bin", "run/modelz"):
+        s3fs_tuned.put_file(str(tmp_path / "f.bin"), f"{s3_bucket}/m/{sibling}")
+
+    calls = S3Calls(monkeypatch, s3fs_tuned)
+    assert store.exists(store.join("run", "model")) is True
+    assert store.exists(store.join("run", "model", "a")) is True
+    assert store.exists(store.join("run", "model", "c.bin")) is True
+    assert store.exists(store.join("run", "mode")) is False
+    assert store.exists(store.join("run", "other")) is False
+    assert calls.calls == ["list_objects_v2"] * 5

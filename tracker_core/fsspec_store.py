@@ -314,7 +314,7 @@ class FsspecArtifactStore(ArtifactStore):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(target, recursive=True)
             self.fs.invalidate_cache(target)
-            return not self.fs.exists(target)
+        return not self.exists(uri)
 
     def exists(self, uri: str) -> bool:
         with self._guard("exists", uri):
