@@ -102,7 +102,7 @@ class _RetryOnRequest(BaseRetryStrategy):
         self, *, exception: BaseException, job: jobs_module.Job
     ) -> RetryDecision | None:
         if isinstance(exception, RetryTask):
-            return RetryDecision(retry_in={"seconds": round(exception.delay)})
+            return RetryDecision(retry_in={"milliseconds": round(exception.delay * 1000)})
         return None
 
 

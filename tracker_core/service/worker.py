@@ -218,7 +218,7 @@ class WorkerRuntime:
             log.info("task %s waits for task %s of the same iteration", task_id, started.holder)
             raise RetryTask(
                 f"task {task_id}: task {started.holder} holds the iteration",
-                delay=self.settings.poll_seconds,
+                delay=max(1.0, self.settings.poll_seconds),
             )
         if started.reason != "started" or started.task is None:
             if started.reason == "unknown":
