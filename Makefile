@@ -18,7 +18,7 @@ PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input 
 PYTEST_ARGS ?=
 TEST_CMD    := $(VPY) -m pytest tests/ --timeout=900 $(PYTEST_ARGS)
 
-.PHONY: venv test lint format demo clean
+.PHONY: venv test lint format demo clean chaos
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ format: venv
 
 demo: venv
 	$(VPY) examples/finetune_embeddings.py
+
+# The chaos soak (chaos/README.md): 20 seeded trials under kills and 20% network faults, then
+# the table. Replay one trial: make chaos CHAOS_ARGS="--seeds 7".
+CHAOS_ARGS ?=
+chaos: venv
+	$(VPY) -m chaos --out chaos-out --table chaos-out/table.md $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -510,8 +510,8 @@ def prepare_iteration(
             try:
                 params.append(method.params_type.from_mlflow(run.params))
             except InvalidParamsError:
-                # killed between creating the run and logging its params: the run is named
-                # after its params id, so the planned set with that id resumes it
+                # created by a worker that died before logging its params: its params set
+                # is among the ones above (the run gets its params when that set resumes it)
                 log.warning("run %s (%s) has no params yet; skipped", run.run_id, run.run_name)
     params = _dedupe(params)
     if not params:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +24,58 @@ from fsspec.implementations.local import LocalFileSystem
 from tracker_core.errors import ArtifactStoreError, ModelNotFoundError, redact
 from tracker_core.stores import ArtifactStore, ProgressCallback
 
-__all__ = ["FsspecArtifactStore"]
+__all__ = ["PARALLEL_FILES", "FsspecArtifactStore"]
 
 log = logging.getLogger(__name__)
 
 
-class _Bytes(Callback):  # type: ignore[misc]
-    """Adapts fsspec's per-file callback to one ``(done, total)`` progress over many files."""
+#: files of one folder in flight at once
+PARALLEL_FILES = 8
 
-    def __init__(self, progress: ProgressCallback, done: int, total: int) -> None:
+
+class _Progress:
+    """One ``(done, total)`` progress over the files of a folder, moving in parallel."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self._progress, self._total = progress, total
+        self._done: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def update(self, name: str, done: int) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            self._done[name] = done
+            total_done = sum(self._done.values())
+        self._progress(total_done, self._total)
+
+    def callback(self, name: str) -> dict[str, Any]:
+        """``put_file``/``get_file`` keyword arguments reporting ``name``'s bytes."""
+        return {"callback": _FileBytes(self, name)} if self._progress is not None else {}
+
+
+class _FileBytes(Callback):  # type: ignore[misc]
+    """fsspec's per-file callback, feeding a folder's :class:`_Progress`."""
+
+    def __init__(self, folder: _Progress, name: str) -> None:
         super().__init__()
-        self._progress, self._base, self._total = progress, done, total
+        self._folder, self._name = folder, name
 
     def call(self, *args: Any, **kwargs: Any) -> None:
-        self._progress(self._base + (self.value or 0), self._total)
+        self._folder.update(self._name, self.value or 0)
+
+
+def _each(fn: Callable[[tuple[str, str, int]], None], jobs: list[tuple[str, str, int]]) -> None:
+    """``fn`` on every job, :data:`PARALLEL_FILES` at a time; the first error is raised (after
+    the others ended, so nothing is left writing)."""
+    if len(jobs) <= 1:
+        for job in jobs:
+            fn(job)
+        return
+    with ThreadPoolExecutor(min(PARALLEL_FILES, len(jobs)), "tracker-core-transfer") as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+    for future in futures:
+        future.result()
 
 
 class FsspecArtifactStore(ArtifactStore):
@@ -124,40 +164,56 @@ class FsspecArtifactStore(ArtifactStore):
     ) -> None:
         target = self._path(uri)
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
-        total = sum(p.stat().st_size for p in files)
+        jobs = [
+            (os.fspath(p), f"{target}/{p.relative_to(local_dir).as_posix()}", p.stat().st_size)
+            for p in files
+        ]
+        total = sum(size for _, _, size in jobs)
+        folder = _Progress(progress, total)
+
+        def put(job: tuple[str, str, int]) -> None:
+            local, remote, size = job
+            self._put_file(local, remote, **folder.callback(remote))
+            folder.update(remote, size)
+
         with self._guard("upload", uri):
             if self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
-            done = 0
-            for path in files:
-                rel = path.relative_to(local_dir).as_posix()
-                callback = _Bytes(progress, done, total) if progress else None
-                kwargs = {"callback": callback} if callback else {}
-                self._put_file(os.fspath(path), f"{target}/{rel}", **kwargs)
-                done += path.stat().st_size
-                if progress:
-                    progress(done, total)
+                # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
+                # attempt whose earlier delete landed though its answer was lost): that is done
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(target, recursive=True)
+            _each(put, jobs)
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
 
     def download_dir(
-        self, uri: str, local_dir: Path, progress: ProgressCallback | None = None
+        self,
+        uri: str,
+        local_dir: Path,
+        progress: ProgressCallback | None = None,
+        *,
+        files: Mapping[str, int] | None = None,
     ) -> None:
         source = self._path(uri)
         with self._guard("download", uri):
-            files = self._files(source)
+            if files is None:
+                found = self._files(source)
+                files = {remote[len(source) :].lstrip("/"): size for remote, size in found.items()}
             if not files:
                 raise ModelNotFoundError(f"no model files at {uri}")
-            total, done = sum(files.values()), 0
-            for remote, size in sorted(files.items()):
-                rel = remote[len(source) :].lstrip("/")
+            jobs = [(f"{source}/{rel}", rel, size) for rel, size in sorted(files.items())]
+            folder = _Progress(progress, sum(files.values()))
+
+            def get(job: tuple[str, str, int]) -> None:
+                remote, rel, size = job
                 dest = Path(local_dir) / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                callback = _Bytes(progress, done, total) if progress else None
-                kwargs = {"callback": callback} if callback else {}
-                self.fs.get_file(remote, os.fspath(dest), **kwargs)
-                done += size
-                if progress:
-                    progress(done, total)
+                self.fs.get_file(remote, os.fspath(dest), **folder.callback(rel))
+                folder.update(rel, size)
+
+            try:
+                _each(get, jobs)
+            except FileNotFoundError as exc:  # a file of the manifest is gone
+                raise ModelNotFoundError(f"model files at {uri} are incomplete: {exc}") from exc
 
     def delete_tree(self, uri: str) -> bool:
         target = self._path(uri)

@@ -22,7 +22,7 @@ from typing import Any
 
 from tracker_core import leases
 from tracker_core import tags as T
-from tracker_core.errors import ConfigurationError, IterationInUseError
+from tracker_core.errors import ConfigurationError, IterationInUseError, TrackerError
 from tracker_core.models import ModelKeeper
 from tracker_core.remote import Remote
 from tracker_core.stores import ExperimentQuery, RunQuery
@@ -168,9 +168,18 @@ class Iterations:
                 f"({holders}); nothing was deleted. Delete it once they end (or their workers "
                 "die and their leases expire), or defer it: delete_iteration(..., defer=True)"
             )
-        for run in self._models.marked_runs(experiment_id):
-            delete_model(run)
-        self._remote.track("delete", self._remote.tracking.delete_experiment, experiment_id)
+        try:
+            for run in self._models.marked_runs(experiment_id):
+                delete_model(run)
+            self._remote.track("delete", self._remote.tracking.delete_experiment, experiment_id)
+        except TrackerError:
+            # several workers finishing an iteration each delete the previous one: if another
+            # deleted it meanwhile (its runs went with it, so unmarking one failed), it is done
+            found = self.get(experiment_id)
+            if found is not None and found.lifecycle_stage == "active":
+                raise
+            log.info("iteration %s was deleted meanwhile by another worker", experiment_id)
+            return
         log.info("deleted iteration %s", experiment_id)
 
     def mark_pending(self, experiment_id: str) -> None:

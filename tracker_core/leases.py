@@ -187,9 +187,17 @@ class Heartbeat:
             return True
         return False
 
+    def _due(self, interval: float) -> float:
+        """Seconds until the next renewal: every ``interval``, and at once when less than
+        ``ttl - interval`` of the lease is left (a claim whose retries took most of the TTL)."""
+        left = (self._expires_ms - now_ms()) / 1000
+        return max(0.0, min(interval, left - (self._ttl - interval)))
+
     def _loop(self) -> None:
         interval = max(self._ttl / 3.0, 0.05)
-        while not self._stop.wait(interval):
+        delay = self._due(interval)
+        while not self._stop.wait(delay):
+            delay = min(interval, 1.0)  # after a failed beat: soon again, but no busy loop
             expires = now_ms() + int(self._ttl * 1000)
             try:
                 still_mine = self._renew(expires)
@@ -207,6 +215,7 @@ class Heartbeat:
                 return
             self._expires_ms = expires
             self._deadline = time.monotonic() + (expires - now_ms()) / 1000
+            delay = self._due(interval)
 
     def stop(self) -> None:
         self._stop.set()

@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -88,6 +88,8 @@ P = TypeVar("P", bound=FineTuningParams)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_URI = "mlartifacts"
 _UNFINISHED = (RunStatus.RUNNING, RunStatus.SCHEDULED)
+#: how often a download picks the best model again when it was deleted while read
+_PICK_ATTEMPTS = 3
 
 _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
 
@@ -919,20 +921,36 @@ class ExperimentsManager:
             return None
         return self.download_model_by_run_id(run.run_id)
 
+    def _download_picked(self, pick: Callable[[], str | None]) -> Any:
+        """The model of the run ``pick()`` names (the initial model for None). If another
+        worker deletes that model while it is read (pruned by a better one, or its iteration
+        cleaned up), pick again."""
+        for attempt in range(1, _PICK_ATTEMPTS + 1):
+            run_id = pick()
+            if run_id is None:
+                return self.download_initial_model()
+            try:
+                return self._download_model(run_id)
+            except ModelNotFoundError:
+                if attempt == _PICK_ATTEMPTS:
+                    raise
+                log.info("the model of run %s was deleted while read; picking again", run_id)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def download_best_model(self, experiment_id: str) -> Any:
         """The best model of an experiment; the initial model if it holds none."""
-        best = self.models.best_run(experiment_id)
-        if best is None:
-            log.info("experiment %s holds no model; using the initial model", experiment_id)
-            return self.download_initial_model()
-        return self._download_model(best.run_id)
+
+        def pick() -> str | None:
+            best = self.models.best_run(experiment_id)
+            if best is None:
+                log.info("experiment %s holds no model; using the initial model", experiment_id)
+            return best.run_id if best else None
+
+        return self._download_picked(pick)
 
     def download_last_model(self) -> Any:
         """Best model of the previous (or last finished) iteration; else the initial model."""
-        run_id, _ = self._get_best_previous_run_id()
-        if run_id is None:
-            return self.download_initial_model()
-        return self._download_model(run_id)
+        return self._download_picked(lambda: self._get_best_previous_run_id()[0])
 
     # ------------------------------------------------------------------ top params
     def _params_type_of(self, runs: Sequence[RunRecord]) -> type[FineTuningParams]:

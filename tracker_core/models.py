@@ -21,6 +21,7 @@ has expired.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -32,7 +33,12 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
-from tracker_core.errors import ConfigurationError, ModelFilesMissingError, ModelNotFoundError
+from tracker_core.errors import (
+    ConfigurationError,
+    ModelFilesMissingError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from tracker_core.leases import DEFAULT_LEASE_SECONDS, now_ms, run_is_live
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
@@ -57,6 +63,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: MLflow keeps 8,000 characters of a tag value; a manifest longer than this is left out
+_MAX_MANIFEST = 6000
+
 #: ``call(operation, fn, *args)``: a store call under the manager's retry policy
 Call = Callable[..., Any]
 
@@ -64,6 +73,29 @@ Call = Callable[..., Any]
 def is_marked(run: RunRecord) -> bool:
     """Whether the run holds a completely written (servable) model."""
     return run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
+
+
+def _manifest_tag(files: dict[str, int]) -> dict[str, str]:
+    """The model's file list as a tag, so a download needs no listing; left out when it would
+    not fit a tag (a model of hundreds of files is listed instead)."""
+    text = json.dumps(files, separators=(",", ":"))
+    return {T.TAG_MODEL_FILES: text} if len(text) <= _MAX_MANIFEST else {}
+
+
+def manifest_of(run: RunRecord) -> dict[str, int] | None:
+    """The files (relative path -> size) a marked model was written with, if recorded."""
+    text = run.tags.get(T.TAG_MODEL_FILES)
+    if not text:
+        return None
+    try:
+        files = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) for k, v in files.items()
+    ):
+        return None
+    return files
 
 
 def model_run_id(uri: str) -> str | None:
@@ -229,6 +261,11 @@ class ModelKeeper:
         staging = Path(tempfile.mkdtemp(prefix="tracker-core-model-"))
         try:
             codec.save(model, staging, requirements)
+            files = {
+                p.relative_to(staging).as_posix(): p.stat().st_size
+                for p in sorted(staging.rglob("*"))
+                if p.is_file()
+            }
             with transfer_progress(f"upload {run.run_id}") as progress:
                 self._art("upload_model", self.artifacts.upload_dir, staging, uri, progress)
         finally:
@@ -240,6 +277,7 @@ class ModelKeeper:
             T.TAG_MODEL_FORMAT: model_format,
             T.TAG_MODEL_DELETED: T.FALSE,
             T.TAG_MODEL_UPLOADED: T.TRUE,
+            **_manifest_tag(files),
         }
         marker = [MetricValue(T.METRIC_MODEL_UPLOADED, 1.0, step=1)]
         self._track("log_metric", self.tracking.log_batch, run.run_id, marker, None, marks)
@@ -287,7 +325,14 @@ class ModelKeeper:
         uri = self.uri_of(run)
         try:
             with transfer_progress(f"download {run.run_id}", enabled=progress) as callback:
-                self._art("download_model", self.artifacts.download_dir, uri, destination, callback)
+                self._art(
+                    "download_model",
+                    self.artifacts.download_dir,
+                    uri,
+                    destination,
+                    callback,
+                    files=manifest_of(run),
+                )
         except ModelFilesMissingError:
             raise
         except ModelNotFoundError as exc:
@@ -305,6 +350,8 @@ class ModelKeeper:
         try:
             self.download_files(run, staging, progress=None)
             return codec.load(staging, model_factory)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model of run {run.run_id}: {exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

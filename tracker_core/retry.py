@@ -137,7 +137,7 @@ class Retrier:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(params.max_attempts),
             wait=tenacity.wait_exponential_jitter(
-                initial=params.wait_time_seconds,
+                multiplier=params.wait_time_seconds,
                 max=params.max_wait_seconds,
                 jitter=params.wait_time_seconds,
             )

@@ -76,6 +76,7 @@ class RunTracker:
         self._epoch = 0
         self._heartbeat: leases.Heartbeat | None = None
         self._has_main = False
+        self._resumed = False
 
     @property
     def ttl_ms(self) -> int:
@@ -107,28 +108,70 @@ class RunTracker:
         params: Mapping[str, str] | None = None,
     ) -> tuple[RunRecord, bool]:
         """The run named ``run_name``, created if missing; True if this call created it. Two
-        workers racing to create it agree on the oldest one; the other is deleted."""
+        workers racing to create it agree on the oldest one; the other is deleted.
+
+        A run found without its ``params`` gets them: its creator died between creating it
+        and logging them, or it is the twin an earlier attempt of this call created (the
+        answer to ``create_run`` was lost, so the retry created a second run)."""
         existing = self.first(experiment_id, run_name=run_name)
         if existing is not None:
-            if params and any(existing.params.get(k) != v for k, v in params.items()):
-                # its creator died before logging them (they are write-once: same values only)
-                self._remote.track(
-                    "log_params", self._remote.tracking.log_batch, existing.run_id, (), params
-                )
-                existing = self.get_existing(existing.run_id)
-            return existing, False
+            self._drop_twins(existing)
+            return self._with_params(existing, params), False
         tracking = self._remote.tracking
         created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)
         winner = self.first(experiment_id, run_name=run_name) or created
         if winner.run_id != created.run_id:
             log.info("run %r was created concurrently; using %s", run_name, winner.run_id)
             self._remote.track("delete", tracking.delete_run, created.run_id)
-            return winner, False
+            return self._with_params(winner, params), False
         first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
-        self._remote.track(
-            "log_params", tracking.log_batch, created.run_id, first_metric, params or {}
-        )
+        self._log_params(created, params or {}, first_metric)
         return created, True
+
+    def _drop_twins(self, winner: RunRecord) -> None:
+        """Delete the other runs of ``winner``'s name that a creator left behind: it was
+        killed between creating its twin and deleting it (after a lost ``create_run`` answer,
+        or racing another creator). Only twins never claimed and past their creation's grace
+        (:mod:`tracker_core.leases`) go: within it, a live creator may still be about to
+        claim its run (creation times are the clients', so "oldest" can change meanwhile)."""
+        query = RunQuery((winner.experiment_id,), run_name=winner.run_name)
+        twins = self._remote.track("search", self._remote.tracking.search_runs, query)
+        now = leases.now_ms()
+        for twin in twins:
+            if (
+                twin.run_id == winner.run_id
+                or twin.status.is_terminal
+                or leases.lease_state(twin, self.ttl_ms).epoch != 0
+                or leases.run_is_live(twin, self.ttl_ms, now)
+            ):
+                continue
+            log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
+            self._remote.track("delete", self._remote.tracking.delete_run, twin.run_id)
+
+    def _with_params(self, run: RunRecord, params: Mapping[str, str] | None) -> RunRecord:
+        """``run``, with the ``params`` it lacks logged (the same values are accepted twice)."""
+        missing = {k: v for k, v in (params or {}).items() if k not in run.params}
+        if not missing:
+            return run
+        log.info("run %s has no params yet; logging them", run.run_id)
+        self._log_params(run, missing)
+        return self.get_existing(run.run_id)
+
+    def _log_params(
+        self, run: RunRecord, params: Mapping[str, str], metrics: list[MetricValue] | None = None
+    ) -> None:
+        """Log a run's params. Another worker may log the same ones at the same moment (it
+        resumes the run its creator left without them); MLflow on PostgreSQL then refuses the
+        slower insert (``UniqueViolation`` on ``param_pk``): the params being there with these
+        values is what counts."""
+        tracking = self._remote.tracking
+        try:
+            self._remote.track("log_params", tracking.log_batch, run.run_id, metrics or (), params)
+        except TrackingStoreError:
+            fresh = self.get_existing(run.run_id)
+            if not params or any(fresh.params.get(k) != v for k, v in params.items()):
+                raise
+            log.info("params of run %s were logged by another worker meanwhile", run.run_id)
 
     # ------------------------------------------------------------------ taking a run
     def start(
@@ -153,6 +196,7 @@ class RunTracker:
                 self._stop_heartbeat()
             run = acquired
         self.run, self.params = run, params
+        self._resumed = not created
         self.metrics.start(run.run_id)
         self._has_main = self.main_metric in run.metrics
         return run.status.is_terminal
@@ -309,6 +353,11 @@ class RunTracker:
             )
         self._stop_heartbeat()
         self._remote.track("finish_run", self._remote.tracking.set_terminated, run.run_id, status)
+        if self._resumed:  # its creator may have died leaving a twin (see _drop_twins)
+            try:
+                self._drop_twins(run)
+            except TrackerError as exc:
+                log.warning("could not look for twins of run %s: %s", run.run_id, exc)
         self._reset()
 
     def end_implicitly(self) -> None:
@@ -358,3 +407,4 @@ class RunTracker:
         self.params = None
         self._epoch = 0
         self._has_main = False
+        self._resumed = False

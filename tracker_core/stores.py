@@ -247,9 +247,18 @@ class ArtifactStore(abc.ABC):
 
     @abc.abstractmethod
     def download_dir(
-        self, uri: str, local_dir: Path, progress: ProgressCallback | None = None
+        self,
+        uri: str,
+        local_dir: Path,
+        progress: ProgressCallback | None = None,
+        *,
+        files: Mapping[str, int] | None = None,
     ) -> None:
-        """Copy the tree at ``uri`` into ``local_dir``; ModelNotFoundError if there is none."""
+        """Copy the tree at ``uri`` into ``local_dir``; ModelNotFoundError if there is none.
+
+        ``files`` (relative path -> size), when the caller knows them (a model's manifest),
+        spares the listing: exactly those files are copied.
+        """
 
     @abc.abstractmethod
     def delete_tree(self, uri: str) -> bool:

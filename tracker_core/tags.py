@@ -16,6 +16,7 @@ __all__ = [
     "TAG_BATCH",
     "TAG_KIND",
     "TAG_MODEL_DELETED",
+    "TAG_MODEL_FILES",
     "TAG_MODEL_FORMAT",
     "TAG_MODEL_UPLOADED",
     "TAG_MODEL_URI",
@@ -42,6 +43,8 @@ TAG_MODEL_UPLOADED = "tracker.model_uploaded"
 TAG_MODEL_DELETED = "tracker.model_deleted"
 TAG_MODEL_URI = "tracker.model_uri"
 TAG_MODEL_FORMAT = "tracker.model_format"
+#: the model's files and sizes (JSON), so a download needs no listing
+TAG_MODEL_FILES = "tracker.model_files"
 
 METRIC_MODEL_UPLOADED = "model_uploaded"
 METRIC_MODEL_DELETED = "model_deleted"

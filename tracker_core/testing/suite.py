@@ -15,7 +15,8 @@ The suite is one module per concept, each of which can also be imported on its o
 - :mod:`~tracker_core.testing.suite_errors`: loud typed failures, one retry policy, no global
   state, interoperability (invariants 4-6);
 - :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store;
-- :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave.
+- :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave;
+- :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing.
 
 Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
 ``"mlflow"``, plain MLflow reads what we wrote; ``"processes"``, the stores are shared by
@@ -30,6 +31,7 @@ from tracker_core.testing import (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_quiet,
     suite_reconcile,
     suite_runs,
 )
@@ -38,6 +40,7 @@ from tracker_core.testing.suite_iterations import *  # noqa: F403
 from tracker_core.testing.suite_metrics import *  # noqa: F403
 from tracker_core.testing.suite_models import *  # noqa: F403
 from tracker_core.testing.suite_params import *  # noqa: F403
+from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
 from tracker_core.testing.support import mgr  # noqa: F401
@@ -48,6 +51,7 @@ _MODULES = (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_quiet,
     suite_reconcile,
     suite_runs,
 )

@@ -37,6 +37,16 @@ __all__ = ["mgr"]  # completed at the end
 
 
 # --------------------------------------------------------------------------- metrics
+def _run_behind_proxy(backend: BackendUnderTest) -> tuple[ExperimentsManager, FaultyProxy, str]:
+    """A manager whose tracking store is wrapped in a :class:`FaultyProxy`, with a run set."""
+    mgr = backend.connect(params_type=Params)
+    proxy = FaultyProxy(mgr.tracking)
+    mgr.tracking = proxy  # type: ignore[assignment]
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    return mgr, proxy, mgr.current_run_id or ""
+
+
 def test_accumulators_and_steps(backend: BackendUnderTest) -> None:
     acc = MetricsAccumulator(
         "loss", calc_mean=True, calc_sliding=True, calc_min=True, calc_max=True, window_size=2
@@ -59,11 +69,7 @@ def test_accumulators_and_steps(backend: BackendUnderTest) -> None:
 
 
 def test_metrics_are_batched(backend: BackendUnderTest) -> None:
-    mgr = backend.connect()
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
-    mgr.set_iteration(iteration(mgr))
-    mgr.set_run(Params(lr=0.1))
+    mgr, proxy, _ = _run_behind_proxy(backend)
     before = proxy.calls["log_batch"]
     for i in range(200):
         mgr.save_metric(MetricValue("quality", i / 200))
@@ -72,12 +78,7 @@ def test_metrics_are_batched(backend: BackendUnderTest) -> None:
 
 
 def test_retried_metric_batch_is_not_double_counted(backend: BackendUnderTest) -> None:
-    mgr = backend.connect()
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
-    mgr.set_iteration(iteration(mgr))
-    mgr.set_run(Params(lr=0.1))
-    run_id = mgr.current_run_id or ""
+    mgr, proxy, run_id = _run_behind_proxy(backend)
     for i in range(5):
         mgr.save_metric(MetricValue("quality", float(i)))
     # the server applies the batch, then the response is lost: the retry sends it again
@@ -171,12 +172,7 @@ def _history(mgr: ExperimentsManager, run_id: str, key: str) -> list[tuple[int |
 def test_save_metric_never_waits_for_the_store(backend: BackendUnderTest) -> None:
     """Values are sent by a background sender: the caller queues 2,500 values while the store
     does not answer at all, and nothing is lost, doubled or reordered once it does."""
-    mgr = backend.connect(params_type=Params)
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
-    mgr.set_iteration(iteration(mgr))
-    mgr.set_run(Params(lr=0.1))
-    run_id = mgr.current_run_id or ""
+    mgr, proxy, run_id = _run_behind_proxy(backend)
     gate = proxy.hold("log_batch")  # the store stops answering
     before = proxy.calls["log_batch"]
     caller = threading.current_thread().name
@@ -192,12 +188,7 @@ def test_save_metric_never_waits_for_the_store(backend: BackendUnderTest) -> Non
 
 
 def test_full_metrics_queue_applies_back_pressure(backend: BackendUnderTest) -> None:
-    mgr = backend.connect(params_type=Params)
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
-    mgr.set_iteration(iteration(mgr))
-    mgr.set_run(Params(lr=0.1))
-    run_id = mgr.current_run_id or ""
+    mgr, proxy, run_id = _run_behind_proxy(backend)
     queue = mgr._runs.metrics
     queue.max_pending = queue.batch_size  # a small bound, to reach it quickly
     gate = proxy.hold("log_batch")
@@ -223,12 +214,7 @@ def test_full_metrics_queue_applies_back_pressure(backend: BackendUnderTest) -> 
 
 
 def test_failed_background_send_surfaces_at_the_next_flush(backend: BackendUnderTest) -> None:
-    mgr = backend.connect(params_type=Params)
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
-    mgr.set_iteration(iteration(mgr))
-    mgr.set_run(Params(lr=0.1))
-    run_id = mgr.current_run_id or ""
+    mgr, proxy, run_id = _run_behind_proxy(backend)
     proxy.fail("log_batch", error=TransientError("503"), times=10**6)  # the store is down
     for i in range(1500):  # a full batch: the sender tries (and fails) in the background
         mgr.save_metric(MetricValue("loss", float(i)))

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import uuid
 from pathlib import Path
@@ -27,6 +26,7 @@ from tracker_core.testing.support import (
     iteration,
     marked_models,
     mgr,
+    processes,
     run_with_quality,
     stored_models,
     tiny_model,
@@ -133,7 +133,7 @@ def test_concurrent_processes_keep_the_best_model(backend: BackendUnderTest) -> 
 
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     qualities = [0.4, 0.8, 0.6]
-    with multiprocessing.get_context("spawn").Pool(len(qualities)) as pool:
+    with processes().Pool(len(qualities)) as pool:
         jobs = [(backend, plugin, i, q) for i, q in enumerate(qualities)]
         run_ids = pool.starmap(_process_worker, jobs)
     mgr = backend.connect(plugin_name=plugin, model_format="state_dict", model_factory=tiny_model)

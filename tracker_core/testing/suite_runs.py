@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import time
 import uuid
@@ -39,6 +38,7 @@ from tracker_core.testing.support import (
     Params,
     iteration,
     mgr,
+    processes,
     run_with_quality,
     tiny_model,
     weights,
@@ -357,7 +357,7 @@ def test_same_params_in_several_processes_train_once(backend: BackendUnderTest) 
     if "processes" not in backend.capabilities:
         pytest.skip("the backend's stores are not shared across processes")
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    with processes().Pool(4) as pool:
         outcomes = pool.starmap(_same_params_worker, [(backend, plugin, i) for i in range(4)])
     trained = [o for o in outcomes if o.startswith("trained")]
     assert len(trained) == 1, outcomes

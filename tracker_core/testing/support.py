@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import enum
+import multiprocessing
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import attrs
@@ -17,11 +19,13 @@ from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.values import FineTuningIteration, MetricValue
 
 __all__ = [
+    "PRELOADED",
     "Optimizer",
     "Params",
     "iteration",
     "marked_models",
     "mgr",
+    "processes",
     "run_with_quality",
     "stored_models",
     "tiny_model",
@@ -97,3 +101,19 @@ def mgr(backend: BackendUnderTest) -> Any:
     )
     yield manager
     manager.close()
+
+
+#: what worker processes of the suite import once, in the fork server, instead of each child
+PRELOADED = ["tracker_core", "tracker_core_mlflow", "mlflow", "torch"]
+
+
+def processes() -> BaseContext:
+    """A multiprocessing context for real worker processes sharing nothing but the stores.
+
+    Children fork from a server process that imported tracker-core, MLflow and torch once
+    (a spawned child would import them again: seconds each); each child is still a fresh
+    process of its own, with its own managers, threads and connections.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    return context

@@ -5,24 +5,67 @@ A model written by :class:`MlflowPytorchCodec` under a run's artifact URI
 
 Security: this format **pickles the whole model object**, code references included, and
 loading it unpickles - only load models from a store you trust. The ``state_dict`` format of
-the core stores weights only and loads with ``weights_only=True``.
+the core stores weights only and loads with ``weights_only=True``. tracker-core says so once
+per process (at INFO, on the first save) instead of MLflow's WARNING on every save.
+
+Importing ``mlflow.pytorch`` runs ``logging.basicConfig(level=logging.ERROR)`` (in
+``mlflow/pytorch/_lightning_autolog.py``, imported at the end of ``mlflow/pytorch/__init__.py``
+even without Lightning installed), which installs a stderr handler on the root logger and
+silences the user's INFO/WARNING logs. The codec imports it with the root logger kept as it was.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from tracker_core.codecs import ModelCodec, ModelFactory
-from tracker_core.errors import ConfigurationError, ModelNotFoundError
+from tracker_core.codecs import ModelCodec, ModelFactory, describe_type
+from tracker_core.errors import ConfigurationError, InvalidModelError, ModelNotFoundError
+from tracker_core_mlflow.quiet import quiet, root_logger_kept
 
-__all__ = ["MlflowPytorchCodec", "default_requirements"]
+__all__ = ["MlflowPytorchCodec", "default_requirements", "import_mlflow_pytorch"]
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_import_lock = threading.Lock()
+_imported = threading.Event()
+_explained = threading.Event()
+#: the start of MLflow's WARNING on every pickle-format save (``mlflow.pytorch.save_model``)
+PICKLE_WARNING = "Saving pytorch model by Pickle"
+
+
+def import_mlflow_pytorch() -> ModuleType:
+    """``mlflow.pytorch``, imported without changing the root logger's level or handlers."""
+    if not _imported.is_set():
+        with _import_lock, root_logger_kept():
+            importlib.import_module("mlflow.pytorch")
+            _imported.set()
+    return importlib.import_module("mlflow.pytorch")
+
+
+def _is_pickle_warning(record: logging.LogRecord) -> bool:
+    return record.levelno == logging.WARNING and record.getMessage().startswith(PICKLE_WARNING)
+
+
+def _explain_once() -> None:
+    with _import_lock:
+        if _explained.is_set():
+            return
+        _explained.set()
+    log.info(
+        "model format 'mlflow.pytorch' pickles the whole model: loading it can run code "
+        "from the store, so load only from stores you trust; model_format='state_dict' "
+        "stores weights only"
+    )
 
 
 def _project(requirement: str) -> str:
@@ -49,21 +92,33 @@ class MlflowPytorchCodec(ModelCodec):
     name = "mlflow.pytorch"
 
     def save(self, model: Any, directory: Path, requirements: Sequence[str] | None = None) -> None:
-        """Write ``model`` into the existing, empty ``directory`` (MLflow wants to create it)."""
-        import mlflow.pytorch
+        """Write ``model`` into the existing, empty ``directory`` (MLflow wants to create it).
 
+        Raises:
+            InvalidModelError: ``model`` is not a ``torch.nn.Module``.
+        """
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidModelError(
+                f"the {self.name} model format saves a torch.nn.Module, got "
+                f"{describe_type(model)}; pass the model itself, or choose another model_format"
+            )
+        mlflow_pytorch = import_mlflow_pytorch()
         directory = Path(directory)
         if directory.exists():
             if any(directory.iterdir()):
                 raise ConfigurationError(f"model directory {directory} is not empty")
             directory.rmdir()
         kwargs: dict[str, Any] = {"pip_requirements": default_requirements(requirements)}
-        if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters:
+        if "serialization_format" in inspect.signature(mlflow_pytorch.save_model).parameters:
             # MLflow >= 3.5 defaults to "pt2", which needs an input example (and picks its
             # default from the global tracking URI); keep the portable pickle format.
             kwargs["serialization_format"] = "pickle"
+        _explain_once()
         try:
-            mlflow.pytorch.save_model(model, str(directory), **kwargs)
+            with quiet(mlflow_pytorch.__name__, _is_pickle_warning):
+                mlflow_pytorch.save_model(model, str(directory), **kwargs)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -72,8 +127,6 @@ class MlflowPytorchCodec(ModelCodec):
 
     def load(self, directory: Path, model_factory: ModelFactory | None = None) -> Any:
         """Unpickle the model MLflow saved; ``model_factory`` is not needed and ignored."""
-        import mlflow.pytorch
-
         if not (Path(directory) / "MLmodel").is_file():
             raise ModelNotFoundError(f"no MLflow model (MLmodel file) in {directory}")
-        return mlflow.pytorch.load_model(str(directory))
+        return import_mlflow_pytorch().load_model(str(directory))

@@ -26,6 +26,7 @@ __all__ = [
     "TRANSIENT_CODES",
     "TransientTrackingStoreError",
     "classify_mlflow_error",
+    "environ_changed_while_read",
     "error_code",
     "scrub_chain",
     "tracking_errors",
@@ -55,6 +56,9 @@ _READ_ONLY = "attempt to write a readonly database"
 _STATUS_IN_MESSAGE = re.compile(r"(?:error code|too many) (\d{3})\b")
 
 
+_ENVIRON_READERS = frozenset({"collections.abc", "_collections_abc", "os"})
+
+
 class TransientTrackingStoreError(TrackingStoreError, TransientError):
     """A tracking-store failure worth retrying (connection, timeout, 5xx, 429, locked DB)."""
 
@@ -70,11 +74,36 @@ def _http_status(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def environ_changed_while_read(exc: BaseException) -> bool:
+    """True for the ``KeyError`` of a variable deleted from ``os.environ`` by another thread
+    while this one iterated over it (``os.environ.items()``, ``dict(os.environ)``...).
+
+    MLflow's telemetry does that once per process: ``import mlflow`` sets
+    ``_MLFLOW_TELEMETRY_SESSION_ID``, and when its background thread fails to fetch its
+    configuration (no internet), ``_set_telemetry_client(None)`` pops it
+    (``mlflow/telemetry/client.py``), while ``requests`` iterates ``os.environ`` for proxy
+    settings on every HTTP request (``urllib.request.getproxies_environment``). Such a request
+    was never sent; trying again is safe.
+    """
+    if not isinstance(exc, KeyError):
+        return False
+    modules: list[str] = []  # the module of each frame, outermost first
+    tb = exc.__traceback__
+    while tb is not None:
+        modules.append(str(tb.tb_frame.f_globals.get("__name__")))
+        tb = tb.tb_next
+    # os._Environ.__getitem__, called by a Mapping view (items(), values(): the module
+    # _collections_abc names itself collections.abc) or by os.environ.copy()
+    return len(modules) >= 2 and modules[-1] == "os" and modules[-2] in _ENVIRON_READERS
+
+
 def _classify_one(exc: BaseException) -> bool | None:
     import requests
     from mlflow.exceptions import MlflowException, RestException
 
     if isinstance(exc, TransientError):
+        return True
+    if environ_changed_while_read(exc):
         return True
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
         return True
@@ -107,7 +136,8 @@ def classify_mlflow_error(exc: BaseException) -> bool | None:
 
     Transient: requests connection errors and timeouts, MLflow's exhausted HTTP retries,
     HTTP 5xx / 408 / 429, ``TEMPORARILY_UNAVAILABLE`` / ``REQUEST_LIMIT_EXCEEDED``, a server
-    ``INTERNAL_ERROR``, SQLite's "database is locked". Permanent: invalid parameter, missing
+    ``INTERNAL_ERROR``, SQLite's "database is locked", an environment variable deleted while
+    it was read (:func:`environ_changed_while_read`). Permanent: invalid parameter, missing
     or existing resource, permission denied, other 4xx. A wrapped
     :class:`~tracker_core.errors.TrackingStoreError` is judged by its cause.
     """

@@ -3,16 +3,22 @@
 Only ``mlflow.MlflowClient(tracking_uri)`` is used, never the fluent API, so any number of
 stores live in one process and are used from any thread.
 
-The store does not retry. MLflow's HTTP layer has its own retries (``urllib3.Retry`` on
-408/429/5xx and connection errors): ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7, with
-exponential backoff factor ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` = 2, i.e. minutes) and
-``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s). Those are process-wide environment variables
-read at each request; a library must not set them. Under tracker-core's own retry policy,
-deployments should set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` (or a small number) and a
-moderate ``MLFLOW_HTTP_REQUEST_TIMEOUT`` so the retries do not multiply; otherwise each of
-our attempts may itself take minutes. Credentials are best passed as
-``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``; ``user:password@`` in the URI
-works too and is redacted from every error this store raises.
+The store does not retry: the caller's retry policy (tracker-core's one) does. Over HTTP to an
+MLflow server, the client the store builds sends each request exactly once per call, with a
+timeout (``request_timeout``: the constructor argument, else ``MLFLOW_HTTP_REQUEST_TIMEOUT`` if
+set, else :data:`DEFAULT_REQUEST_TIMEOUT` seconds); MLflow's own HTTP retries
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7 with minutes of backoff) would otherwise nest
+inside ours. This is local to the store's client (see :mod:`tracker_core_mlflow.rest`): no
+environment variable is set and other ``MlflowClient`` objects in the process keep MLflow's
+behaviour. A ``client`` passed in is used as it is, with its own retries.
+
+Runs end through the store itself: ``MlflowClient.set_terminated`` prints "View run / View
+experiment" lines to stdout over HTTP (and fetches the run once more to do so). Opening a
+SQLite database keeps MLflow's migration INFO lines out of the user's output
+(:mod:`tracker_core_mlflow.quiet`).
+
+Credentials are best passed as ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``;
+``user:password@`` in the URI works too and is redacted from every error this store raises.
 """
 
 from __future__ import annotations
@@ -23,22 +29,24 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from tracker_core.errors import TrackingStoreError, redact
+from tracker_core.errors import ConfigurationError, TrackingStoreError, redact
 from tracker_core.stores import ExperimentQuery, RunQuery, TrackingStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 from tracker_core_mlflow import filters
 from tracker_core_mlflow.errors import classify_mlflow_error, error_code, tracking_errors
+from tracker_core_mlflow.quiet import quiet
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Experiment, Metric, Param, Run, RunTag
 
-__all__ = ["MlflowTrackingStore", "batches"]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "MlflowTrackingStore", "batches", "resolve_request_timeout"]
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,6 +56,28 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
 #: page size when a search has no (or a large) limit
 PAGE_SIZE = 1000
 _CREATE_ATTEMPTS = 3
+#: seconds an HTTP request to an MLflow server may take (connect, then read) unless the store's
+#: ``request_timeout`` or ``MLFLOW_HTTP_REQUEST_TIMEOUT`` says otherwise (MLflow's default: 120)
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+
+def resolve_request_timeout(explicit: float | None = None) -> float:
+    """``explicit`` if given, else ``MLFLOW_HTTP_REQUEST_TIMEOUT`` if set, else
+    :data:`DEFAULT_REQUEST_TIMEOUT`."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    if explicit is not None:
+        if explicit <= 0:
+            raise ConfigurationError(f"request_timeout must be positive, got {explicit!r}")
+        return float(explicit)
+    if MLFLOW_HTTP_REQUEST_TIMEOUT.defined:
+        return float(MLFLOW_HTTP_REQUEST_TIMEOUT.get())  # type: ignore[no-untyped-call]
+    return DEFAULT_REQUEST_TIMEOUT
+
+
+def _is_migration_chatter(record: logging.LogRecord) -> bool:
+    """MLflow's INFO lines when it opens (and migrates) a database."""
+    return record.levelno < logging.WARNING
 
 
 def _operation(fn: F) -> F:
@@ -159,15 +189,27 @@ class MlflowTrackingStore(TrackingStore):
     :class:`~tracker_core_mlflow.errors.TransientTrackingStoreError`).
     """
 
-    def __init__(self, tracking_uri: str, client: MlflowClient | None = None) -> None:
-        from mlflow import MlflowClient
+    def __init__(
+        self,
+        tracking_uri: str,
+        client: MlflowClient | None = None,
+        *,
+        request_timeout: float | None = None,
+    ) -> None:
+        """``request_timeout``: seconds per HTTP request to an MLflow server (see
+        :func:`resolve_request_timeout`); ignored for databases and for a ``client`` passed in."""
+        from tracker_core_mlflow.rest import single_attempt_client
 
         self.uri = tracking_uri
         self._password = urlsplit(tracking_uri).password
         self.display_uri = redact(tracking_uri, self._password)
+        self.request_timeout = resolve_request_timeout(request_timeout)
         if client is None:
-            with _sqlite_init_lock(tracking_uri) as is_sqlite:
-                client = MlflowClient(tracking_uri=tracking_uri)
+            with (
+                quiet("mlflow.store.db.utils", _is_migration_chatter),
+                _sqlite_init_lock(tracking_uri) as is_sqlite,
+            ):
+                client = single_attempt_client(tracking_uri, self.request_timeout)
                 if is_sqlite:
                     with tracking_errors("open", self.display_uri, self._password):
                         client.search_experiments(max_results=1)  # a fresh DB migrates here
@@ -355,7 +397,16 @@ class MlflowTrackingStore(TrackingStore):
 
     @_operation
     def set_terminated(self, run_id: str, status: RunStatus) -> None:
-        self.client.set_terminated(run_id, status=str(RunStatus(status)))
+        """End the run through MLflow's store: ``MlflowClient.set_terminated`` would also
+        print two "View run" lines to stdout over HTTP, after one more ``get_run``."""
+        from mlflow.entities import RunStatus as MlflowRunStatus
+
+        self.client._tracking_client.store.update_run_info(
+            run_id,
+            run_status=MlflowRunStatus.from_string(str(RunStatus(status))),
+            end_time=int(time.time() * 1000),
+            run_name=None,
+        )
 
     @_operation
     def delete_run(self, run_id: str) -> None:

@@ -44,4 +44,6 @@ class MemoryBackend(MlflowBackend):
             raise ConfigurationError(f"expected memory://name/prefix, got {artifact_uri!r}")
         fs = _MemoryFileSystem(**dict(storage_options or {}))
         root = fs.unstrip_protocol(fs._strip_protocol(artifact_uri)).rstrip("/")
-        return FsspecArtifactStore(fs, root)
+        # memory folders are real (rmdir refuses a non-empty one): empty ones left by a
+        # deletion are removed, as on a local disk
+        return FsspecArtifactStore(fs, root, directories=True)
