@@ -121,6 +121,7 @@ class _Auditor:
             plugin_name=facts.plugin,
             main_metric=W.MAIN_METRIC,
             params_type=W.SoakParams,
+            model_factory=W.any_linear,  # for the state_dict models of shape "one"
         )
         self.checks = {key: Check() for key, _ in INVARIANTS}
         self.params = [W.SoakParams(worker=w, index=i, lr=lr) for w, i, lr in facts.params]

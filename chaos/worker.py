@@ -338,6 +338,7 @@ def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
         plugin_name=config["plugin"],
         params_type=W.SoakParams,
         model_format="state_dict",
+        model_factory=W.any_linear,
     )
     arm(manager, killer, journal, "delete_previous_iteration")
     uploaded = manager.upload_initial_model(W.initial_model(config["seed"]))
@@ -346,7 +347,7 @@ def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
         FineTuningIteration(plugin_name=config["plugin"], batch_id=config["batch"])
     )
     start = manager.download_last_model()
-    journal.write("start_model", tensors=sorted(start))
+    journal.write("start_model", tensors=sorted(start.state_dict()))
     wait = config["lease_seconds"] * 3
     for params in params_of(config):
         with manager.run(params, wait=wait) as run:

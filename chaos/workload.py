@@ -99,6 +99,23 @@ def make_model(seed: int, batch: str, params: SoakParams, large: bool) -> Any:
     return model
 
 
+def any_linear() -> Any:
+    """The ``model_factory`` of the soak's ``state_dict`` models: a ``torch.nn.Linear`` that
+    takes the size of the weights loaded into it (the soak's models come in two sizes)."""
+    import torch
+
+    class AnyLinear(torch.nn.Linear):
+        def load_state_dict(
+            self, state_dict: Any, strict: bool = True, assign: bool = False
+        ) -> Any:
+            out_features, in_features = state_dict["weight"].shape
+            self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+            self.bias = torch.nn.Parameter(torch.empty(out_features))
+            return super().load_state_dict(state_dict, strict, assign)
+
+    return AnyLinear(1, 1)
+
+
 def initial_state(seed: int) -> dict[str, Any]:
     return expected_state(seed, "initial", SoakParams(worker=-1, index=-1, lr=0.0), False)
 

@@ -164,6 +164,7 @@ def _manager(tmp_path: Path) -> ExperimentsManager:
         main_metric="score",
         plugin_name="soak-regression",
         model_format="state_dict",
+        model_factory=_tiny,
         lease_seconds=2,  # a run nobody claimed yet counts as being created for this long
     )
 
@@ -296,6 +297,7 @@ class _Method(FineTuningMethod[_Params]):
     params_type = _Params
     main_metric = "score"
     model_format = "state_dict"
+    model_factory = staticmethod(_tiny)
     interrupt_at: float | None = None
 
     def initial_model(self) -> Any:
@@ -366,7 +368,8 @@ def test_download_last_model_while_another_worker_deletes_that_iteration(tmp_pat
 
     second.tracking = CleanedUpMeanwhile()  # type: ignore[assignment]
     model = second.download_last_model()
-    assert all(torch.equal(model[k], v) for k, v in initial.state_dict().items())
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in initial.state_dict().items())
 
 
 def test_a_twin_run_left_by_a_killed_creator_is_deleted_on_resume(tmp_path: Path) -> None:
