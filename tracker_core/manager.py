@@ -46,17 +46,17 @@ from tracker_core.errors import (
     TrackerError,
 )
 from tracker_core.iterations import Iterations
-from tracker_core.models import (
+from tracker_core.models import ModelKeeper, is_marked
+from tracker_core.params import FineTuningParams
+from tracker_core.ranking import Ranking
+from tracker_core.reconcile import (
     MissingModel,
     MissingScan,
-    ModelKeeper,
     OrphanedModel,
     OrphanedUpload,
     OrphanScan,
-    is_marked,
+    Reconciler,
 )
-from tracker_core.params import FineTuningParams
-from tracker_core.ranking import Ranking
 from tracker_core.registry import get_backend, import_object, scheme_of
 from tracker_core.remote import Remote
 from tracker_core.retry import Retrier, RetryConfig
@@ -229,6 +229,7 @@ class ExperimentsManager:
             track=self._remote.track,
             art=self._remote.art,
         )
+        self._reconcile = Reconciler(self._remote, self.models)
         self._runs = RunTracker(
             self._remote, main_metric, accumulators, lease_seconds=lease_seconds
         )
@@ -851,26 +852,26 @@ class ExperimentsManager:
         self, *, include_running: bool = False, max_depth: int = 4
     ) -> OrphanScan:
         """Model folders no run marks and incomplete uploads whose writer is gone: what
-        crashes leave (see :meth:`ModelKeeper.find_orphans`)."""
-        return self.models.find_orphans(
+        crashes leave (see :meth:`Reconciler.find_orphans`)."""
+        return self._reconcile.find_orphans(
             include_running=include_running, max_depth=max_depth, lease_seconds=self.lease_seconds
         )
 
     def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
         """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
-        return self.models.delete_orphan(orphan)
+        return self._reconcile.delete_orphan(orphan)
 
     def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
         """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
-        self.models.abort_upload(upload)
+        self._reconcile.abort_upload(upload)
 
     def find_models_missing_files(self) -> MissingScan:
         """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""
-        return self.models.find_missing_files(lease_seconds=self.lease_seconds)
+        return self._reconcile.find_missing_files(lease_seconds=self.lease_seconds)
 
     def unmark_model_missing_files(self, model: MissingModel) -> bool:
         """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
-        return self.models.unmark_missing(model, lease_seconds=self.lease_seconds)
+        return self._reconcile.unmark_missing(model, lease_seconds=self.lease_seconds)
 
     # ------------------------------------------------------------------ downloads
     def _marked_run(self, run_id: str) -> RunRecord:
