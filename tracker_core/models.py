@@ -23,6 +23,7 @@ from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import (
     ConfigurationError,
+    InvalidMetricError,
     ModelFilesMissingError,
     ModelLoadError,
     ModelNotFoundError,
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: MLflow keeps 8,000 characters of a tag value; a manifest longer than this is left out
 _MAX_MANIFEST = 6000
+
+#: how often a download picks the best model again when it was deleted while read
+PICK_ATTEMPTS = 3
 
 #: ``call(operation, fn, *args)``: a store call under the manager's retry policy
 Call = Callable[..., Any]
@@ -132,6 +136,33 @@ class ModelKeeper:
             if r.run_id != run.run_id and self.ranking.key(r) < mine
         ]
 
+    def among_best(self, fresh: RunRecord, keep: int) -> bool:
+        """Whether ``fresh`` (just read) ranks among the ``keep`` best marked models of its
+        iteration, so its model is worth writing. Raises :class:`InvalidMetricError` if it
+        logged no value of the main metric."""
+        metric = self.ranking.metric
+        if metric not in fresh.metrics:
+            raise InvalidMetricError(
+                f"cannot rank run {fresh.run_id}: it has no value of {metric!r}"
+            )
+        if len(self.better_marked(fresh)) < keep:
+            return True
+        value = fresh.metrics[metric]
+        log.info(
+            "run %s (%s=%s) is not among the best %d; model not saved",
+            *(fresh.run_id, metric, value, keep),
+        )
+        return False
+
+    def prune(
+        self, experiment_id: str, keep: int, delete_model: Callable[[RunRecord], bool]
+    ) -> None:
+        """Delete (with ``delete_model``) the marked models ranked below the ``keep`` best.
+        Concurrent workers cannot prune a top model: a model is written first and marked
+        second, and only models ranked below ``keep`` *marked* ones are deleted."""
+        for worse in self.marked_runs(experiment_id)[keep:]:
+            delete_model(worse)
+
     # -- write, mark, unmark, delete ----------------------------------------------------
     def write_and_mark(
         self,
@@ -140,7 +171,7 @@ class ModelKeeper:
         model_format: str,
         requirements: Sequence[str] | None,
         *,
-        before_mark: Callable[[], None] | None = None,
+        before_mark: Callable[[], object] | None = None,
     ) -> str:
         """Write the model files, then mark them; returns the model's URI. ``before_mark``
         runs between the two (the manager checks there that it still holds the run)."""
@@ -247,3 +278,25 @@ class ModelKeeper:
             raise ModelLoadError(f"model of run {run.run_id}: {exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def load_best(
+        self,
+        pick: Callable[[], RunRecord | None],
+        otherwise: Callable[[], RunRecord],
+        default_format: str,
+        model_factory: ModelFactory | None,
+    ) -> Any:
+        """The model of the run ``pick()`` returns (of ``otherwise()`` when it returns None),
+        read with the record that picked it. If another worker deletes that model while it
+        is read (pruned by a better one, or its iteration cleaned up), pick again."""
+        for attempt in range(1, PICK_ATTEMPTS + 1):
+            run = pick()
+            if run is None:
+                return self.load(otherwise(), default_format, model_factory)
+            try:
+                return self.load(run, default_format, model_factory)
+            except ModelNotFoundError:
+                if attempt == PICK_ATTEMPTS:
+                    raise
+                log.info("the model of run %s was deleted while read; picking again", run.run_id)
+        raise AssertionError("unreachable")  # pragma: no cover
