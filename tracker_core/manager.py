@@ -793,9 +793,12 @@ class ExperimentsManager:
     def download_model(self, experiment_name: str, run_name: str) -> Any | None:
         """The model of the run named ``run_name`` in the experiment ``experiment_name``."""
         experiment = self._iterations.by_name(experiment_name)
-        run = self._runs.first(experiment.experiment_id, run_name=run_name) if experiment else None
+        if experiment is None:
+            log.warning("no experiment named %r", experiment_name)
+            return None
+        run = self._runs.first(experiment.experiment_id, run_name=run_name)
         if run is None:
-            log.warning("no run named %r in experiment %r", run_name, experiment_name)
+            log.warning("no run named %r in %r", run_name, experiment_name)
             return None
         return self.download_model_by_run_id(run.run_id)
 
