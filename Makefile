@@ -15,8 +15,12 @@ TYPED_SOURCES    := tracker_core $(wildcard backends)
 PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input -c $(CONSTRAINTS)
 
 # The test command; README quotes it. Extra pytest options: make test PYTEST_ARGS="-k s3 -x".
-PYTEST_ARGS ?=
-TEST_CMD    := $(VPY) -m pytest tests/ --timeout=900 $(PYTEST_ARGS)
+# Two test processes (pytest-xdist): most tests wait on a server or a subprocess, so one process
+# leaves a core idle. Modules whose tests share module-scoped servers stay in one process
+# (tests/conftest.py). TEST_PROCESSES=0 runs everything in this process.
+PYTEST_ARGS    ?=
+TEST_PROCESSES ?= 2
+TEST_CMD       := $(VPY) -m pytest tests/ --timeout=900 -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: venv test lint format demo clean chaos
 

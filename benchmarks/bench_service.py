@@ -43,13 +43,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Service:
-    def __init__(self, database: str, work: Path) -> None:
+    def __init__(self, database: str, work: Path, tracking_uri: str | None = None) -> None:
         from _service_methods import method_options
 
         self.database, self.work = database, work
+        self.tracking_uri = tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
         self.common = [
             "--database", database,
-            "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+            "--tracking-uri", self.tracking_uri,
             "--artifact-uri", str(work / "models"),
             *method_options(),
         ]  # fmt: skip

@@ -17,6 +17,7 @@ import attrs
 import psutil
 import psycopg
 from _service_methods import method_options
+from psycopg.rows import dict_row
 
 from tracker_core.service.client import ServiceClient
 from tracker_core.service.errors import ServiceUnavailableError
@@ -94,6 +95,7 @@ class Stack:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(p for p in path if p),
             "TC_SERVICE_TRAIN_LOG": str(self.train_log),
+            "TC_SERVICE_BARRIER_DIR": str(self.work / "barrier"),
             "MLFLOW_LOGGING_LEVEL": "ERROR",
         }
 
@@ -201,14 +203,55 @@ class Stack:
 
     def trained(self, method: str) -> list[tuple[str, str, int]]:
         """``(event, params id, pid)`` of every train call of ``method`` so far."""
+        return [(event, p, pid) for event, p, pid, _ in self.train_events(method)]
+
+    def train_events(self, method: str) -> list[tuple[str, str, int, float]]:
+        """``(event, params id, pid, unix time)`` of every train call of ``method`` so far."""
         if not self.train_log.exists():
             return []
         out = []
         for line in self.train_log.read_text().splitlines():
-            event, name, params_id, pid = line.split()
+            event, name, params_id, pid, at = line.split()
             if name == method:
-                out.append((event, params_id, int(pid)))
+                out.append((event, params_id, int(pid), float(at)))
         return out
+
+    def run_rows(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's rows of the run table (parallel runs), in plan order."""
+        with psycopg.connect(psycopg_url(self.database), autocommit=True) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(
+                "SELECT * FROM tracker_core_runs WHERE task_id = %s ORDER BY position", (task_id,)
+            )
+            return list(cur.fetchall())
+
+    def jobs_by_kind(self, task_id: str) -> dict[str, list[tuple[Any, ...]]]:
+        """The task's Procrastinate jobs by kind (``task``, ``run``, ``complete``):
+        ``(id, status, attempts)`` each."""
+        kinds = {
+            "tracker_core.run_task": "task",
+            "tracker_core.run_params": "run",
+            "tracker_core.complete_iteration": "complete",
+        }
+        out: dict[str, list[tuple[Any, ...]]] = {"task": [], "run": [], "complete": []}
+        for job_id, name, status, attempts in self.sql(
+            "SELECT id, task_name, status::text, attempts FROM procrastinate_jobs "
+            "WHERE args->>'task_id' = %s ORDER BY id",
+            task_id,
+        ):
+            out[kinds[name]].append((job_id, status, attempts))
+        return out
+
+    def job_started_at(self, job_id: int) -> list[Any]:
+        """When the job started, each time it did (Procrastinate's events)."""
+        return [
+            row[0]
+            for row in self.sql(
+                "SELECT at FROM procrastinate_events WHERE job_id = %s AND type = 'started' "
+                "ORDER BY at",
+                job_id,
+            )
+        ]
 
 
 def _raise(message: str) -> bool:

@@ -3,8 +3,11 @@
 Training adds ``lr`` to every weight of a tiny model, sleeping ``sleep`` seconds first in
 small steps that call :func:`tracker_core.finetune.check_stop` (so a cancel stops it within
 one step); evaluation reports ``quality``. With ``$TC_SERVICE_TRAIN_LOG`` set, every train
-call appends ``start|end <method> <params id> <pid>`` to that file, so tests can count how
-often each run was trained and by which process.
+call appends ``start|end <method> <params id> <pid> <unix time>`` to that file, so tests can
+count how often each run was trained, by which process, and when.
+
+``svc-barrier`` trains two params sets that wait for each other (files in
+``$TC_SERVICE_BARRIER_DIR``), so that their runs end at the same moment.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -38,7 +42,7 @@ def log_event(event: str, method: str, params: SvcParams) -> None:
     path = os.environ.get("TC_SERVICE_TRAIN_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"{event} {method} {params.id} {os.getpid()}\n")
+            f.write(f"{event} {method} {params.id} {os.getpid()} {time.time():.6f}\n")
 
 
 class _Base(FineTuningMethod[SvcParams]):
@@ -130,6 +134,62 @@ class Restart(_Base):
     sleep = 1.0
 
 
+class Parallel(_Base):
+    """Six sleeping runs: three workers train three of them at a time."""
+
+    name = "svc-par"
+    sleep = 1.5
+    qualities = (0.2, 0.9, 0.5, 0.7, 0.4, 0.6)
+
+
+class KillParallel(_Base):
+    name = "svc-kpar"
+    sleep = 2.5
+    qualities = (0.3, 0.8, 0.5, 0.6)
+
+
+class CancelParallel(_Base):
+    name = "svc-cpar"
+    sleep = 2.0
+    qualities = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+class Capped(_Base):
+    """Caps its own parallelism at one run at a time."""
+
+    name = "svc-capped"
+    max_parallel_runs = 1
+
+
+class Bench(_Base):
+    """``benchmarks/bench_parallel.py``: eight runs whose training sleeps 2 s."""
+
+    name = "svc-bench"
+    sleep = 2.0
+    qualities = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
+
+
+class Barrier(_Base):
+    """Two runs that wait for each other and then end together."""
+
+    name = "svc-barrier"
+    qualities = (0.4, 0.8)
+    timeout = 120.0
+
+    def train(self, model: Any, params: SvcParams, manager: ExperimentsManager) -> Any:
+        folder = Path(os.environ["TC_SERVICE_BARRIER_DIR"]) / str(manager.current_experiment_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        log_event("arrive", self.name, params)
+        (folder / params.id).touch()
+        deadline = time.monotonic() + self.timeout
+        while len(list(folder.iterdir())) < len(self.qualities):
+            check_stop()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other run of the barrier never came")
+            time.sleep(0.005)
+        return super().train(model, params, manager)
+
+
 METHODS = {
     "svc-fast": "Fast",
     "svc-batched": "Batched",
@@ -139,6 +199,12 @@ METHODS = {
     "svc-kill": "Kill",
     "svc-long": "Long",
     "svc-restart": "Restart",
+    "svc-par": "Parallel",
+    "svc-kpar": "KillParallel",
+    "svc-cpar": "CancelParallel",
+    "svc-capped": "Capped",
+    "svc-barrier": "Barrier",
+    "svc-bench": "Bench",
 }
 
 

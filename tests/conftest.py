@@ -28,6 +28,29 @@ TRACKING_SIDES = ("sqlite", "server")
 LEGS = [f"{a}-{t}" for a in ARTIFACT_SIDES for t in TRACKING_SIDES]
 
 
+#: modules whose tests share module-scoped servers or worker fleets: under pytest-xdist (make
+#: test), each runs in one test process instead of starting a copy of its stack in each
+SHARED_STACK_MODULES = frozenset(
+    {
+        "test_faults",
+        "test_mlflow_tracking_store",
+        "test_parallel",
+        "test_production_postgres",
+        "test_servers",
+        "test_service",
+        "test_service_hooks",
+        "test_third_party_backend",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if module in SHARED_STACK_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 # ------------------------------------------------------------------ tracking side
 @pytest.fixture(scope="session")
 def sqlite_tracking(tmp_path_factory: pytest.TempPathFactory) -> str:

@@ -352,21 +352,21 @@ def test_download_last_model_while_another_worker_deletes_that_iteration(tmp_pat
     previous = first.get_previous_iteration_id()
     assert previous is not None
     second.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
-    store = second.tracking
+    store = second.artifacts
 
     class CleanedUpMeanwhile:
-        """The second worker's store: the first worker deletes the previous iteration right
-        after the second one picked its best model."""
+        """The second worker's artifact store: the first worker deletes the previous
+        iteration right after the second one picked its best model, before it is read."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(store, name)
 
-        def get_run(self, run_id: str) -> Any:
+        def download_dir(self, *args: Any, **kwargs: Any) -> Any:
             if first.get_experiment(previous).lifecycle_stage == "active":  # type: ignore[union-attr]
                 first.delete_iteration(previous)
-            return store.get_run(run_id)
+            return store.download_dir(*args, **kwargs)
 
-    second.tracking = CleanedUpMeanwhile()  # type: ignore[assignment]
+    second.artifacts = CleanedUpMeanwhile()  # type: ignore[assignment]
     model = second.download_last_model()
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in initial.state_dict().items())

@@ -73,18 +73,23 @@ RecordsOn = Callable[[str], Records]
 
 @pytest.fixture
 def records() -> Iterator[RecordsOn]:
-    """``records(name)`` collects what logger ``name`` lets through, for the test."""
-    attached: list[tuple[logging.Logger, Records]] = []
+    """``records(name)`` collects what logger ``name``'s filters let through, for the test.
+    The logger's level is DEBUG meanwhile: an earlier test in this process may have left
+    MLflow's loggers at another level (the CLI, run in-process, quiets them), and the level is
+    not what these tests are about."""
+    attached: list[tuple[logging.Logger, Records, int]] = []
 
     def on(name: str) -> Records:
         handler, logger = Records(), logging.getLogger(name)
+        attached.append((logger, handler, logger.level))
+        logger.setLevel(logging.DEBUG)
         logger.addHandler(handler)
-        attached.append((logger, handler))
         return handler
 
     yield on
-    for logger, handler in attached:
+    for logger, handler, level in reversed(attached):
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # -- item 13: the user's root logger ---------------------------------------------------------

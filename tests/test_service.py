@@ -100,7 +100,9 @@ def test_task_runs_to_done_and_its_result_matches_mlflow(
     assert done_task["status"] == "done" and done_task["error"] is None
     assert done_task["updated_at"] > created["updated_at"] == created["created_at"]
     assert done_task["created_at"].endswith("Z") and done_task["attempts"] == 1
-    assert done_task["progress"] == {"planned": 3, "finished": 3, "failed": 0}
+    assert done_task["progress"] == {
+        "planned": 3, "queued": 0, "running": 0, "finished": 3, "failed": 0,
+    }  # fmt: skip
     result = done_task["result"]
     with mlflow_manager(stack, "svc-fast") as manager:
         experiment = manager.get_experiment(result["experiment_id"])
@@ -113,10 +115,11 @@ def test_task_runs_to_done_and_its_result_matches_mlflow(
         files = manager.download_model_files(best.run_id, tmp_path / "model", progress=None)
         assert any(files.rglob("*"))
     assert result["best_model_uri"].endswith(f"/{best.run_id}/artifacts/model")
-    # the job is done too, after one attempt
+    # its jobs are done too, after one attempt each: its own (the plan), one per run (the
+    # worker has two slots, so by default the runs are separate jobs), the completion
     assert [(status, attempts) for _, status, attempts in stack.jobs_of(done_task["id"])] == [
         ("succeeded", 1)
-    ]
+    ] * 5
 
 
 def test_every_run_failing_ends_the_task_in_error(stack: Stack) -> None:
@@ -174,7 +177,9 @@ def test_bad_input_gets_a_clear_4xx_and_writes_nothing(
     stack: Stack, done_task: dict[str, Any]
 ) -> None:
     before = stack.count_tasks()
-    jobs_before = stack.sql("SELECT count(*) FROM procrastinate_jobs")
+    # the task queue's jobs (the maintenance queue gets a periodic job every second)
+    count_jobs = "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = 'tracker-core-tasks'"
+    jobs_before = stack.sql(count_jobs)
     ok = {"fine_tuning_method": "svc-fast", "batch_id": "bad-1"}
     cases: list[tuple[bytes, int, str]] = [
         (b'{"fine_tuning_method": "svc-fast",', 400, "not valid JSON"),
@@ -208,7 +213,7 @@ def test_bad_input_gets_a_clear_4xx_and_writes_nothing(
     status, answer = raw(stack, "POST", f"{API}/task/{done_task['id']}/cancel")
     assert status == 409 and "already ended (done)" in answer["detail"]
     assert stack.count_tasks() == before
-    assert stack.sql("SELECT count(*) FROM procrastinate_jobs") == jobs_before
+    assert stack.sql(count_jobs) == jobs_before
     assert stack.client.get(done_task["id"])["status"] == "done"
 
 
@@ -252,7 +257,8 @@ def test_same_batch_waits_for_the_running_task_and_a_pending_cancel_never_starts
 
 
 def test_cancel_processing_stops_at_a_safe_point_and_a_later_task_resumes(stack: Stack) -> None:
-    task = stack.client.create("svc-cancel", batch_id="cancel-1")
+    # one run at a time, in the task's own job (parallel runs: test_parallel)
+    task = stack.client.create("svc-cancel", batch_id="cancel-1", max_parallel_runs=1)
     stack.wait_status(task["id"], "processing")
     wait_for(
         lambda: (stack.client.get(task["id"])["progress"] or {}).get("finished", 0) >= 1,
@@ -267,7 +273,8 @@ def test_cancel_processing_stops_at_a_safe_point_and_a_later_task_resumes(stack:
         (iteration,) = [e for e in manager.get_experiments() if e.name.endswith("/ cancel-1")]
         states = Counter(r.status.value for r in manager.get_runs(iteration.experiment_id))
     assert states["RUNNING"] == 1 and states["FINISHED"] >= 1  # left as a crash leaves it
-    # a later task for the same batch resumes: finished runs are not trained again
+    # a later task for the same batch resumes, its runs in parallel: finished runs are not
+    # trained again
     again = stack.client.create("svc-cancel", batch_id="cancel-1")
     done = stack.wait_status(again["id"], "done")
     assert done["result"]["resumed"] is True
@@ -331,21 +338,26 @@ def _worker_proc(stack: Stack, task: dict[str, Any]) -> Any:
     return proc
 
 
+@pytest.mark.parametrize("parallel", [1, None], ids=["one-job", "a-job-per-run"])
 def test_a_task_that_outlives_the_stall_threshold_on_a_live_worker_is_not_duplicated(
-    fleet: Stack,
+    fleet: Stack, parallel: int | None
 ) -> None:
     # each of its two runs trains for 4 s; a worker silent for 3 s counts as dead
-    task = fleet.client.create("svc-long", batch_id="long-1")
+    before = len(fleet.trained("svc-long"))
+    task = fleet.client.create("svc-long", batch_id=f"long-{parallel}", max_parallel_runs=parallel)
     done = fleet.wait_status(task["id"], "done")
     assert done["attempts"] == 1
-    assert [(s, a) for _, s, a in fleet.jobs_of(task["id"])] == [("succeeded", 1)]
-    starts = [(p, pid) for event, p, pid in fleet.trained("svc-long") if event == "start"]
+    jobs = [(s, a) for _, s, a in fleet.jobs_of(task["id"])]
+    assert jobs == [("succeeded", 1)] * (1 if parallel == 1 else 4)  # + 2 runs, completion
+    starts = [(p, pid) for event, p, pid in fleet.trained("svc-long")[before:] if event == "start"]
     assert len(starts) == 2 and len({p for p, _ in starts}) == 2  # each run trained once
-    assert len({pid for _, pid in starts}) == 1  # in one training process
+    # in one training process, or in one per run
+    assert len({pid for _, pid in starts}) == (1 if parallel == 1 else 2)
 
 
 def test_kill_9_of_a_worker_mid_task_another_worker_finishes_it(fleet: Stack) -> None:
-    task = fleet.client.create("svc-kill", batch_id="kill-1")
+    # one job trains every run (a job per run: test_parallel)
+    task = fleet.client.create("svc-kill", batch_id="kill-1", max_parallel_runs=1)
     running = fleet.wait_status(task["id"], "processing")
     victim = _worker_proc(fleet, running)
     wait_for(
@@ -433,7 +445,7 @@ def test_serve_embedded_end_to_end_restart_keeps_tasks_and_leaves_no_process(
         code, out, _ = run_cli("--json", "task", "status", task["id"], "--wait", *url)
         assert code == 0 and json.loads(out)["status"] == "done"
         # a task interrupted by a stop goes back to the queue and resumes after the restart
-        slow = stack.client.create("svc-restart", batch_id="e2e-slow")
+        slow = stack.client.create("svc-restart", batch_id="e2e-slow", max_parallel_runs=1)
         wait_for(
             lambda: (stack.client.get(slow["id"])["progress"] or {}).get("finished", 0) >= 1,
             120,

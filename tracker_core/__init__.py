@@ -31,8 +31,8 @@ from tracker_core.errors import (
 from tracker_core.finetune import IterationResult, RunResult, run_iteration
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod, connect_kwargs, load_method
-from tracker_core.models import OrphanedModel, OrphanScan
 from tracker_core.params import FineTuningParams
+from tracker_core.reconcile import OrphanedModel, OrphanScan
 from tracker_core.registry import Backend, available_schemes, register_backend
 from tracker_core.retry import RetryConfig, RetryParams
 from tracker_core.stores import ArtifactStore, TrackingStore

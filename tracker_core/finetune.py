@@ -4,7 +4,7 @@
 
 1. **Initial model setup**: upload the method's initial model if none was uploaded yet; pick
    the model to start from (the best model of the newest iteration holding one, else the initial
-   model) and download it to a local working copy.
+   model); each run loads it from a local working copy.
 2. **Hyper-parameter selection**: the previous iteration's top-N params, else the method's
    initial sets.
 3. **Iteration creation**: ``FineTuningIteration(plugin, batch_id, run_id=<start run>)``.
@@ -17,6 +17,14 @@
    is deferred to a later completion. The initial model is never deleted.
 8. **Model cleanup**: the local working copy (and every temporary file) is removed, on every
    path, success or failure.
+
+The steps are also callable one by one, which is how the task service trains the params sets
+of one iteration on several workers at once: :func:`prepare_iteration` (steps 1-3, returns an
+:class:`IterationPlan`, a value that can be sent to other processes as JSON), :func:`train_run`
+(steps 4-6 and 8 for one params set, in any process, concurrently with the others),
+:func:`complete_iteration` (step 7, once every run has ended), and :func:`run_prepared` (steps
+4-8 one after another, then 7). :func:`run_iteration` is :func:`prepare_iteration` followed by
+:func:`run_prepared`: the sequential case, with the same code for every step.
 
 An iteration is identified by its plugin and ``batch_id``: calling :func:`run_iteration` again
 with the same batch resumes the newest iteration of that batch (finished runs are skipped, an
@@ -51,7 +59,7 @@ import contextvars
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,6 +73,7 @@ from tracker_core.errors import (
     ConfigurationError,
     InvalidParamsError,
     IterationFailedError,
+    IterationInUseError,
     LeaseLostError,
     MaxAttemptsReachedException,
     ModelNotFoundError,
@@ -85,14 +94,19 @@ from tracker_core.values import (
 )
 
 __all__ = [
+    "IterationPlan",
     "IterationProgress",
     "IterationResult",
     "IterationStopped",
     "RunResult",
     "check_stop",
+    "complete_iteration",
     "parse_iteration_name",
+    "prepare_iteration",
     "run_iteration",
+    "run_prepared",
     "stop_requested",
+    "train_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,6 +184,87 @@ class IterationProgress:
     planned: int
     finished: int
     failed: int
+
+
+@attrs.frozen
+class IterationPlan:
+    """What steps 1-3 decided (:func:`prepare_iteration`): the iteration, the model it starts
+    from and the params sets to try, in order.
+
+    ``ended`` tells, for the params sets whose run had already ended when the plan was made
+    (a resumed iteration), how it ended. :meth:`to_json` / :meth:`from_json` carry a plan to
+    other processes (the task service's run jobs).
+    """
+
+    iteration: FineTuningIteration
+    experiment_id: str
+    start_run_id: str
+    initial_run_id: str
+    #: the iteration deleted at step 7 (the one the starting model comes from), if any
+    previous_experiment_id: str | None
+    #: the iteration existed already (an earlier attempt created it)
+    resumed: bool
+    params: tuple[FineTuningParams, ...]
+    ended: Mapping[str, RunStatus] = attrs.field(factory=dict, eq=False)
+
+    @property
+    def started_from_initial(self) -> bool:
+        return self.start_run_id == self.initial_run_id
+
+    @property
+    def unfinished(self) -> tuple[FineTuningParams, ...]:
+        """The params sets whose run had not ended when the plan was made."""
+        return tuple(p for p in self.params if p.id not in self.ended)
+
+    def params_by_id(self, params_id: str) -> FineTuningParams:
+        for p in self.params:
+            if p.id == params_id:
+                return p
+        raise ConfigurationError(
+            f"params {params_id!r} are not one of the planned sets of {str(self.iteration)!r}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plugin_name": self.iteration.plugin_name,
+            "batch_id": self.iteration.batch_id,
+            "iteration_run_id": self.iteration.run_id,
+            "iteration": str(self.iteration),
+            "experiment_id": self.experiment_id,
+            "start_run_id": self.start_run_id,
+            "initial_run_id": self.initial_run_id,
+            "previous_experiment_id": self.previous_experiment_id,
+            "resumed": self.resumed,
+            "params": [{"id": p.id, "values": p.to_mlflow()} for p in self.params],
+            "ended": {k: v.value for k, v in self.ended.items()},
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: Mapping[str, Any], params_type: type[FineTuningParams]
+    ) -> IterationPlan:
+        """The plan :meth:`to_json` described; ``params_type`` rebuilds the typed params."""
+        params = []
+        for item in data["params"]:
+            p = params_type.from_mlflow(item["values"])
+            if p.id != item["id"]:
+                raise InvalidParamsError(
+                    f"params {item['id']} of the plan rebuild as {p.id} with "
+                    f"{params_type.__name__}: the method's params type changed since it was made"
+                )
+            params.append(p)
+        return cls(
+            iteration=FineTuningIteration(
+                data["plugin_name"], data["batch_id"], run_id=data["iteration_run_id"]
+            ),
+            experiment_id=str(data["experiment_id"]),
+            start_run_id=str(data["start_run_id"]),
+            initial_run_id=str(data["initial_run_id"]),
+            previous_experiment_id=data["previous_experiment_id"],
+            resumed=bool(data["resumed"]),
+            params=tuple(params),
+            ended={k: RunStatus(v) for k, v in data.get("ended", {}).items()},
+        )
 
 
 class IterationStopped(BaseException):
@@ -327,20 +422,34 @@ def run_iteration(
     :class:`~tracker_core.errors.IterationFailedError` if no run succeeded,
     :class:`IterationStopped` if asked to stop, and store errors (after retries) as they are;
     see the module docstring for what is kept in each case.
+
+    It is :func:`prepare_iteration` followed by :func:`run_prepared`.
     """
     with _stop_scope(should_stop):
-        return _run_iteration(method, manager, batch_id, seed, work_dir, on_progress, should_stop)
+        plan = prepare_iteration(method, manager, batch_id, seed=seed)
+        return run_prepared(
+            method,
+            manager,
+            plan,
+            work_dir=work_dir,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
 
 
-def _run_iteration(
+# ---------------------------------------------------------------------- steps 1-3
+def prepare_iteration(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
     batch_id: str,
-    seed: int | None,
-    work_dir: str | Path | None,
-    on_progress: Callable[[IterationProgress], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> IterationResult:
+    *,
+    seed: int | None = 0,
+) -> IterationPlan:
+    """Steps 1-3: upload the initial model if needed, choose the starting model and the
+    params sets, and create (or resume) the iteration, which is left current in ``manager``.
+
+    Downloads nothing: each run loads the starting model when it trains (step 4).
+    """
     _check_method(method)
     _check_manager(manager, method)
     validate_name(batch_id, "batch_id")
@@ -390,11 +499,14 @@ def _run_iteration(
     )
     if not params and not start_is_gone:
         params = list(method.initial_params(seed))
+    ended: dict[str, RunStatus] = {}
     if existing is not None:  # runs already created by an earlier attempt are kept
         for run in sorted(
             manager.get_runs(existing.experiment_id),
             key=lambda r: (r.start_time_ms, r.run_id),
         ):
+            if run.status.is_terminal:
+                ended.setdefault(run.run_name, run.status)
             try:
                 params.append(method.params_type.from_mlflow(run.params))
             except InvalidParamsError:
@@ -408,84 +520,204 @@ def _run_iteration(
 
     # 3. iteration creation
     iteration = resumed_iteration or FineTuningIteration(method.name, batch_id, run_id=start_run_id)
-    work = Path(tempfile.mkdtemp(prefix="tracker-core-iteration-", dir=work_dir))
-    try:
-        manager.set_iteration(iteration)
-        experiment_id = manager.current_experiment_id
-        assert experiment_id is not None
-        try:
-            results = _run_all(
-                method,
-                manager,
-                params,
-                _StartModel(manager, start_run_id, work / "model"),
-                on_progress,
-                should_stop,
-            )
-        except BaseException:
-            manager.abandon_iteration()
-            raise
-        runs = _collect(manager, experiment_id, params, results)
+    manager.set_iteration(iteration)
+    experiment_id = manager.current_experiment_id
+    assert experiment_id is not None
+    return IterationPlan(
+        iteration=iteration,
+        experiment_id=experiment_id,
+        start_run_id=start_run_id,
+        initial_run_id=initial_run_id,
+        previous_experiment_id=None if previous is None else previous.experiment_id,
+        resumed=existing is not None,
+        params=tuple(params),
+        ended={p.id: ended[p.id] for p in params if p.id in ended},
+    )
 
-        if not any(r.succeeded for r in runs):
-            manager.finish_iteration()
-            failures = "; ".join(
-                f"run {r.run_id} {r.params!r}: {r.error or r.status.value}" for r in runs
-            )
-            where = (
-                "was moved to MLflow's deleted experiments"
-                if manager.delete_iteration(experiment_id, defer=True)
-                else "will be deleted once the workers still holding its runs are done"
-            )
-            raise IterationFailedError(
-                f"every run of iteration {str(iteration)!r} failed ({failures}); the failed "
-                f"iteration (experiment {experiment_id}) {where}, and the previous iteration "
-                "was kept"
-            )
 
-        best_run_id, _ = manager.get_best_current_run_id()
-        best_uri = manager.get_current_model_url() if best_run_id else None
-        best_metric = next((r.metric for r in runs if r.run_id == best_run_id), None)
-
-        # 7. iteration completion: an iteration that live workers still use is deleted later,
-        # by the next completion (it is marked pending), never under a running worker
+def _enter(manager: ExperimentsManager, plan: IterationPlan) -> None:
+    """Make the plan's iteration current in ``manager`` (another process's plan: a run job)."""
+    if manager.current_experiment_id == plan.experiment_id:
+        return
+    manager.set_iteration(plan.iteration)
+    if manager.current_experiment_id != plan.experiment_id:
+        found = manager.current_experiment_id
         manager.finish_iteration()
-        manager.delete_pending_iterations()
-        deleted: str | None = None
-        if (
-            previous is not None
-            and previous.experiment_id != experiment_id
-            and manager.delete_iteration(previous.experiment_id, defer=True)
-        ):
-            deleted = previous.experiment_id
-        log.info(
-            "iteration %r done: %d run(s), %d failed, best run %s (%s=%s)",
-            str(iteration),
-            len(runs),
-            sum(r.status == RunStatus.FAILED for r in runs),
-            best_run_id,
-            method.main_metric,
-            best_metric,
+        raise ConfigurationError(
+            f"iteration {str(plan.iteration)!r} is experiment {found} now, not "
+            f"{plan.experiment_id} as planned (was it deleted and made again?); "
+            "prepare the iteration again"
         )
-        return IterationResult(
-            plugin_name=method.name,
-            iteration_name=str(iteration),
-            experiment_id=experiment_id,
-            batch_id=batch_id,
-            main_metric=method.main_metric,
-            is_loss=bool(method.is_loss),
-            start_run_id=start_run_id,
-            started_from_initial=start_run_id == initial_run_id,
-            resumed=existing is not None,
-            runs=tuple(runs),
-            best_run_id=best_run_id,
-            best_metric=best_metric,
-            best_model_uri=best_uri,
-            deleted_iteration_id=deleted,
+
+
+# ---------------------------------------------------------------------- steps 4-8, in order
+def run_prepared(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    plan: IterationPlan,
+    *,
+    work_dir: str | Path | None = None,
+    on_progress: Callable[[IterationProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> IterationResult:
+    """Steps 4-8 of a prepared iteration, one params set after another in this process,
+    then step 7 (:func:`complete_iteration`). What :func:`run_iteration` does after
+    :func:`prepare_iteration`; the same semantics."""
+    with _stop_scope(should_stop):
+        _enter(manager, plan)
+        work = Path(tempfile.mkdtemp(prefix="tracker-core-iteration-", dir=work_dir))
+        try:
+            try:
+                outcomes = _run_all(
+                    method,
+                    manager,
+                    plan.params,
+                    _StartModel(manager, plan.start_run_id, work / "model"),
+                    on_progress,
+                    should_stop,
+                )
+            except BaseException:
+                manager.abandon_iteration()
+                raise
+            return complete_iteration(method, manager, plan, outcomes)
+        finally:
+            # 8. model cleanup
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- steps 4-6 (and 8), one run
+def train_run(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    plan: IterationPlan,
+    params: FineTuningParams,
+    *,
+    work_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Steps 4-6 for one params set of a prepared iteration, then step 8 (its local copy of
+    the starting model is removed): what one run job of a parallel iteration does, in any
+    process, at the same time as the others.
+
+    A run that already ended (FINISHED, FAILED or KILLED) is not trained again
+    (``trained`` False); one another live worker holds is waited for (stoppably); one a dead
+    worker left unfinished is resumed once its lease expired. Raises
+    :class:`IterationStopped` when asked to stop (the run is left unfinished, resumable), and
+    store errors as they are; an error of the method fails the run only.
+    """
+    if params.id not in {p.id for p in plan.params}:
+        raise ConfigurationError(f"params {params!r} are not one of the iteration's planned sets")
+    with _stop_scope(should_stop):
+        _enter(manager, plan)
+        work = Path(tempfile.mkdtemp(prefix="tracker-core-run-", dir=work_dir))
+        try:
+            try:
+                trained, error = _train_one(
+                    method,
+                    manager,
+                    params,
+                    _StartModel(manager, plan.start_run_id, work / "model"),
+                    should_stop,
+                    label=params.id,
+                )
+            except BaseException:
+                manager.abandon_iteration()
+                raise
+            manager.finish_iteration()
+            (result,) = _collect(
+                manager, plan.experiment_id, [params], {params.id: (trained, error)}
+            )
+            return result
+        finally:
+            # 8. model cleanup
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- step 7
+def complete_iteration(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    plan: IterationPlan,
+    outcomes: Mapping[str, tuple[bool, str | None]],
+) -> IterationResult:
+    """Step 7, once every run of the iteration has ended: finish the iteration and delete
+    the one it started from (deferred while live workers still hold runs of it).
+
+    ``outcomes`` maps a params id to ``(trained, error)`` as the runs reported them (for the
+    result; a missing id counts as not trained here). Refuses, deleting nothing, while a run
+    of the plan is still unfinished (:class:`~tracker_core.errors.IterationInUseError`). If
+    no run succeeded, moves the failed iteration aside and raises
+    :class:`~tracker_core.errors.IterationFailedError`; the previous iteration is kept.
+    """
+    _enter(manager, plan)
+    experiment_id = plan.experiment_id
+    iteration = plan.iteration
+    runs = _collect(manager, experiment_id, plan.params, outcomes)
+    unfinished = [r for r in runs if r.status in _UNFINISHED]
+    if unfinished:
+        manager.finish_iteration()
+        raise IterationInUseError(
+            f"iteration {str(iteration)!r} cannot be completed: {len(unfinished)} run(s) are "
+            f"not finished ({', '.join(r.run_id for r in unfinished)}); nothing was deleted"
         )
-    finally:
-        # 8. model cleanup
-        shutil.rmtree(work, ignore_errors=True)
+
+    if not any(r.succeeded for r in runs):
+        manager.finish_iteration()
+        failures = "; ".join(
+            f"run {r.run_id} {r.params!r}: {r.error or r.status.value}" for r in runs
+        )
+        where = (
+            "was moved to MLflow's deleted experiments"
+            if manager.delete_iteration(experiment_id, defer=True)
+            else "will be deleted once the workers still holding its runs are done"
+        )
+        raise IterationFailedError(
+            f"every run of iteration {str(iteration)!r} failed ({failures}); the failed "
+            f"iteration (experiment {experiment_id}) {where}, and the previous iteration "
+            "was kept"
+        )
+
+    best_run_id, _ = manager.get_best_current_run_id()
+    best_uri = manager.get_current_model_url() if best_run_id else None
+    best_metric = next((r.metric for r in runs if r.run_id == best_run_id), None)
+
+    # 7. iteration completion: an iteration that live workers still use is deleted later,
+    # by the next completion (it is marked pending), never under a running worker
+    manager.finish_iteration()
+    manager.delete_pending_iterations()
+    deleted: str | None = None
+    previous = plan.previous_experiment_id
+    if (
+        previous is not None
+        and previous != experiment_id
+        and manager.delete_iteration(previous, defer=True)
+    ):
+        deleted = previous
+    log.info(
+        "iteration %r done: %d run(s), %d failed, best run %s (%s=%s)",
+        str(iteration),
+        len(runs),
+        sum(r.status == RunStatus.FAILED for r in runs),
+        best_run_id,
+        method.main_metric,
+        best_metric,
+    )
+    return IterationResult(
+        plugin_name=method.name,
+        iteration_name=str(iteration),
+        experiment_id=experiment_id,
+        batch_id=iteration.batch_id,
+        main_metric=method.main_metric,
+        is_loss=bool(method.is_loss),
+        start_run_id=plan.start_run_id,
+        started_from_initial=plan.started_from_initial,
+        resumed=plan.resumed,
+        runs=tuple(runs),
+        best_run_id=best_run_id,
+        best_metric=best_metric,
+        best_model_uri=best_uri,
+        deleted_iteration_id=deleted,
+    )
 
 
 #: how long one wait for a run another live worker holds lasts before the stop check
@@ -506,6 +738,44 @@ def _take_run(
                 raise IterationStopped("stopped while another worker held a run") from None
 
 
+def _train_one(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    p: FineTuningParams,
+    start: _StartModel,
+    should_stop: Callable[[], bool] | None,
+    label: str,
+) -> tuple[bool, str | None]:
+    """Steps 4-6 for one params set: ``(trained, error)``. A run that ended in an earlier
+    attempt is skipped; an error of the method fails the run; store errors and interrupts
+    propagate (the run is left unfinished)."""
+    if _take_run(manager, p, should_stop):
+        log.info("run %s %r finished in an earlier attempt; skipped", label, p)
+        return False, None
+    log.info("run %s (%s): %r", label, manager.current_run_id, p)
+    model = start.fresh_copy()  # a failure here is the store's, not the run's: it stops
+    try:
+        tuned = method.train(model, p, manager)
+        value = float(method.evaluate(tuned, p, manager))
+        manager.save_metric(MetricValue(method.main_metric, value))
+        saved = manager.save_model(tuned, best_only=True)
+    except _INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as exc:
+        log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)
+        manager.finish_run(as_failed=True)
+        return True, _describe(exc)
+    log.info(
+        "run %s: %s=%s%s",
+        manager.current_run_id,
+        method.main_metric,
+        value,
+        " (model saved)" if saved else "",
+    )
+    manager.finish_run()
+    return True, None
+
+
 def _run_all(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
@@ -514,7 +784,7 @@ def _run_all(
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
-    """Steps 4-6 for every params set: ``{params id: (trained, error)}``."""
+    """Steps 4-6 for every params set, in order: ``{params id: (trained, error)}``."""
     done: dict[str, tuple[bool, str | None]] = {}
 
     def report() -> None:
@@ -527,35 +797,7 @@ def _run_all(
         if should_stop is not None and should_stop():
             log.info("stop requested: leaving the iteration before run %d/%d", index, len(params))
             raise IterationStopped(f"stopped before run {index} of {len(params)}")
-        if _take_run(manager, p, should_stop):
-            log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
-            done[p.id] = (False, None)
-            report()
-            continue
-        log.info("run %d/%d (%s): %r", index, len(params), manager.current_run_id, p)
-        model = start.fresh_copy()  # a failure here is the store's, not the run's: it stops
-        try:
-            tuned = method.train(model, p, manager)
-            value = float(method.evaluate(tuned, p, manager))
-            manager.save_metric(MetricValue(method.main_metric, value))
-            saved = manager.save_model(tuned, best_only=True)
-        except _INFRASTRUCTURE_ERRORS:
-            raise
-        except Exception as exc:
-            log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)
-            manager.finish_run(as_failed=True)
-            done[p.id] = (True, _describe(exc))
-            report()
-            continue
-        log.info(
-            "run %s: %s=%s%s",
-            manager.current_run_id,
-            method.main_metric,
-            value,
-            " (model saved)" if saved else "",
-        )
-        manager.finish_run()
-        done[p.id] = (True, None)
+        done[p.id] = _train_one(method, manager, p, start, should_stop, f"{index}/{len(params)}")
         report()
     return done
 
@@ -564,13 +806,13 @@ def _collect(
     manager: ExperimentsManager,
     experiment_id: str,
     params: Sequence[FineTuningParams],
-    results: dict[str, tuple[bool, str | None]],
+    results: Mapping[str, tuple[bool, str | None]],
 ) -> list[RunResult]:
     by_name = {r.run_name: r for r in manager.get_runs(experiment_id)}
     out: list[RunResult] = []
     for p in params:
         run = by_name.get(p.id)
-        if run is None:  # cannot happen after _run_all; be explicit rather than KeyError
+        if run is None:  # a run job that never started it; be explicit rather than KeyError
             raise ModelNotFoundError(f"the run of params {p!r} disappeared from {experiment_id}")
         trained, error = results.get(p.id, (False, None))
         metric = run.metrics.get(manager.main_metric)

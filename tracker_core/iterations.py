@@ -22,7 +22,12 @@ from typing import Any
 
 from tracker_core import leases
 from tracker_core import tags as T
-from tracker_core.errors import ConfigurationError, IterationInUseError, TrackerError
+from tracker_core.errors import (
+    ConfigurationError,
+    IterationInUseError,
+    NoModelToKeepError,
+    TrackerError,
+)
 from tracker_core.models import ModelKeeper
 from tracker_core.remote import Remote
 from tracker_core.stores import ExperimentQuery, RunQuery
@@ -135,6 +140,11 @@ class Iterations:
         run_query = RunQuery((experiment_id,), statuses=statuses, **query)
         return self._remote.track("search", self._remote.tracking.search_runs, run_query)
 
+    def has_unfinished_runs(self, experiment_id: str) -> bool:
+        """Whether any run of the experiment is still RUNNING or SCHEDULED (one query)."""
+        tracking = self._remote.tracking
+        return self._remote.track("search", tracking.has_runs, experiment_id, _UNFINISHED)
+
     def live_runs(self, experiment_id: str) -> list[RunRecord]:
         """Unfinished runs that a live worker holds (see :mod:`tracker_core.leases`)."""
         ttl, now = self._lease_ttl_ms(), leases.now_ms()
@@ -181,6 +191,64 @@ class Iterations:
             log.info("iteration %s was deleted meanwhile by another worker", experiment_id)
             return
         log.info("deleted iteration %s", experiment_id)
+
+    def delete_previous(
+        self, current: ExperimentRecord, delete_model: Callable[[RunRecord], bool]
+    ) -> None:
+        """Delete the iteration created before ``current``, if any (see :meth:`delete`).
+
+        Raises :class:`NoModelToKeepError`, nothing deleted, while ``current`` holds no model:
+        the previous iteration holds the only fine-tuned model.
+        """
+        previous = self.previous(current)
+        if previous is None:
+            log.info("delete_previous_iteration: no previous iteration to delete")
+            return
+        if self._models.best_run(current.experiment_id) is None:
+            raise NoModelToKeepError(
+                f"the current iteration {current.name!r} holds no model: deleting the "
+                f"previous iteration ({previous.experiment_id}) would lose the only fine-tuned "
+                "model; nothing was deleted"
+            )
+        self.delete(
+            previous.experiment_id, current_id=current.experiment_id, delete_model=delete_model
+        )
+
+    def delete_or_defer(
+        self,
+        experiment_id: str,
+        *,
+        current_id: str | None,
+        delete_model: Callable[[RunRecord], bool],
+        defer: bool,
+    ) -> bool:
+        """:meth:`delete`; True once deleted. While live workers hold its runs, with ``defer``
+        the iteration is marked for :meth:`delete_pending` instead (False)."""
+        try:
+            self.delete(experiment_id, current_id=current_id, delete_model=delete_model)
+        except IterationInUseError as exc:
+            if not defer:
+                raise
+            self.mark_pending(experiment_id)
+            log.warning("deletion of iteration %s deferred: %s", experiment_id, exc)
+            return False
+        return True
+
+    def delete_pending(
+        self, *, current_id: str | None, delete_model: Callable[[RunRecord], bool]
+    ) -> list[str]:
+        """Delete the deferred iterations no live worker holds any more; their ids."""
+        return [
+            experiment.experiment_id
+            for experiment in self.pending()
+            if experiment.experiment_id != current_id
+            and self.delete_or_defer(
+                experiment.experiment_id,
+                current_id=current_id,
+                delete_model=delete_model,
+                defer=True,
+            )
+        ]
 
     def mark_pending(self, experiment_id: str) -> None:
         """Tag the iteration for :meth:`delete_pending`."""

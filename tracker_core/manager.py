@@ -1,11 +1,13 @@
 """ExperimentsManager: the seed's API, written once for every backend.
 
-The manager is the public face; each concept lives in its own module and the manager
-delegates to it:
+The manager is the public face: it checks arguments, holds the lock and the current iteration,
+and delegates each concept to the module that implements it:
 
 - :mod:`tracker_core.iterations`: iteration experiments, lookups newest first, safe deletion;
+- :mod:`tracker_core.initial`: the initial model, uploaded once, never cleaned up;
 - :mod:`tracker_core.runs`: the current run, its lease, its metrics, how it ends;
-- :mod:`tracker_core.models`: writing, marking, ranking, serving and pruning models;
+- :mod:`tracker_core.models`: writing, marking, pruning and serving models;
+- :mod:`tracker_core.reconcile`: what crashes leave (``tracker-core gc`` and ``verify``);
 - :mod:`tracker_core.ranking`: the one order of runs (best model, best quality, top params).
 
 Every store call goes through one retry policy (:mod:`tracker_core.remote`).
@@ -22,6 +24,7 @@ import atexit
 import contextlib
 import logging
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,32 +41,30 @@ from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import (
     ConfigurationError,
     InvalidMetricError,
-    IterationInUseError,
     ModelFilesMissingError,
     ModelNotFoundError,
     NoActiveIterationError,
-    NoModelToKeepError,
     TrackerError,
 )
+from tracker_core.initial import InitialModel
 from tracker_core.iterations import Iterations
-from tracker_core.models import (
+from tracker_core.models import ModelKeeper, is_marked
+from tracker_core.params import FineTuningParams
+from tracker_core.ranking import Ranking, TopRuns
+from tracker_core.reconcile import (
     MissingModel,
     MissingScan,
-    ModelKeeper,
     OrphanedModel,
     OrphanedUpload,
     OrphanScan,
-    is_marked,
+    Reconciler,
 )
-from tracker_core.params import FineTuningParams
-from tracker_core.ranking import Ranking
-from tracker_core.registry import get_backend, import_object, scheme_of
+from tracker_core.registry import get_backend, scheme_of
 from tracker_core.remote import Remote
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.runs import RunTracker
 from tracker_core.stores import ArtifactStore, TrackingStore
 from tracker_core.values import (
-    INITIAL_RUN_NAME,
     ExperimentRecord,
     FineTuningIteration,
     MetricValue,
@@ -87,9 +88,6 @@ P = TypeVar("P", bound=FineTuningParams)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_URI = "mlartifacts"
-_UNFINISHED = (RunStatus.RUNNING, RunStatus.SCHEDULED)
-#: how often a download picks the best model again when it was deleted while read
-_PICK_ATTEMPTS = 3
 
 _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
 
@@ -104,12 +102,6 @@ def _at_exit() -> None:
             log.exception("could not flush metrics of %r at exit", manager)
         with contextlib.suppress(Exception):
             manager._runs.release()
-
-
-def _resolve_tracking_uri(tracking_uri: str | None) -> str:
-    import os
-
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _check_storage_uri(uri: str) -> None:
@@ -212,29 +204,27 @@ class ExperimentsManager:
             )
         if tracking_store is None:
             assert backend is not None
+            resolved = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             tracking_store = backend.tracking_store(
-                _resolve_tracking_uri(tracking_uri), retrier=retrier
+                resolved or DEFAULT_TRACKING_URI, retrier=retrier
             )
         self.tracking_uri = getattr(tracking_store, "uri", tracking_uri)
         self.model_format = model_format or (
             backend.default_model_format if backend is not None else "state_dict"
         )
         get_codec(self.model_format)  # unknown formats fail here, before anything is written
-        self._remote = Remote(tracking_store, artifact_store, retrier)
+        remote = self._remote = Remote(tracking_store, artifact_store, retrier)
         self.ranking = Ranking(main_metric, bool(is_loss))
         self.models = ModelKeeper(
-            tracking_store,
-            artifact_store,
-            self.ranking,
-            track=self._remote.track,
-            art=self._remote.art,
+            tracking_store, artifact_store, self.ranking, track=remote.track, art=remote.art
         )
-        self._runs = RunTracker(
-            self._remote, main_metric, accumulators, lease_seconds=lease_seconds
-        )
+        self._runs = RunTracker(remote, main_metric, accumulators, lease_seconds=lease_seconds)
         self._iterations = Iterations(
-            plugin_name, self._remote, self.models, lease_ttl_ms=lambda: self._runs.ttl_ms
+            plugin_name, remote, self.models, lease_ttl_ms=lambda: self._runs.ttl_ms
         )
+        self._initial = InitialModel(remote, self._iterations, self._runs, self.models)
+        self._reconcile = Reconciler(remote, self.models)
+        self._top = TopRuns(remote, self.ranking)
         self._lock = threading.RLock()
         self._iteration: FineTuningIteration | None = None
         self._experiment: ExperimentRecord | None = None
@@ -340,17 +330,11 @@ class ExperimentsManager:
 
     # ------------------------------------------------------------------ initial model
     def _get_initial_experiment(self, create: bool = False) -> ExperimentRecord | None:
-        return self._iterations.initial(create)
-
-    def _initial_run(self) -> RunRecord | None:
-        experiment = self._iterations.initial()
-        if experiment is None:
-            return None
-        return self._runs.first(experiment.experiment_id, run_name=INITIAL_RUN_NAME)
+        return self._initial.experiment(create)
 
     def get_initial_run_id(self) -> str | None:
         """The run id of the initial model's run, or None if it was never created."""
-        run = self._initial_run()
+        run = self._initial.run()
         return run.run_id if run else None
 
     def is_initial_run(self, run_id: str) -> bool:
@@ -359,52 +343,23 @@ class ExperimentsManager:
 
     def has_initial_model(self) -> bool:
         """Whether the initial model was uploaded completely (marked) and its files are there."""
-        run = self._initial_run()
-        return run is not None and is_marked(run) and self.models.files_exist(run)
+        return self._initial.exists()
 
     def get_initial_model_run_id(self) -> str | None:
         """The initial model's run id; None (and an error logged) if no initial model exists."""
-        run = self._initial_run()
-        if run is None or not is_marked(run):
+        run = self._initial.marked_run()
+        if run is None:
             log.error("no initial model uploaded for plugin %r", self._plugin_name)
-            return None
-        return run.run_id
+        return run.run_id if run else None
 
     def upload_initial_model(self, model: Any, model_format: str | None = None) -> bool:
-        """Upload the initial model once. Returns False (uploading nothing) if it exists.
-
-        Any ongoing iteration is finished first. Concurrent uploaders agree: one uploads, the
-        others wait for it and return False. If the initial model's files were deleted behind
-        tracker-core's back, it is uploaded again. The initial model survives every cleanup.
-        """
+        """Upload the initial model once; False (nothing uploaded) if it exists. Ends any
+        current iteration first; concurrent uploaders agree on one upload; missing files are
+        uploaded again (see :mod:`tracker_core.initial`)."""
         with self._lock:
             self.finish_iteration()
-            experiment = self._iterations.initial(create=True)
-            assert experiment is not None
-            tags = {T.TAG_PLUGIN: self._plugin_name}
-            run, created = self._runs.get_or_create(
-                experiment.experiment_id, INITIAL_RUN_NAME, tags
-            )
-            if is_marked(run) and self.models.files_exist(run):
-                log.info(
-                    "initial model of %r already uploaded (run %s)", self._plugin_name, run.run_id
-                )
-                return False
-            self._runs.start(run, None, created=created, wait=math.inf, hold_terminal=True)
-            try:
-                run = self._runs.get_existing(run.run_id)
-                if is_marked(run) and self.models.files_exist(run):
-                    return False  # another worker uploaded it while this one waited
-                self.models.write_and_mark(
-                    run, model, model_format or self.model_format, self.requirements
-                )
-                self._remote.track(
-                    "finish_run", self.tracking.set_terminated, run.run_id, RunStatus.FINISHED
-                )
-            finally:
-                self._runs.release()
-            log.info("uploaded initial model of %r (run %s)", self._plugin_name, run.run_id)
-            return True
+            fmt = model_format or self.model_format
+            return self._initial.upload(model, fmt, self.requirements)
 
     # ------------------------------------------------------------------ iterations
     def get_experiments(self) -> list[ExperimentRecord]:
@@ -427,6 +382,12 @@ class ExperimentsManager:
     def get_last_finished_iteration_id(self) -> str | None:
         """The newest iteration, other than the current one, that has runs, all ended."""
         return self._iterations.last_finished(self._experiment)
+
+    def _previous_or_last_finished(self) -> str | None:
+        """The previous iteration, or the last finished one when no iteration is current."""
+        if self._experiment is not None:
+            return self.get_previous_iteration_id()
+        return self.get_last_finished_iteration_id()
 
     def _set_experiment_with_name(self, experiment_name: str) -> None:
         """Make the experiment with that name (created if needed) the current iteration."""
@@ -474,64 +435,39 @@ class ExperimentsManager:
         return self._experiment
 
     def delete_previous_iteration(self) -> None:
-        """Delete the previous iteration: its models, then the experiment.
-
-        Refused, with nothing deleted, when the current iteration holds no model
-        (:class:`NoModelToKeepError`: the previous one holds the only fine-tuned model) and
-        while live workers still hold runs of the previous iteration
-        (:class:`IterationInUseError`). The initial experiment is never touched.
-        """
+        """Delete the previous iteration: its models, then the experiment. Refused, nothing
+        deleted, while the current iteration holds no model (:class:`NoModelToKeepError`) or
+        live workers hold runs of the previous one (:class:`IterationInUseError`); never the
+        initial experiment (see :mod:`tracker_core.iterations`)."""
         with self._lock:
-            previous = self.get_previous_iteration_id()
-            if previous is None:
-                log.info("delete_previous_iteration: no previous iteration to delete")
+            if self._experiment is None:
+                log.warning("delete_previous_iteration: no current iteration is set")
                 return
-            current = self._require_iteration()
-            if self.models.best_run(current.experiment_id) is None:
-                raise NoModelToKeepError(
-                    f"the current iteration {current.name!r} holds no model: deleting the "
-                    f"previous iteration ({previous}) would lose the only fine-tuned model; "
-                    "nothing was deleted"
-                )
-            self._delete_iteration(previous)
-
-    def _delete_iteration(self, experiment_id: str) -> None:
-        self._iterations.delete(
-            experiment_id,
-            current_id=self.current_experiment_id,
-            delete_model=self._delete_marked_model,
-        )
+            self._iterations.delete_previous(self._experiment, self._delete_marked_model)
 
     def delete_iteration(self, experiment_id: str, *, defer: bool = False) -> bool:
-        """Delete one iteration: its models, then the experiment. Refuses the initial
-        experiment and the current iteration. While live workers hold runs of it, raises
-        :class:`IterationInUseError` (nothing deleted), or with ``defer`` marks it for
-        :meth:`delete_pending_iterations` and returns False. True once deleted."""
+        """Delete one iteration (never the initial or current one); True once deleted. While
+        live workers hold its runs: :class:`IterationInUseError`, or with ``defer`` marked for
+        :meth:`delete_pending_iterations` and False (see :mod:`tracker_core.iterations`)."""
         with self._lock:
-            try:
-                self._delete_iteration(experiment_id)
-            except IterationInUseError as exc:
-                if not defer:
-                    raise
-                self._iterations.mark_pending(experiment_id)
-                log.warning("deletion of iteration %s deferred: %s", experiment_id, exc)
-                return False
-            return True
+            return self._iterations.delete_or_defer(
+                experiment_id,
+                current_id=self.current_experiment_id,
+                delete_model=self._delete_marked_model,
+                defer=defer,
+            )
 
     def delete_pending_iterations(self) -> list[str]:
         """Delete the deferred iterations no live worker holds any more; their ids."""
-        deleted = []
-        for experiment in self._iterations.pending():
-            if experiment.experiment_id != self.current_experiment_id and self.delete_iteration(
-                experiment.experiment_id, defer=True
-            ):
-                deleted.append(experiment.experiment_id)
-        return deleted
+        with self._lock:
+            return self._iterations.delete_pending(
+                current_id=self.current_experiment_id, delete_model=self._delete_marked_model
+            )
 
     def abandon_iteration(self) -> None:
         """Forget the current run and iteration *without* ending them, as after an interrupt:
-        the run stays RUNNING with its lease released, so the same params resume it at once.
-        Queued metrics are sent if the store allows, then dropped."""
+        the run stays RUNNING, its lease released (resumable at once); queued metrics are
+        sent if the store allows, then dropped."""
         with self._lock:
             try:
                 self.flush_metrics()
@@ -567,16 +503,12 @@ class ExperimentsManager:
         return not self._runs.start(run, params, created=created, wait=wait)
 
     def set_run(self, params: FineTuningParams, *, wait: float = 0.0) -> bool:
-        """Start the run of ``params`` in the current iteration, or resume it.
+        """Start the run of ``params`` in the current iteration, or resume an unfinished one.
 
-        Returns True if that run had already ended (FINISHED, FAILED or KILLED) in an earlier
-        attempt: the caller skips it. An unfinished run (a crash) is resumed. If another live
-        worker holds the run, waits up to ``wait`` seconds (``math.inf``: until it ends or its
-        worker dies) and then raises :class:`~tracker_core.errors.RunInUseError`.
-
-        A current run is ended implicitly first: FINISHED if it logged the main metric, else
-        left unfinished (resumable). Raises :class:`NoActiveIterationError` without a
-        current iteration.
+        True if it already ended in an earlier attempt (skip it). A run held by another live
+        worker is waited for up to ``wait`` seconds (``math.inf``: until it ends or its worker
+        dies), then :class:`~tracker_core.errors.RunInUseError`. A current run is ended first:
+        FINISHED if it logged the main metric, else left resumable (see :mod:`tracker_core.runs`).
         """
         if not isinstance(params, FineTuningParams):
             raise ConfigurationError(
@@ -621,9 +553,8 @@ class ExperimentsManager:
 
     def finish_run(self, as_failed: bool = False) -> None:
         """End the current run, FINISHED or (``as_failed``) FAILED, once its queued metrics
-        reached the store. FINISHED needs a value of the main metric
-        (:class:`InvalidMetricError` otherwise); if the metrics cannot be sent the run is not
-        ended and the error is raised, with the values still queued."""
+        reached the store (not ended, the error raised, if they cannot be sent). FINISHED
+        needs a value of the main metric (:class:`InvalidMetricError`)."""
         with self._lock:
             if self._runs.run is None:
                 log.warning("finish_run: no active run")
@@ -645,12 +576,12 @@ class ExperimentsManager:
     def _get_run(self, run_id: str) -> RunRecord:
         return self._runs.get_existing(run_id)
 
-    # ------------------------------------------------------------------ metrics
+    # ------------------------------------------------------------------ metrics and quality
     def save_metric(self, metric_value: MetricValue) -> None:
-        """Feed the value to every accumulator and queue what they yield (the value itself
-        when no accumulator takes its name). Queued values are sent in batches: when enough
-        accumulate, every few seconds, and always by :meth:`finish_run`, :meth:`save_model`,
-        :meth:`get_quality` and at interpreter exit."""
+        """Feed the value to the accumulators and queue what they yield (the value itself
+        when none takes its name). Queued values are sent in batches, and always by
+        :meth:`finish_run`, :meth:`save_model`, :meth:`get_quality` and at exit
+        (see :mod:`tracker_core.metrics`)."""
         if not isinstance(metric_value, MetricValue):
             raise InvalidMetricError(f"expected a MetricValue, got {type(metric_value).__name__}")
         with self._lock:
@@ -667,24 +598,15 @@ class ExperimentsManager:
         with self._lock:
             return self._runs.quality()
 
-    def _top_finished_runs(self, experiment_id: str) -> list[RunRecord]:
-        """The best ``n_top_runs`` FINISHED runs that logged the main metric, best first."""
-        query = self.ranking.finished_query(experiment_id, self.n_top_runs)
-        runs: list[RunRecord] = self._remote.track("search", self.tracking.search_runs, query)
-        return self.ranking.best_first(runs)
-
     def _get_best_quality(self, experiment_id: str) -> tuple[str | None, float]:
         """Best FINISHED run of the experiment by the main metric, and its quality."""
-        runs = self._top_finished_runs(experiment_id)
-        if not runs:
-            return None, self.ranking.worst_value
-        return runs[0].run_id, float(runs[0].metrics[self._main_metric])
+        return self._top.best_quality(experiment_id, self.n_top_runs)
 
     def get_best_quality(self) -> tuple[str | None, float]:
         """Best finished run of the current iteration and its quality."""
         return self._get_best_quality(self._require_iteration().experiment_id)
 
-    # ------------------------------------------------------------------ best model
+    # ------------------------------------------------------------------ saving and deleting models
     def _marked_runs(self, experiment_id: str) -> list[RunRecord]:
         """Runs of the experiment holding a completely written model, best first."""
         return self.models.marked_runs(experiment_id)
@@ -697,27 +619,14 @@ class ExperimentsManager:
         run = self._runs.require()
         self.flush_metrics()
         return self.models.write_and_mark(
-            run,
-            model,
-            self.model_format,
-            self.requirements,
-            before_mark=self._check_run_held,
+            run, model, self.model_format, self.requirements, before_mark=self._runs.require
         )
 
-    def _check_run_held(self) -> None:
-        """Raise :class:`~tracker_core.errors.LeaseLostError` if the run was taken over."""
-        self._runs.require()
-
     def save_model(self, model: Any, best_only: bool = True) -> bool:
-        """Save the current run's model. Returns True if it was written.
-
-        With ``best_only`` the model is written only if fewer than ``keep`` marked models of
-        the iteration are better; after writing and marking it, models worse than ``keep``
-        marked ones are pruned. Concurrent workers cannot prune a top model: a model is
-        written first and marked second, and only models ranked below ``keep`` marked ones
-        are ever deleted. Raises :class:`~tracker_core.errors.LeaseLostError` if another
-        worker took the run over.
-        """
+        """Save the current run's model; True if it was written. With ``best_only``, only
+        if fewer than ``keep`` marked models of the iteration are better, and models below
+        ``keep`` marked ones are pruned after (see :mod:`tracker_core.models`). Raises
+        :class:`~tracker_core.errors.LeaseLostError` if another worker took the run over."""
         with self._lock:
             experiment = self._require_iteration()
             run = self._runs.require()
@@ -727,22 +636,10 @@ class ExperimentsManager:
             self.flush_metrics()
             fresh = self._get_run(run.run_id)
             self._runs.check_lease(fresh)
-            if self._main_metric not in fresh.metrics:
-                raise InvalidMetricError(
-                    f"cannot rank run {run.run_id}: it has no value of {self._main_metric!r}"
-                )
-            if len(self.models.better_marked(fresh)) >= self.keep:
-                log.info(
-                    "run %s (%s=%s) is not among the best %d; model not saved",
-                    run.run_id,
-                    self._main_metric,
-                    fresh.metrics[self._main_metric],
-                    self.keep,
-                )
+            if not self.models.among_best(fresh, self.keep):
                 return False
             self._save_model(model)
-            for worse in self.models.marked_runs(experiment.experiment_id)[self.keep :]:
-                self._delete_marked_model(worse)
+            self.models.prune(experiment.experiment_id, self.keep, self._delete_marked_model)
             return True
 
     def _set_model_as_deleted(self, run_id: str, experiment_id: str | None = None) -> None:
@@ -763,11 +660,8 @@ class ExperimentsManager:
         return ok
 
     def delete_model(self, run_id: str, experiment_id: str | None = None) -> bool:
-        """Delete the model of a run (of the current iteration unless ``experiment_id``).
-
-        Refuses the initial experiment. Returns False, with a warning, when the run holds no
-        model.
-        """
+        """Delete the model of a run (of the current iteration unless ``experiment_id``);
+        never the initial model. False, with a warning, when the run holds no model."""
         with self._lock:
             experiment_id = experiment_id or self._require_iteration().experiment_id
             if self._iterations.is_initial(experiment_id):
@@ -783,21 +677,18 @@ class ExperimentsManager:
         return is_marked(self._get_run(self._runs.require().run_id))
 
     # ------------------------------------------------------------------ best runs and URLs
-    def _best_previous_run(self) -> tuple[RunRecord | None, bool]:
-        previous = (
-            self.get_previous_iteration_id()
-            if self._experiment is not None
-            else self.get_last_finished_iteration_id()
-        )
-        if previous is None:
-            return None, True
-        return self.models.best_run(previous), False
+    def _best_previous_run(self) -> RunRecord | None:
+        previous = self._previous_or_last_finished()
+        return self.models.best_run(previous) if previous is not None else None
 
     def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the previous iteration (the last finished one when no iteration
         is current). ``(None, True)`` when there is no previous iteration."""
-        run, is_initial = self._best_previous_run()
-        return (run.run_id if run else None), is_initial
+        previous = self._previous_or_last_finished()
+        if previous is None:
+            return None, True
+        run = self.models.best_run(previous)
+        return (run.run_id if run else None), False
 
     def get_best_current_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the current iteration; ``(None, True)`` without a current iteration."""
@@ -808,7 +699,7 @@ class ExperimentsManager:
 
     def get_last_model_url(self) -> str | None:
         """Storage URL of the previous iteration's best model; None if there is none."""
-        run, _ = self._best_previous_run()
+        run = self._best_previous_run()
         return self.models.uri_of(run) if run else None
 
     def get_current_model_url(self) -> str | None:
@@ -816,8 +707,7 @@ class ExperimentsManager:
         run = self.models.best_run(self._experiment.experiment_id) if self._experiment else None
         if run is None:
             log.info("no model in the current iteration")
-            return None
-        return self.models.uri_of(run)
+        return self.models.uri_of(run) if run else None
 
     # ------------------------------------------------------------------ lookups for tools
     def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
@@ -829,11 +719,7 @@ class ExperimentsManager:
         return self._iterations.by_name(name)
 
     def get_runs(
-        self,
-        experiment_id: str,
-        *,
-        statuses: Sequence[RunStatus] = (),
-        marked_only: bool = False,
+        self, experiment_id: str, *, statuses: Sequence[RunStatus] = (), marked_only: bool = False
     ) -> list[RunRecord]:
         """Active runs of an experiment, optionally only those holding a marked model."""
         tags = {T.TAG_MODEL_UPLOADED: T.TRUE} if marked_only else {}
@@ -841,36 +727,37 @@ class ExperimentsManager:
 
     def has_unfinished_runs(self, experiment_id: str) -> bool:
         """Whether any run of the experiment is still RUNNING or SCHEDULED."""
-        return self._remote.track("search", self.tracking.has_runs, experiment_id, _UNFINISHED)
+        return self._iterations.has_unfinished_runs(experiment_id)
 
     def get_best_model_run(self, experiment_id: str) -> RunRecord | None:
         """The run holding the best marked model of an experiment (never a FAILED run)."""
         return self.models.best_run(experiment_id)
 
+    # ------------------------------------------------------------------ reconcile (gc, verify)
     def find_orphaned_models(
         self, *, include_running: bool = False, max_depth: int = 4
     ) -> OrphanScan:
         """Model folders no run marks and incomplete uploads whose writer is gone: what
-        crashes leave (see :meth:`ModelKeeper.find_orphans`)."""
-        return self.models.find_orphans(
+        crashes leave (see :meth:`Reconciler.find_orphans`)."""
+        return self._reconcile.find_orphans(
             include_running=include_running, max_depth=max_depth, lease_seconds=self.lease_seconds
         )
 
     def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
         """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
-        return self.models.delete_orphan(orphan)
+        return self._reconcile.delete_orphan(orphan)
 
     def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
         """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
-        self.models.abort_upload(upload)
+        self._reconcile.abort_upload(upload)
 
     def find_models_missing_files(self) -> MissingScan:
         """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""
-        return self.models.find_missing_files(lease_seconds=self.lease_seconds)
+        return self._reconcile.find_missing_files(lease_seconds=self.lease_seconds)
 
     def unmark_model_missing_files(self, model: MissingModel) -> bool:
         """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
-        return self.models.unmark_missing(model, lease_seconds=self.lease_seconds)
+        return self._reconcile.unmark_missing(model, lease_seconds=self.lease_seconds)
 
     # ------------------------------------------------------------------ downloads
     def _marked_run(self, run_id: str) -> RunRecord:
@@ -879,20 +766,20 @@ class ExperimentsManager:
             raise ModelNotFoundError(f"run {run_id} holds no model")
         return run
 
+    def _load(self, run: RunRecord) -> Any:
+        return self.models.load(run, self.model_format, self.model_factory)
+
     def download_model_files(
         self, run_id: str, destination: Path, progress: bool | None = None
     ) -> Path:
         """Copy the run's marked model files into ``destination``; returns the model folder."""
         return self.models.download_files(self._marked_run(run_id), Path(destination), progress)
 
-    def _download_model(self, run_id: str) -> Any:
-        return self.models.load(self._marked_run(run_id), self.model_format, self.model_factory)
-
     def download_model_by_run_id(self, run_id: str) -> Any | None:
         """The run's model; None if the run holds none (logged at INFO; its files missing
         raise :class:`ModelFilesMissingError`). Store failures raise."""
         try:
-            return self._download_model(run_id)
+            return self._load(self._marked_run(run_id))
         except ModelFilesMissingError:
             raise
         except ModelNotFoundError as exc:
@@ -901,13 +788,7 @@ class ExperimentsManager:
 
     def download_initial_model(self) -> Any:
         """The initial model. Raises :class:`ModelNotFoundError` if it was never uploaded."""
-        run = self._initial_run()
-        if run is None or not is_marked(run):
-            raise ModelNotFoundError(
-                f"no initial model uploaded for plugin {self._plugin_name!r}: "
-                "call upload_initial_model(model) first"
-            )
-        return self._download_model(run.run_id)
+        return self._load(self._initial.require())
 
     def download_model(self, experiment_name: str, run_name: str) -> Any | None:
         """The model of the run named ``run_name`` in the experiment ``experiment_name``."""
@@ -921,74 +802,45 @@ class ExperimentsManager:
             return None
         return self.download_model_by_run_id(run.run_id)
 
-    def _download_picked(self, pick: Callable[[], str | None]) -> Any:
-        """The model of the run ``pick()`` names (the initial model for None). If another
-        worker deletes that model while it is read (pruned by a better one, or its iteration
-        cleaned up), pick again."""
-        for attempt in range(1, _PICK_ATTEMPTS + 1):
-            run_id = pick()
-            if run_id is None:
-                return self.download_initial_model()
-            try:
-                return self._download_model(run_id)
-            except ModelNotFoundError:
-                if attempt == _PICK_ATTEMPTS:
-                    raise
-                log.info("the model of run %s was deleted while read; picking again", run_id)
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _download_best(self, pick: Callable[[], RunRecord | None]) -> Any:
+        """The model of the run ``pick()`` returns, else the initial model; picked again if
+        it is deleted while read (see :meth:`ModelKeeper.load_best`)."""
+        return self.models.load_best(
+            pick, self._initial.require, self.model_format, self.model_factory
+        )
 
     def download_best_model(self, experiment_id: str) -> Any:
         """The best model of an experiment; the initial model if it holds none."""
 
-        def pick() -> str | None:
+        def pick() -> RunRecord | None:
             best = self.models.best_run(experiment_id)
             if best is None:
                 log.info("experiment %s holds no model; using the initial model", experiment_id)
-            return best.run_id if best else None
+            return best
 
-        return self._download_picked(pick)
+        return self._download_best(pick)
 
     def download_last_model(self) -> Any:
         """Best model of the previous (or last finished) iteration; else the initial model."""
-        return self._download_picked(lambda: self._get_best_previous_run_id()[0])
+        return self._download_best(self._best_previous_run)
 
     # ------------------------------------------------------------------ top params
-    def _params_type_of(self, runs: Sequence[RunRecord]) -> type[FineTuningParams]:
-        if self.params_type is not None:
-            return self.params_type
-        if self._runs.params is not None:
-            return type(self._runs.params)
-        path = next(
-            (r.tags.get(T.TAG_PARAMS_TYPE) for r in runs if r.tags.get(T.TAG_PARAMS_TYPE)), None
-        )
-        if path is None:
-            raise ConfigurationError("cannot tell the params type: pass params_type=")
-        obj = import_object(path)
-        if not (isinstance(obj, type) and issubclass(obj, FineTuningParams)):
-            raise ConfigurationError(f"{path} is not a FineTuningParams subclass")
-        return obj
-
     def get_top_params_by_experiment_id(
         self, experiment_id: str, params_type: type[P] | None = None
     ) -> list[P] | None:
-        """The params of the best ``n_top_runs`` FINISHED runs of an experiment that logged the
-        main metric (whether or not they still hold a model), best first, typed; None if none."""
+        """The params of the best ``n_top_runs`` FINISHED runs of an experiment that logged
+        the main metric, best first, typed (see :class:`~tracker_core.ranking.TopRuns`);
+        None if there are none or for the initial experiment."""
         if self._iterations.is_initial(experiment_id):
             return None
-        runs = self._top_finished_runs(experiment_id)
-        if not runs:
-            return None
-        cls = params_type or self._params_type_of(runs)
-        return [cls.from_mlflow(r.params) for r in runs]  # type: ignore[misc]
+        current = type(self._runs.params) if self._runs.params is not None else None
+        preferred = (params_type, self.params_type, current)
+        return self._top.params(experiment_id, self.n_top_runs, *preferred)  # type: ignore[return-value]
 
     def get_top_params(self, params_type: type[P] | None = None) -> list[P] | None:
         """Top params of the previous iteration (the last finished one when no iteration is
         current); None if there are none."""
-        previous = (
-            self.get_previous_iteration_id()
-            if self._experiment is not None
-            else self.get_last_finished_iteration_id()
-        )
+        previous = self._previous_or_last_finished()
         if previous is None:
             return None
         return self.get_top_params_by_experiment_id(previous, params_type)

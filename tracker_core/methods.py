@@ -83,6 +83,10 @@ class FineTuningMethod(abc.ABC, Generic[P]):
         is_loss: True if lower :attr:`main_metric` is better.
         model_format: the model format to store (None: the backend's default).
         model_factory: builds an empty model, needed by the ``state_dict`` format to load weights.
+        max_parallel_runs: the most runs of one iteration the task service may train at once
+            (on as many workers); None (the default): no cap of the method's own. A method
+            whose runs cannot share what they use (one licence, one dataset server, every GPU
+            of a host) caps it; 1 trains its params sets one after another in one process.
     """
 
     name: str
@@ -91,6 +95,7 @@ class FineTuningMethod(abc.ABC, Generic[P]):
     is_loss: bool = False
     model_format: str | None = None
     model_factory: ModelFactory | None = None
+    max_parallel_runs: int | None = None
 
     @abc.abstractmethod
     def initial_model(self) -> Any:
@@ -155,6 +160,11 @@ def _check_method(method: object) -> None:
     ):
         raise ConfigurationError(
             f"{type(method).__name__}.params_type must be a FineTuningParams subclass"
+        )
+    cap = getattr(method, "max_parallel_runs", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigurationError(
+            f"{type(method).__name__}.max_parallel_runs must be None or an int >= 1, got {cap!r}"
         )
 
 

@@ -1,22 +1,12 @@
-"""The model side of the manager: write first, mark second; rank, serve, and reconcile.
+"""The model side of the manager: write first, mark second; rank, prune and serve.
 
 A model is *servable* only once its run carries the mark (tag ``tracker.model_uploaded``)
 that is set after every file was written. Deleting goes the other way round: unmark first,
 then delete the files. A crash between two steps therefore leaves at worst an unmarked folder
-(an orphan that :meth:`ModelKeeper.find_orphans` reports), never a marked model without files.
-
-Reconcile (``tracker-core gc`` and ``verify``) repairs what crashes and outside hands leave:
-
-- **orphaned folders**: model folders no run marks (a crash between writing and marking);
-- **incomplete uploads**: uploads a killed writer left open (S3 multipart uploads), whose
-  parts cost storage and show in no listing;
-- **missing files**: runs still marked as holding a model whose files are gone (a bucket
-  emptied or a folder deleted by hand); :meth:`ModelKeeper.find_missing_files` lists them and
-  :meth:`ModelKeeper.unmark_missing` unmarks them as a deletion would.
-
-Nothing that belongs to a run held by a live worker (:func:`tracker_core.leases.run_is_live`)
-is touched: its upload may be under way. A run whose worker died is collectable once its lease
-has expired.
+(an orphan that :meth:`tracker_core.reconcile.Reconciler.find_orphans` reports), never a marked
+model without files. Serving reads the run record once: the record that picked a model is the
+one its files are read with, and a model deleted while read is picked again
+(:meth:`ModelKeeper.load_picked`).
 """
 
 from __future__ import annotations
@@ -29,42 +19,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from tracker_core import tags as T
 from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import (
     ConfigurationError,
+    InvalidMetricError,
     ModelFilesMissingError,
     ModelLoadError,
     ModelNotFoundError,
 )
-from tracker_core.leases import DEFAULT_LEASE_SECONDS, now_ms, run_is_live
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
-from tracker_core.stores import (
-    ArtifactStore,
-    ExperimentQuery,
-    IncompleteUpload,
-    RunQuery,
-    TrackingStore,
-)
-from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
+from tracker_core.stores import ArtifactStore, RunQuery, TrackingStore
+from tracker_core.values import MetricValue, RunRecord, RunStatus
 
-__all__ = [
-    "MissingModel",
-    "MissingScan",
-    "ModelKeeper",
-    "OrphanScan",
-    "OrphanedModel",
-    "OrphanedUpload",
-    "is_marked",
-]
+__all__ = ["ModelKeeper", "is_marked", "manifest_of", "model_run_id"]
 
 log = logging.getLogger(__name__)
 
 #: MLflow keeps 8,000 characters of a tag value; a manifest longer than this is left out
 _MAX_MANIFEST = 6000
+
+#: how often a download picks the best model again when it was deleted while read
+PICK_ATTEMPTS = 3
 
 #: ``call(operation, fn, *args)``: a store call under the manager's retry policy
 Call = Callable[..., Any]
@@ -104,86 +81,6 @@ def model_run_id(uri: str) -> str | None:
     if len(parts) >= 3 and parts[-1] == T.MODEL_DIR and parts[-2] == "artifacts":
         return parts[-3]
     return None
-
-
-@attrs.frozen
-class OrphanedModel:
-    """A model folder no run marks: ``uri``, the run it belongs to (if it exists), why."""
-
-    uri: str
-    run_id: str | None
-    reason: str
-
-
-def _artifact_path(root: str, uri: str) -> tuple[str | None, bool]:
-    """``(run id, in its model folder)`` of a URI under ``root`` laid out as
-    ``<experiment>/<run id>/artifacts/...``; ``(None, False)`` for anything else."""
-    parts = uri[len(root.rstrip("/")) :].strip("/").split("/")
-    for i in range(1, len(parts) - 1):
-        if parts[i] == "artifacts":
-            return parts[i - 1], parts[i + 1] == T.MODEL_DIR and i + 2 < len(parts)
-    return None, False
-
-
-@attrs.frozen
-class OrphanedUpload:
-    """An incomplete upload (see :meth:`~tracker_core.stores.ArtifactStore.list_incomplete_uploads`)
-    in a model folder: ``uri`` of the object it would have made, the run it belongs to, why it
-    is collectable (or, in :attr:`OrphanScan.skipped_uploads`, why not)."""
-
-    uri: str
-    upload_id: str
-    run_id: str | None
-    reason: str
-    initiated_ms: int | None = None
-
-    def upload(self) -> IncompleteUpload:
-        return IncompleteUpload(self.uri, self.upload_id, self.initiated_ms)
-
-
-@attrs.frozen
-class MissingModel:
-    """A run marked as holding a model whose files are gone from the store.
-
-    ``live``: a live worker holds the run (it may be rewriting the model right now), so it is
-    reported but never unmarked.
-    """
-
-    run_id: str
-    experiment_id: str
-    uri: str
-    live: bool = False
-
-
-@attrs.frozen
-class OrphanScan:
-    """What :meth:`ModelKeeper.find_orphans` found.
-
-    ``orphans``: unmarked model folders to delete; ``skipped``: those left alone (their run
-    is held by a live worker); ``uploads`` / ``skipped_uploads``: the same for incomplete
-    uploads; ``missing``: marked models whose folder the listing did not find (check them
-    with :meth:`ModelKeeper.find_missing_files`); ``experiments``: how many experiments of
-    the tracking store keep their artifacts under the store's root.
-    """
-
-    orphans: tuple[OrphanedModel, ...]
-    skipped: tuple[OrphanedModel, ...]
-    marked_models: int
-    uploads: tuple[OrphanedUpload, ...] = ()
-    skipped_uploads: tuple[OrphanedUpload, ...] = ()
-    missing: tuple[MissingModel, ...] = ()
-    experiments: int = 0
-
-
-@attrs.frozen
-class MissingScan:
-    """What :meth:`ModelKeeper.find_missing_files` found: the marked models whose files are
-    gone, how many marked models were checked, and the runs whose marked model lies outside
-    this store (not checked: another store holds them)."""
-
-    missing: tuple[MissingModel, ...]
-    checked: int
-    outside: tuple[str, ...] = ()
 
 
 class ModelKeeper:
@@ -239,6 +136,33 @@ class ModelKeeper:
             if r.run_id != run.run_id and self.ranking.key(r) < mine
         ]
 
+    def among_best(self, fresh: RunRecord, keep: int) -> bool:
+        """Whether ``fresh`` (just read) ranks among the ``keep`` best marked models of its
+        iteration, so its model is worth writing. Raises :class:`InvalidMetricError` if it
+        logged no value of the main metric."""
+        metric = self.ranking.metric
+        if metric not in fresh.metrics:
+            raise InvalidMetricError(
+                f"cannot rank run {fresh.run_id}: it has no value of {metric!r}"
+            )
+        if len(self.better_marked(fresh)) < keep:
+            return True
+        value = fresh.metrics[metric]
+        log.info(
+            "run %s (%s=%s) is not among the best %d; model not saved",
+            *(fresh.run_id, metric, value, keep),
+        )
+        return False
+
+    def prune(
+        self, experiment_id: str, keep: int, delete_model: Callable[[RunRecord], bool]
+    ) -> None:
+        """Delete (with ``delete_model``) the marked models ranked below the ``keep`` best.
+        Concurrent workers cannot prune a top model: a model is written first and marked
+        second, and only models ranked below ``keep`` *marked* ones are deleted."""
+        for worse in self.marked_runs(experiment_id)[keep:]:
+            delete_model(worse)
+
     # -- write, mark, unmark, delete ----------------------------------------------------
     def write_and_mark(
         self,
@@ -247,7 +171,7 @@ class ModelKeeper:
         model_format: str,
         requirements: Sequence[str] | None,
         *,
-        before_mark: Callable[[], None] | None = None,
+        before_mark: Callable[[], object] | None = None,
     ) -> str:
         """Write the model files, then mark them; returns the model's URI. ``before_mark``
         runs between the two (the manager checks there that it still holds the run)."""
@@ -300,10 +224,10 @@ class ModelKeeper:
             log.error("model of run %s at %s lies outside this store; not deleted", run.run_id, uri)
             return False
         deleted: bool = self._art("delete_model", self.artifacts.delete_tree, uri)
-        self._remove_empty_folders(uri)
+        self.remove_empty_folders(uri)
         return deleted
 
-    def _remove_empty_folders(self, uri: str) -> None:
+    def remove_empty_folders(self, uri: str) -> None:
         """After deleting the folder at ``uri``: remove the folders it leaves empty (the run's
         ``artifacts`` and the run's own), up to the experiment's folder. Only on stores with
         real folders; a failure here never fails the deletion."""
@@ -355,191 +279,24 @@ class ModelKeeper:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    # -- reconcile ----------------------------------------------------------------------
-    def _marked_everywhere(self) -> tuple[list[ExperimentRecord], list[RunRecord]]:
-        """Every active experiment of the tracking store (whatever its plugin), and every run
-        of them holding a marked model (one query per 50 experiments)."""
-        experiments: list[ExperimentRecord] = self._track(
-            "search", lambda: list(self.tracking.iter_experiments(ExperimentQuery()))
-        )
-        ids = [e.experiment_id for e in experiments]
-        runs: list[RunRecord] = []
-        for start in range(0, len(ids), 50):
-            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-            runs.extend(self._track("search", self.tracking.search_runs, query))
-        return experiments, runs
-
-    def _get_run(self, run_id: str, cache: dict[str, RunRecord | None]) -> RunRecord | None:
-        if run_id not in cache:
-            cache[run_id] = self._track("search", self.tracking.get_run, run_id)
-        return cache[run_id]
-
-    @staticmethod
-    def _why_collectable(owner: RunRecord | None, what: str) -> str:
-        if owner is None:
-            return "no run"
-        if owner.status.is_terminal:
-            return f"run {owner.status.value}, {what}"
-        return f"run {owner.status.value} but its worker is gone (lease expired), {what}"
-
-    def find_orphans(
+    def load_best(
         self,
-        *,
-        include_running: bool = False,
-        max_depth: int = 4,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    ) -> OrphanScan:
-        """Model folders and incomplete uploads under the artifact root that no run needs.
-
-        Marks are read from every active experiment of the tracking store, whatever its
-        plugin. A folder or upload whose run is held by a live worker (its lease has not
-        expired; see :func:`~tracker_core.leases.run_is_live`, ``lease_seconds`` for runs
-        never claimed) is skipped, unless ``include_running``: its upload may be under way.
-        An incomplete upload that belongs to no run is collected only once it is older than
-        ``lease_seconds``. Raises :class:`~tracker_core.errors.ArtifactStoreError` if the
-        root's bucket does not exist.
-        """
-        self._art("check_root", self.artifacts.check_root)
-        ttl_ms = int(lease_seconds * 1000)
-        experiments, marked_runs = self._marked_everywhere()
-        marked = {self.uri_of(r).rstrip("/"): r for r in marked_runs}
-        root = self.artifacts.root
-        found: list[str] = self._art(
-            "find_models", self.artifacts.find_dirs, root, T.MODEL_DIR, max_depth
-        )
-        present = {u.rstrip("/") for u in found}
-        candidates = sorted(present - set(marked))
-        # a folder inside another candidate is part of it (a model may hold a "model" folder)
-        candidates = [u for u in candidates if not any(u.startswith(c + "/") for c in candidates)]
-        runs: dict[str, RunRecord | None] = {}
-        orphans: list[OrphanedModel] = []
-        skipped: list[OrphanedModel] = []
-        for uri in candidates:
-            if any(uri.startswith(m + "/") for m in marked):
-                continue
-            run_id = model_run_id(uri)
-            owner = self._get_run(run_id, runs) if run_id else None
-            if owner is not None and not include_running and run_is_live(owner, ttl_ms):
-                skipped.append(OrphanedModel(uri, run_id, "its run is held by a live worker"))
-                continue
-            reason = self._why_collectable(owner, "model not marked")
-            orphans.append(OrphanedModel(uri, run_id if owner is not None else None, reason))
-        uploads, skipped_uploads = self._orphaned_uploads(runs, include_running, ttl_ms)
-        return OrphanScan(
-            tuple(orphans),
-            tuple(skipped),
-            len(marked),
-            uploads=tuple(uploads),
-            skipped_uploads=tuple(skipped_uploads),
-            missing=tuple(self._missing_from_listing(marked, present, max_depth, ttl_ms)),
-            experiments=sum(1 for e in experiments if self.artifacts.owns(e.artifact_location)),
-        )
-
-    def _orphaned_uploads(
-        self, runs: dict[str, RunRecord | None], include_running: bool, ttl_ms: int
-    ) -> tuple[list[OrphanedUpload], list[OrphanedUpload]]:
-        """Incomplete uploads in model folders: to abort, and left alone (with why)."""
-        root = self.artifacts.root
-        pending: list[IncompleteUpload] = self._art(
-            "list_uploads", self.artifacts.list_incomplete_uploads, root
-        )
-        collect: list[OrphanedUpload] = []
-        keep: list[OrphanedUpload] = []
-        for upload in sorted(pending, key=lambda u: (u.uri, u.upload_id)):
-            run_id, in_model = _artifact_path(root, upload.uri)
-            if run_id is None or not in_model:
-                reason = "not in a model folder: not tracker-core's to abort"
-                keep.append(OrphanedUpload(upload.uri, upload.upload_id, run_id, reason))
-                continue
-            owner = self._get_run(run_id, runs)
-            base = OrphanedUpload(upload.uri, upload.upload_id, None, "", upload.initiated_ms)
-            if owner is None:
-                age = now_ms() - (upload.initiated_ms or 0)
-                if age < ttl_ms and not include_running:
-                    keep.append(attrs.evolve(base, reason="no run, and started recently"))
-                else:
-                    collect.append(attrs.evolve(base, reason="no run"))
-            elif not include_running and run_is_live(owner, ttl_ms):
-                keep.append(
-                    attrs.evolve(base, run_id=run_id, reason="its run is held by a live worker")
-                )
-            else:
-                why = self._why_collectable(owner, "upload never completed")
-                collect.append(attrs.evolve(base, run_id=run_id, reason=why))
-        return collect, keep
-
-    def _missing_from_listing(
-        self, marked: dict[str, RunRecord], present: set[str], max_depth: int, ttl_ms: int
-    ) -> list[MissingModel]:
-        """Marked models of this store that the listing did not find, re-read to drop those
-        unmarked meanwhile (pruned between our two reads)."""
-        root = self.artifacts.root.rstrip("/")
-        out: list[MissingModel] = []
-        for uri, run in sorted(marked.items()):
-            depth = len(uri[len(root) :].strip("/").split("/"))
-            if uri in present or not self.artifacts.owns(uri) or depth > max_depth:
-                continue
-            fresh = self._track("search", self.tracking.get_run, run.run_id)
-            if fresh is not None and is_marked(fresh) and self.uri_of(fresh).rstrip("/") == uri:
-                live = run_is_live(fresh, ttl_ms)
-                out.append(MissingModel(run.run_id, run.experiment_id, uri, live))
-        return out
-
-    def delete_orphan(self, orphan: OrphanedModel) -> bool:
-        """Delete one folder found by :meth:`find_orphans`; True when it is gone."""
-        if not self.artifacts.owns(orphan.uri):
-            raise ConfigurationError(f"{orphan.uri} lies outside {self.artifacts.root}")
-        deleted: bool = self._art("gc_delete", self.artifacts.delete_tree, orphan.uri)
-        self._remove_empty_folders(orphan.uri)
-        return deleted
-
-    def abort_upload(self, upload: OrphanedUpload) -> None:
-        """Abort one upload found by :meth:`find_orphans`, freeing its parts."""
-        if not self.artifacts.owns(upload.uri):
-            raise ConfigurationError(f"{upload.uri} lies outside {self.artifacts.root}")
-        self._art("gc_delete", self.artifacts.abort_upload, upload.upload())
-
-    def find_missing_files(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> MissingScan:
-        """Runs marked as holding a model whose files are gone (one existence check per
-        marked model of this store; marked models in other stores are not checked).
-
-        Raises :class:`~tracker_core.errors.ArtifactStoreError` if the root's bucket does not
-        exist: a wrong bucket name must not make every model look lost.
-        """
-        self._art("check_root", self.artifacts.check_root)
-        ttl_ms = int(lease_seconds * 1000)
-        _, marked_runs = self._marked_everywhere()
-        missing: list[MissingModel] = []
-        outside: list[str] = []
-        checked = 0
-        for run in marked_runs:
-            uri = self.uri_of(run).rstrip("/")
-            if not self.artifacts.owns(uri):
-                outside.append(run.run_id)
-                continue
-            checked += 1
-            if self._art("exists", self.artifacts.exists, uri):
-                continue
-            fresh = self._track("search", self.tracking.get_run, run.run_id)
-            if fresh is None or not is_marked(fresh):
-                continue  # unmarked since we listed (pruned): nothing wrong
-            live = run_is_live(fresh, ttl_ms)
-            missing.append(MissingModel(run.run_id, run.experiment_id, uri, live))
-        missing.sort(key=lambda m: (m.experiment_id, m.run_id))
-        return MissingScan(tuple(missing), checked, tuple(sorted(outside)))
-
-    def unmark_missing(
-        self, model: MissingModel, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
-    ) -> bool:
-        """Unmark a run found by :meth:`find_missing_files`, with the tags and marker metrics
-        of a deletion, so it is no longer served. Only if it is still marked, its files are
-        still gone, and no live worker holds it (which may be rewriting them); True if
-        unmarked."""
-        run = self._track("search", self.tracking.get_run, model.run_id)
-        if run is None or not is_marked(run) or run_is_live(run, int(lease_seconds * 1000)):
-            return False
-        if self._art("exists", self.artifacts.exists, self.uri_of(run)):
-            return False
-        self.unmark(run.run_id)
-        log.info("unmarked run %s: its model files at %s are gone", run.run_id, model.uri)
-        return True
+        pick: Callable[[], RunRecord | None],
+        otherwise: Callable[[], RunRecord],
+        default_format: str,
+        model_factory: ModelFactory | None,
+    ) -> Any:
+        """The model of the run ``pick()`` returns (of ``otherwise()`` when it returns None),
+        read with the record that picked it. If another worker deletes that model while it
+        is read (pruned by a better one, or its iteration cleaned up), pick again."""
+        for attempt in range(1, PICK_ATTEMPTS + 1):
+            run = pick()
+            if run is None:
+                return self.load(otherwise(), default_format, model_factory)
+            try:
+                return self.load(run, default_format, model_factory)
+            except ModelNotFoundError:
+                if attempt == PICK_ATTEMPTS:
+                    raise
+                log.info("the model of run %s was deleted while read; picking again", run.run_id)
+        raise AssertionError("unreachable")  # pragma: no cover

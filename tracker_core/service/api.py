@@ -7,8 +7,9 @@
 ``GET  /api/v1/fine-tuning/task/{id}``        one task (404 if unknown)
 ``GET  /api/v1/fine-tuning/task``             tasks newest first; ``status``,
                                               ``fine_tuning_method``, ``limit``, ``offset``
-``POST /api/v1/fine-tuning/task/{id}/cancel`` cancel (pending: at once; processing: at its next
-                                              safe point); 409 if it already ended
+``POST /api/v1/fine-tuning/task/{id}/cancel`` cancel (pending: at once; processing: its queued
+                                              runs never start, running ones stop at their
+                                              next safe point); 409 if it already ended
 ``GET  /api/v1/fine-tuning/methods``          the methods this service offers
 ``GET  /health``                              200 when the database answers, else 503
 ============================================  =================================================
@@ -34,13 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from tracker_core.errors import ConfigurationError
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
+    MAX_PARALLEL_RUNS,
     Task,
     TaskStatus,
     check_batch_id,
     metadata_size,
     new_id,
 )
-from tracker_core.service.queue import build_app, defer_run_task
+from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import NewTask, TaskRepository
 from tracker_core.service.schema import ensure_schema
@@ -76,6 +78,14 @@ class TaskCreate(BaseModel):
         max_length=256,
         description="repeating a request with the same key returns the same task",
     )
+    max_parallel_runs: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_PARALLEL_RUNS,
+        description="the most runs of the iteration trained at once, each by a free worker "
+        "(absent: as many as there are free workers; the method may cap it); 1 trains them "
+        "one after another in one process",
+    )
 
 
 class TaskOut(BaseModel):
@@ -89,8 +99,9 @@ class TaskOut(BaseModel):
     batch_id: str
     metadata: dict[str, Any]
     idempotency_key: str | None
+    max_parallel_runs: int | None
     progress: dict[str, Any] | None = Field(
-        description="runs of the iteration: planned, finished (ended), failed"
+        description="runs of the iteration: planned = queued + running + finished + failed"
     )
     result: dict[str, Any] | None = Field(
         description="once done: experiment_id, best_run_id, best_metric, best_model_uri, ..."
@@ -135,6 +146,11 @@ def _differences(task: Task, body: TaskCreate) -> list[str]:
         )
     if task.metadata != (body.metadata or {}):
         out.append("metadata (it differs from the task's)")
+    if task.max_parallel_runs != body.max_parallel_runs:
+        out.append(
+            f"max_parallel_runs {body.max_parallel_runs!r} (the task has "
+            f"{task.max_parallel_runs!r})"
+        )
     return out
 
 
@@ -244,6 +260,7 @@ def create_app(
             requested_batch_id=body.batch_id,
             metadata=metadata,
             idempotency_key=body.idempotency_key,
+            max_parallel_runs=body.max_parallel_runs,
         )
 
         async def defer(conn: Any, task: Task) -> int:
@@ -295,10 +312,7 @@ def create_app(
         responses={404: {}, 409: {}},
     )
     async def cancel_task(task_id: str) -> Any:
-        async def cancel_job(conn: Any, job_id: int) -> None:
-            await queue_app.job_manager.cancel_job_by_id_async(job_id, abort=True, connection=conn)
-
-        outcome = await repo().cancel(task_id, cancel_job)
+        outcome = await repo().cancel(task_id, QueueJobs(queue_app))
         if outcome is None:
             return _error(404, f"no task with id {task_id!r}")
         if outcome.action == "finished":

@@ -1,4 +1,14 @@
-"""The child process that runs one task's iteration (:func:`child_main`).
+"""The child process that runs one job of a task (:func:`child_main`): by ``ChildSpec.kind``,
+
+- ``task``: the task's own job: seed steps 1-3 (:func:`~tracker_core.finetune.prepare_iteration`);
+  then, when at most one run can be trained at a time (the task's or the method's
+  ``max_parallel_runs`` is 1, or one run is left), steps 4-8 and 7 right here, as
+  :func:`~tracker_core.finetune.run_iteration` does; otherwise it ends with ``("planned",
+  {"plan", "parallel_runs"})`` and the worker defers one job per run;
+- ``run``: one run job, steps 4-6 and 8 for one params set
+  (:func:`~tracker_core.finetune.train_run`), ending with ``("ran", {run_id, status, metric,
+  trained, error, has_model})``;
+- ``complete``: the completion job, step 7 (:func:`~tracker_core.finetune.complete_iteration`).
 
 Why a child process: the worker's heartbeat runs on its event loop, and training that holds
 the GIL for longer than the stall threshold would make a live worker look dead; a child also
@@ -11,10 +21,10 @@ Two pipes join it to its worker:
   (between runs, or where the method calls :func:`tracker_core.finetune.check_stop`). End of
   file means the worker died (``kill -9``): the child exits at once, leaving its run
   unfinished, as the worker's own crash would have.
-- *events* (child -> worker): ``("progress", {...})`` after every run, then exactly one of
-  ``("done", result)``, ``("failed", message)`` (every run failed),
-  ``("stopped", message)``, ``("retry", message)`` (the stores failed; worth another attempt)
-  or ``("error", message)``.
+- *events* (child -> worker): ``("progress", {...})`` after every run (``task`` only), then
+  exactly one of ``("done", result)``, ``("failed", message)`` (every run failed),
+  ``("planned", ...)``, ``("ran", ...)``, ``("stopped", message)``, ``("retry", message)`` (the
+  stores failed; worth another attempt) or ``("error", message)``.
 
 The child ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group; the worker
 decides what happens) and turns SIGTERM into :class:`~tracker_core.finetune.IterationStopped`.
@@ -33,7 +43,7 @@ import attrs
 
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 
-__all__ = ["ChildSpec", "child_main", "result_json"]
+__all__ = ["ChildSpec", "child_main", "parallel_cap", "result_json"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,27 @@ class ChildSpec:
     log_level: int = logging.WARNING
     #: the managers' run lease (a dead worker's run resumes this long after it died)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    #: ``task``, ``run`` or ``complete`` (see the module docstring)
+    kind: str = "task"
+    #: the task's own cap of parallel runs (None: as many as there are free workers)
+    max_parallel_runs: int | None = None
+    #: ``run`` and ``complete``: the iteration's plan (IterationPlan.to_json())
+    plan: dict[str, Any] | None = None
+    #: ``run``: the params set to train
+    params_id: str | None = None
+    #: ``complete``: {params id: (trained, error)} as the run jobs reported them
+    outcomes: dict[str, tuple[bool, str | None]] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.task_id if self.params_id is None else f"{self.task_id}/{self.params_id}"
+
+
+def parallel_cap(task_cap: int | None, method_cap: int | None) -> int | None:
+    """How many runs of a task may train at once: the smaller of the task's and the method's
+    caps; None: no cap (as many as there are free workers)."""
+    caps = [c for c in (task_cap, method_cap) if c is not None]
+    return min(caps) if caps else None
 
 
 def result_json(result: Any) -> dict[str, Any]:
@@ -111,7 +142,7 @@ def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s task {spec.task_id} %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {spec.kind} {spec.label} %(name)s: %(message)s",
     )
     ctl = _Control(control)
 
@@ -143,6 +174,7 @@ def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
         CleanupRefusedError,
         IterationFailedError,
         IterationInUseError,
+        LeaseLostError,
         MaxAttemptsReachedException,
         ModelNotFoundError,
         NoModelToKeepError,
@@ -150,10 +182,12 @@ def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
         TrackingStoreError,
         TransientError,
     )
-    from tracker_core.finetune import IterationProgress, IterationStopped, run_iteration
+    from tracker_core.finetune import IterationStopped
     from tracker_core.methods import connect_kwargs
     from tracker_core.service.registry import load_spec
 
+    # worth another attempt: store failures past their own retries, and a run lease that
+    # could not be renewed in time (the next attempt takes the run again, or finds it ended)
     retryable = (
         TrackingStoreError,
         ArtifactStoreError,
@@ -161,13 +195,8 @@ def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
         MaxAttemptsReachedException,
         ModelNotFoundError,
         IterationInUseError,
+        LeaseLostError,
     )
-
-    def progress(p: IterationProgress) -> None:
-        events.send(
-            ("progress", {"planned": p.planned, "finished": p.finished, "failed": p.failed})
-        )
-
     try:
         method = load_spec(spec.method_spec)
     except TrackerError as exc:
@@ -179,18 +208,11 @@ def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
             lease_seconds=spec.lease_seconds,
             **connect_kwargs(method),
         ) as manager:
-            # runs held by other live workers are waited for inside (stoppable): a task
-            # redelivered after a kill -9 resumes once the dead worker's lease expired
-            result = run_iteration(
-                method,
-                manager,
-                spec.batch_id,
-                seed=spec.seed,
-                work_dir=spec.work_dir,
-                on_progress=progress,
-                should_stop=ctl.stop.is_set,
-            )
-            return "done", result_json(result)
+            if spec.kind == "run":
+                return _train(spec, method, manager, ctl)
+            if spec.kind == "complete":
+                return _complete(spec, method, manager)
+            return _task(spec, method, manager, ctl, events)
     except IterationStopped:
         raise
     except IterationFailedError as exc:
@@ -203,3 +225,85 @@ def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
         return "retry", _one_line(exc)
     except TrackerError as exc:
         return "error", _one_line(exc)
+
+
+def _task(
+    spec: ChildSpec, method: Any, manager: Any, ctl: _Control, events: Connection
+) -> tuple[str, Any]:
+    """The task's own job: plan the iteration; run it here or hand the plan back."""
+    from tracker_core.finetune import (
+        IterationProgress,
+        IterationStopped,
+        prepare_iteration,
+        run_prepared,
+    )
+
+    def progress(p: IterationProgress) -> None:
+        running = 0 if p.finished >= p.planned else 1
+        events.send(
+            (
+                "progress",
+                {
+                    "planned": p.planned,
+                    "queued": p.planned - p.finished - running,
+                    "running": running,
+                    "finished": p.finished - p.failed,
+                    "failed": p.failed,
+                },
+            )
+        )
+
+    plan = prepare_iteration(method, manager, spec.batch_id, seed=spec.seed)
+    if ctl.stop.is_set():
+        manager.finish_iteration()
+        raise IterationStopped("stopped after planning the iteration")
+    cap = parallel_cap(spec.max_parallel_runs, method.max_parallel_runs)
+    if (cap is not None and cap <= 1) or len(plan.unfinished) <= 1:
+        # one run at a time: the rest of the iteration here, as run_iteration does;
+        # runs held by other live workers are waited for inside (stoppably): a task
+        # redelivered after a kill -9 resumes once the dead worker's lease expired
+        result = run_prepared(
+            method,
+            manager,
+            plan,
+            work_dir=spec.work_dir,
+            on_progress=progress,
+            should_stop=ctl.stop.is_set,
+        )
+        return "done", result_json(result)
+    manager.finish_iteration()
+    return "planned", {"plan": plan.to_json(), "parallel_runs": cap}
+
+
+def _train(spec: ChildSpec, method: Any, manager: Any, ctl: _Control) -> tuple[str, Any]:
+    """One run job: steps 4-6 (and 8) for one params set."""
+    from tracker_core.finetune import IterationPlan, train_run
+
+    assert spec.plan is not None and spec.params_id is not None
+    plan = IterationPlan.from_json(spec.plan, method.params_type)
+    run = train_run(
+        method,
+        manager,
+        plan,
+        plan.params_by_id(spec.params_id),
+        work_dir=spec.work_dir,
+        should_stop=ctl.stop.is_set,
+    )
+    return "ran", {
+        "run_id": run.run_id,
+        "status": run.status.value,
+        "metric": run.metric,
+        "trained": run.trained,
+        "error": run.error,
+        "has_model": run.has_model,
+    }
+
+
+def _complete(spec: ChildSpec, method: Any, manager: Any) -> tuple[str, Any]:
+    """The completion job: step 7."""
+    from tracker_core.finetune import IterationPlan, complete_iteration
+
+    assert spec.plan is not None
+    plan = IterationPlan.from_json(spec.plan, method.params_type)
+    outcomes = {k: (bool(v[0]), v[1]) for k, v in (spec.outcomes or {}).items()}
+    return "done", result_json(complete_iteration(method, manager, plan, outcomes))

@@ -5,6 +5,7 @@
     tracker-core serve [--database URL] [--no-worker] [--port 5000]   # API (+ worker, + database)
     tracker-core worker [--database URL] [--concurrency N]            # a worker
     tracker-core task create METHOD [--batch-id B] [--idempotency-key K] [--metadata JSON]
+                                    [--max-parallel-runs N]
     tracker-core task status ID [--wait]
     tracker-core task list [--status S] [--method M]
     tracker-core task cancel ID
@@ -151,11 +152,13 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _progress(task: dict[str, Any]) -> str:
+    """``ended/planned`` and what is not plain: ``4/6 (2 running, 1 failed)``."""
     p = task.get("progress") or {}
     if not p:
         return ""
-    failed = f", {p.get('failed')} failed" if p.get("failed") else ""
-    return f"{p.get('finished', 0)}/{p.get('planned', '?')}{failed}"
+    ended = int(p.get("finished", 0)) + int(p.get("failed", 0))
+    extra = [f"{p[k]} {k}" for k in ("running", "queued", "failed") if p.get(k)]
+    return f"{ended}/{p.get('planned', '?')}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _task_lines(task: dict[str, Any]) -> Iterator[str]:
@@ -198,6 +201,7 @@ def cmd_task_create(args: argparse.Namespace, out: Output) -> int:
         batch_id=args.batch_id,
         metadata=metadata,
         idempotency_key=args.idempotency_key,
+        max_parallel_runs=args.max_parallel_runs,
     )
     out.emit(task, lambda: _task_lines(task))
     return 0
@@ -403,6 +407,13 @@ def add_service_commands(sub: Any) -> None:
     q.add_argument("--batch-id", help="the data batch (default: the method's, or a new id)")
     q.add_argument("--idempotency-key", help="repeat-safe: the same key returns the same task")
     q.add_argument("--metadata", help="a JSON object stored with the task")
+    q.add_argument(
+        "--max-parallel-runs",
+        type=_positive_int,
+        metavar="N",
+        help="train at most N runs of the iteration at once, each on a free worker (default: "
+        "as many as there are free workers; 1: one after another)",
+    )
     _url_arg(q)
     q.set_defaults(func=cmd_task_create)
 

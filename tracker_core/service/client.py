@@ -71,8 +71,11 @@ class ServiceClient:
         batch_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        max_parallel_runs: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"fine_tuning_method": method}
+        if max_parallel_runs is not None:
+            body["max_parallel_runs"] = max_parallel_runs
         if batch_id is not None:
             body["batch_id"] = batch_id
         if metadata is not None:

@@ -1,9 +1,12 @@
 """Tasks as the API shows them: statuses, ids, the task record, and the request shape.
 
 The seed's fields (``id``, ``fine_tuning_method``, ``status``, ``created_at``, ``updated_at``,
-``batch_id``) come first; the service adds ``metadata``, ``idempotency_key``, ``progress``,
-``result``, ``error``, ``cancel_requested``, ``attempts`` and ``worker``. Timestamps are ISO 8601
-in UTC (``2026-01-02T03:04:05.678901Z``).
+``batch_id``) come first; the service adds ``metadata``, ``idempotency_key``,
+``max_parallel_runs``, ``progress``, ``result``, ``error``, ``cancel_requested``, ``attempts`` and
+``worker``. Timestamps are ISO 8601 in UTC (``2026-01-02T03:04:05.678901Z``).
+
+``progress`` counts the runs of the task's iteration: ``planned`` = ``queued`` + ``running`` +
+``finished`` + ``failed`` (``finished``: ended FINISHED; ``failed``: ended FAILED or KILLED).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from tracker_core.values import validate_name
 __all__ = [
     "MAX_BATCH_ID_LENGTH",
     "MAX_METADATA_BYTES",
+    "MAX_PARALLEL_RUNS",
+    "RUN_STATES",
     "TERMINAL_STATUSES",
+    "RunRow",
     "Task",
     "TaskStatus",
     "check_batch_id",
@@ -34,6 +40,10 @@ __all__ = [
 #: the largest ``metadata`` a task may carry, as compact JSON
 MAX_METADATA_BYTES = 64 * 1024
 MAX_BATCH_ID_LENGTH = 128
+#: the largest ``max_parallel_runs`` a task may ask for
+MAX_PARALLEL_RUNS = 10_000
+#: the states of one run of a task (the run table), in progress order
+RUN_STATES = ("queued", "running", "finished", "failed")
 
 
 class TaskStatus(enum.StrEnum):
@@ -109,11 +119,24 @@ class Task:
     worker: str | None
     execution_id: str | None
     job_id: int | None
+    #: what the request asked for (None: as many as there are free workers)
+    max_parallel_runs: int | None = None
+    #: the cap in force once the iteration is planned (None: no cap)
+    parallel_runs: int | None = None
+    #: the iteration's plan (:meth:`tracker_core.finetune.IterationPlan.to_json`) once its
+    #: runs are trained by separate jobs; None while the task's own job runs it
+    plan: dict[str, Any] | None = None
+    completion_job_id: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Task:
         fields = attrs.fields_dict(cls)
         return cls(**{k: v for k, v in row.items() if k in fields})
+
+    @property
+    def fanned_out(self) -> bool:
+        """Its runs are separate jobs (the task's own job has planned the iteration)."""
+        return self.plan is not None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +148,7 @@ class Task:
             "batch_id": self.batch_id,
             "metadata": self.metadata,
             "idempotency_key": self.idempotency_key,
+            "max_parallel_runs": self.max_parallel_runs,
             "progress": self.progress,
             "result": self.result,
             "error": self.error,
@@ -132,3 +156,31 @@ class Task:
             "attempts": self.attempts,
             "worker": self.worker,
         }
+
+
+@attrs.frozen
+class RunRow:
+    """One run of a task whose runs are separate jobs (a row of the run table)."""
+
+    task_id: str
+    params_id: str
+    position: int
+    status: str
+    mlflow_status: str | None
+    run_id: str | None
+    metric: float | None
+    error: str | None
+    trained: bool
+    attempts: int
+    failures: int
+    worker: str | None
+    execution_id: str | None
+    job_id: int | None
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    updated_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunRow:
+        fields = attrs.fields_dict(cls)
+        return cls(**{k: v for k, v in row.items() if k in fields})

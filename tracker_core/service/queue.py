@@ -1,21 +1,32 @@
 """The queue: one Procrastinate app, its queues, its jobs, and how they are retried.
 
-Job layout (what a task becomes in Procrastinate's ``procrastinate_jobs`` table):
+Job layout (what a task becomes in Procrastinate's ``procrastinate_jobs`` table); every job
+carries ``task_id``, and the task table stays the one place that tells a task's status:
 
-- queue :data:`TASK_QUEUE`, task :data:`RUN_TASK` (``{"task_id": ...}``): a task's whole
-  iteration (seed steps 1-8, :func:`tracker_core.finetune.run_iteration` in a child
-  process). Its Procrastinate ``lock`` is :func:`iteration_lock` (method + batch), so two
-  tasks of one iteration never run at once: the second waits, then finds the iteration done.
+- queue :data:`TASK_QUEUE`, task :data:`RUN_TASK` (``{"task_id": ...}``): the task's own job.
+  It runs seed steps 1-3 (:func:`tracker_core.finetune.prepare_iteration`) in a child process.
+  When the iteration has at most one run left to train, or the task or its method caps its
+  parallelism at 1, the same child goes on with steps 4-8 and 7 one run after another (as
+  :func:`~tracker_core.finetune.run_iteration` does); otherwise it hands the plan back and the
+  worker *fans out*: one :data:`RUN_PARAMS` job per params set, and later one completion job.
+  Its Procrastinate ``lock`` is :func:`iteration_lock` (method + batch). Two tasks of one
+  iteration never execute at once: while the first one's run jobs are out, the second's job
+  finds the iteration taken (the task table says so) and waits in the queue.
+- queue :data:`TASK_QUEUE`, task :data:`RUN_PARAMS` (``{"task_id", "params_id"}``): steps 4-6
+  and 8 for one params set (:func:`tracker_core.finetune.train_run`) in a child process. Its
+  ``lock`` and ``queueing_lock`` are :func:`run_lock` (the iteration's experiment + params
+  id): a run is queued at most once at a time and never trained by two jobs at once. At most
+  ``parallel_runs`` of a task's run jobs are out (queued or running) at a time; each run's
+  end defers the next one.
+- queue :data:`TASK_QUEUE`, task :data:`COMPLETE` (``{"task_id"}``): step 7
+  (:func:`tracker_core.finetune.complete_iteration`). It is deferred by the transaction that
+  records the end of the iteration's last unfinished run, with the task row locked, so it is
+  deferred exactly once and never while a run is unfinished (see
+  :mod:`tracker_core.service.repository`).
 - queue :data:`MAINTENANCE_QUEUE`, periodic task :data:`RETRY_STALLED`: puts the jobs of dead
-  workers (no heartbeat for ``stall_seconds``) back in the queue, and their tasks back to
-  ``pending``. It runs on its own queue, served by a worker slot that never trains, so it
-  runs however busy the training slots are.
-
-Parallel iterations (one job per params set) fit in this layout without changing it: a task
-then defers a setup job (steps 1-3) under the iteration lock, the setup job defers one job
-per run on :data:`TASK_QUEUE` with the run's own lock, and the last run to end defers the
-completion job (step 7). Every job carries ``task_id``, so the task table stays the one place
-that tells a task's status.
+  workers (no heartbeat for ``stall_seconds``) back in the queue, their tasks or runs back to
+  waiting. It runs on its own queue, served by a worker slot that never trains, so it runs
+  however busy the training slots are.
 
 Retries: a job is retried only when it raises :class:`RetryTask`, after the delay it names
 (the worker decides: store failures with backoff up to ``max_attempts``, a stopped worker at
@@ -29,6 +40,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as jobs_module
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
@@ -36,13 +48,17 @@ if TYPE_CHECKING:
     from tracker_core.service.settings import ServiceSettings
 
 __all__ = [
+    "COMPLETE",
     "MAINTENANCE_QUEUE",
     "RETRY_STALLED",
+    "RUN_PARAMS",
     "RUN_TASK",
     "TASK_QUEUE",
+    "QueueJobs",
     "RetryTask",
     "build_app",
     "iteration_lock",
+    "run_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +66,8 @@ log = logging.getLogger(__name__)
 TASK_QUEUE = "tracker-core-tasks"
 MAINTENANCE_QUEUE = "tracker-core-maintenance"
 RUN_TASK = "tracker_core.run_task"
+RUN_PARAMS = "tracker_core.run_params"
+COMPLETE = "tracker_core.complete_iteration"
 RETRY_STALLED = "tracker_core.retry_stalled_jobs"
 #: the key the worker's runtime is passed to jobs under (``context.additional_context``)
 RUNTIME_KEY = "tracker_core_runtime"
@@ -58,6 +76,15 @@ RUNTIME_KEY = "tracker_core_runtime"
 def iteration_lock(method: str, batch_id: str) -> str:
     """The Procrastinate lock of an iteration: its jobs run one at a time."""
     return f"tracker-core:iteration:{method}:{batch_id}"
+
+
+def run_lock(experiment_id: str, params_id: str) -> str:
+    """The Procrastinate lock and queueing lock of one run's job: one at a time, queued once."""
+    return f"tracker-core:run:{experiment_id}:{params_id}"
+
+
+def completion_lock(task_id: str) -> str:
+    return f"tracker-core:complete:{task_id}"
 
 
 class RetryTask(Exception):
@@ -75,7 +102,7 @@ class _RetryOnRequest(BaseRetryStrategy):
         self, *, exception: BaseException, job: jobs_module.Job
     ) -> RetryDecision | None:
         if isinstance(exception, RetryTask):
-            return RetryDecision(retry_in={"seconds": round(exception.delay)})
+            return RetryDecision(retry_in={"milliseconds": round(exception.delay * 1000)})
         return None
 
 
@@ -100,6 +127,20 @@ def build_app(settings: ServiceSettings, conninfo: str, *, max_pool: int = 10) -
         if runtime is None:  # a worker of another program took the job: give it back
             raise RetryTask("no tracker-core runtime in this worker", delay=settings.poll_seconds)
         await runtime.run_task_job(context, task_id)
+
+    @app.task(name=RUN_PARAMS, queue=TASK_QUEUE, pass_context=True, retry=_RetryOnRequest())
+    async def run_params(context: JobContext, task_id: str, params_id: str) -> None:
+        runtime = context.additional_context.get(RUNTIME_KEY)
+        if runtime is None:
+            raise RetryTask("no tracker-core runtime in this worker", delay=settings.poll_seconds)
+        await runtime.run_params_job(context, task_id, params_id)
+
+    @app.task(name=COMPLETE, queue=TASK_QUEUE, pass_context=True, retry=_RetryOnRequest())
+    async def complete_iteration(context: JobContext, task_id: str) -> None:
+        runtime = context.additional_context.get(RUNTIME_KEY)
+        if runtime is None:
+            raise RetryTask("no tracker-core runtime in this worker", delay=settings.poll_seconds)
+        await runtime.complete_job(context, task_id)
 
     every = max(1, int(settings.stall_check_seconds))
 
@@ -127,6 +168,59 @@ async def defer_run_task(
         lock=iteration_lock(method, batch_id), connection=connection
     ).defer_async(task_id=task_id)
     return int(job_id)
+
+
+class QueueJobs:
+    """Defers and cancels a task's jobs on the caller's connection, inside its transaction
+    (so a job exists exactly when the transaction that decided it commits)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def _defer(self, connection: Any, name: str, lock: str, **kwargs: str) -> int:
+        task = self.app.tasks[name]
+        try:
+            async with connection.transaction():  # a savepoint: a refusal leaves ours usable
+                job_id = await task.configure(
+                    lock=lock, queueing_lock=lock, connection=connection
+                ).defer_async(**kwargs)
+            return int(job_id)
+        except procrastinate_exceptions.AlreadyEnqueued:
+            # already waiting in the queue (a redelivered decision): that job is the one
+            cur = await connection.execute(
+                "SELECT id FROM procrastinate_jobs WHERE queueing_lock = %s AND status = 'todo'",
+                (lock,),
+            )
+            row = await cur.fetchone()
+            if row is None:  # it started meanwhile; cannot happen under the task's row lock
+                raise
+            log.info("job %s (%s) was already queued", row[0], lock)
+            return int(row[0])
+
+    async def defer_run(
+        self, connection: Any, *, task_id: str, experiment_id: str, params_id: str
+    ) -> int:
+        """Defer one run's job; its id."""
+        return await self._defer(
+            connection,
+            RUN_PARAMS,
+            run_lock(experiment_id, params_id),
+            task_id=task_id,
+            params_id=params_id,
+        )
+
+    async def defer_completion(self, connection: Any, *, task_id: str) -> int:
+        """Defer the completion job of a task; its id."""
+        return await self._defer(connection, COMPLETE, completion_lock(task_id), task_id=task_id)
+
+    async def cancel(self, connection: Any, job_ids: list[int], *, keep: int | None = None) -> None:
+        """Cancel these jobs: a queued one never starts, a running one is asked to abort (its
+        worker stops it at its next safe point). ``keep``: a job not to touch (the caller's)."""
+        for job_id in job_ids:
+            if job_id != keep:
+                await self.app.job_manager.cancel_job_by_id_async(
+                    job_id, abort=True, connection=connection
+                )
 
 
 async def notify_retried(connection: Any, job_id: int, queue: str = TASK_QUEUE) -> None:

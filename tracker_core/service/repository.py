@@ -1,20 +1,34 @@
-"""Reads and state transitions of task rows (PostgreSQL, psycopg 3, async).
+"""Reads and state transitions of task rows and run rows (PostgreSQL, psycopg 3, async).
 
-Every transition is one conditional UPDATE, so two processes never both win one: the API
-cancels only a ``pending`` task; a worker starts only a task that is not finished and not
-canceled, and stamps it with its own ``execution_id``; progress and the final status are
-written only by the execution that holds the task. ``updated_at`` moves on every write.
+Every transition is one transaction that first locks the task's row (``SELECT ... FOR
+UPDATE``), so two processes never both win one: the API cancels only a ``pending`` task; a
+worker starts only a task that is not finished and not canceled, and stamps it with its own
+``execution_id``; progress and the final status are written only by the execution that holds
+the task. ``updated_at`` moves on every write.
 
 A task is created together with its job in one transaction (:meth:`TaskRepository.create`):
 the ``UNIQUE`` idempotency key makes N concurrent requests with one key create one row and
 one job, and the others read that row.
+
+Parallel runs. Once a task's own job has planned the iteration, :meth:`TaskRepository.fan_out`
+writes one run row per params set and defers their jobs; from then on every change of a run
+(:meth:`start_run`, :meth:`end_run`, a stalled job put back, a cancel) happens in a
+transaction holding the task's row lock and ends with :meth:`_advance`, which, still under
+that lock, counts the runs, defers the next queued ones up to the task's ``parallel_runs``,
+and defers the completion job when no run is queued or running and none was deferred before
+(``completion_job_id`` is then set in the same transaction). Two run jobs that end at the
+same instant are serialized by the lock: the second sees the first one's end, so exactly one
+of them defers the completion, and only once both have ended. A canceled task defers
+nothing more and ends ``canceled`` once no run is running; a task whose run failed for good
+(store failures past ``max_attempts``) ends ``error`` at once and its other jobs are aborted.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 from psycopg import AsyncConnection
@@ -22,18 +36,40 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from tracker_core.service.models import Task, TaskStatus
-from tracker_core.service.schema import TASK_TABLE
+from tracker_core.service.models import RunRow, Task, TaskStatus
+from tracker_core.service.schema import RUN_TABLE, TASK_TABLE
 
-__all__ = ["CancelOutcome", "NewTask", "TaskRepository"]
+__all__ = [
+    "CancelOutcome",
+    "Jobs",
+    "NewTask",
+    "PlannedRun",
+    "RunEnd",
+    "StartOutcome",
+    "TaskRepository",
+]
 
 log = logging.getLogger(__name__)
 
 _T = TASK_TABLE
+_R = RUN_TABLE
 #: defers the task's job on the given connection (inside the transaction); the job id
 Deferrer = Callable[[AsyncConnection[Any], Task], Awaitable[int]]
-#: cancels (or flags for abort) a job on the given connection
-JobCanceller = Callable[[AsyncConnection[Any], int], Awaitable[None]]
+
+
+class Jobs(Protocol):
+    """What the repository needs of the queue (:class:`tracker_core.service.queue.QueueJobs`):
+    defer and cancel jobs on a connection, inside the caller's transaction."""
+
+    async def defer_run(
+        self, connection: Any, *, task_id: str, experiment_id: str, params_id: str
+    ) -> int: ...
+
+    async def defer_completion(self, connection: Any, *, task_id: str) -> int: ...
+
+    async def cancel(
+        self, connection: Any, job_ids: list[int], *, keep: int | None = None
+    ) -> None: ...
 
 
 @attrs.frozen
@@ -46,6 +82,50 @@ class NewTask:
     requested_batch_id: str | None
     metadata: dict[str, Any]
     idempotency_key: str | None
+    max_parallel_runs: int | None = None
+
+
+@attrs.frozen
+class StartOutcome:
+    """What :meth:`TaskRepository.start` found. ``reason``: ``started`` (``task`` is now
+    processing for this execution), ``unknown``, ``ended`` (done, error or canceled),
+    ``canceled`` (a cancel was waiting for it), ``fanned_out`` (its runs are out already: a
+    redelivered job) or ``waiting`` (another task of the same iteration, ``holder``, is
+    executing its runs)."""
+
+    reason: str
+    task: Task | None = None
+    holder: str | None = None
+
+
+@attrs.frozen
+class PlannedRun:
+    """A params set of a planned iteration: its id, and how its run had already ended
+    (an MLflow status) if it had."""
+
+    params_id: str
+    ended: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.ended is None:
+            return "queued"
+        return "finished" if self.ended == "FINISHED" else "failed"
+
+
+@attrs.frozen
+class RunEnd:
+    """How a run job ended: ``state`` ``finished`` or ``failed`` (the run ended in MLflow,
+    ``mlflow_status`` tells how), or ``queued`` (it did not end: it is waiting again, for
+    its job's retry or for a later task); ``failure`` counts one more failed attempt."""
+
+    state: str
+    mlflow_status: str | None = None
+    run_id: str | None = None
+    metric: float | None = None
+    error: str | None = None
+    trained: bool = False
+    failure: bool = False
 
 
 @attrs.frozen
@@ -84,7 +164,7 @@ class TaskRepository:
         method: str | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[Task], int]:
+    ) -> tuple[builtins.list[Task], int]:
         """Tasks newest first, filtered; and how many match in all."""
         where = "WHERE (%(status)s::text IS NULL OR status = %(status)s) AND " + (
             "(%(method)s::text IS NULL OR fine_tuning_method = %(method)s)"
@@ -118,8 +198,8 @@ class TaskRepository:
                 await cur.execute(
                     f"""
                     INSERT INTO {_T} (id, fine_tuning_method, batch_id, requested_batch_id,
-                                      metadata, idempotency_key)
-                    VALUES (%s, %s, %s, %s, %s, %s)
+                                      metadata, idempotency_key, max_parallel_runs)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING *
                     """,  # type: ignore[arg-type]
@@ -130,6 +210,7 @@ class TaskRepository:
                         new.requested_batch_id,
                         Jsonb(new.metadata),
                         new.idempotency_key,
+                        new.max_parallel_runs,
                     ),
                 )
                 row = await cur.fetchone()
@@ -154,19 +235,19 @@ class TaskRepository:
             raise RuntimeError(f"idempotency key {new.idempotency_key!r} vanished")
         return Task.from_row(existing), False
 
-    async def cancel(self, task_id: str, cancel_job: JobCanceller) -> CancelOutcome | None:
-        """Cancel a pending task (it never starts), or ask a processing one to stop. None if
-        there is no such task."""
+    async def cancel(self, task_id: str, jobs: Jobs) -> CancelOutcome | None:
+        """Cancel a pending task (it never starts), or ask a processing one to stop: its
+        queued jobs are canceled, its running ones asked to stop at their next safe point,
+        and a task whose runs are out ends ``canceled`` once none is running (no completion).
+        None if there is no such task."""
         async with (
             self._pool.connection() as conn,
             conn.transaction(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
-            await cur.execute(f"SELECT * FROM {_T} WHERE id = %s FOR UPDATE", (task_id,))  # type: ignore[arg-type]
-            row = await cur.fetchone()
-            if row is None:
+            task = await self._lock(cur, task_id)
+            if task is None:
                 return None
-            task = Task.from_row(row)
             if task.status.is_terminal:
                 return CancelOutcome(task, "finished")
             if task.status == TaskStatus.PENDING:
@@ -186,11 +267,29 @@ class TaskRepository:
             await cur.execute(query, (task_id,))  # type: ignore[arg-type]
             updated = await cur.fetchone()
             assert updated is not None
-            if task.job_id is not None:
-                await cancel_job(conn, task.job_id)
-            return CancelOutcome(Task.from_row(updated), action)
+            task = Task.from_row(updated)
+            await jobs.cancel(conn, await self._job_ids(cur, task))
+            if task.fanned_out:
+                task = await self._advance(conn, cur, task, jobs)
+            return CancelOutcome(task, action)
 
     # ------------------------------------------------------------------ worker writes
+    async def _lock(self, cur: Any, task_id: str) -> Task | None:
+        """The task's row, locked until the transaction ends (every transition takes it)."""
+        await cur.execute(f"SELECT * FROM {_T} WHERE id = %s FOR UPDATE", (task_id,))
+        row = await cur.fetchone()
+        return None if row is None else Task.from_row(row)
+
+    async def _job_ids(self, cur: Any, task: Task) -> builtins.list[int]:
+        """Every job of the task that may still be queued or running."""
+        await cur.execute(
+            f"SELECT job_id FROM {_R} WHERE task_id = %s AND job_id IS NOT NULL "
+            "AND status IN ('queued', 'running')",
+            (task.id,),
+        )
+        ids = [int(r["job_id"]) for r in await cur.fetchall()]
+        return [j for j in (task.job_id, task.completion_job_id) if j is not None] + ids
+
     async def _write(self, query: str, params: tuple[Any, ...]) -> Task | None:
         async with (
             self._pool.connection() as conn,
@@ -201,28 +300,54 @@ class TaskRepository:
             row = await cur.fetchone()
         return None if row is None else Task.from_row(row)
 
-    async def start(self, task_id: str, execution_id: str, worker: str) -> Task | None:
-        """Move the task to ``processing`` for this execution; None if it must not run
-        (finished, canceled, a cancel was requested, or unknown)."""
-        return await self._write(
-            f"""
-            UPDATE {_T} SET status = 'processing', updated_at = clock_timestamp(),
-                   attempts = attempts + 1, worker = %s, execution_id = %s, error = NULL
-             WHERE id = %s AND status IN ('pending', 'processing')
-               AND cancel_requested_at IS NULL
-            RETURNING *
-            """,
-            (worker, execution_id, task_id),
-        )
-
-    async def cancel_unstarted(self, task_id: str) -> Task | None:
-        """A task whose cancel arrived while its job was being fetched: canceled."""
-        return await self._write(
-            f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp() "
-            "WHERE id = %s AND status IN ('pending', 'processing') "
-            "AND cancel_requested_at IS NOT NULL RETURNING *",
-            (task_id,),
-        )
+    async def start(self, task_id: str, execution_id: str, worker: str) -> StartOutcome:
+        """Move the task to ``processing`` for this execution of its own job, unless it must
+        not run (see :class:`StartOutcome`)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None:
+                return StartOutcome("unknown")
+            if task.status.is_terminal:
+                return StartOutcome("ended", task)
+            if task.cancel_requested_at is not None:
+                if not task.fanned_out:  # the cancel arrived while its job was being fetched
+                    await cur.execute(
+                        f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "  # type: ignore[arg-type]
+                        "execution_id = NULL WHERE id = %s RETURNING *",
+                        (task_id,),
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    task = Task.from_row(row)
+                return StartOutcome("canceled", task)
+            if task.fanned_out:
+                return StartOutcome("fanned_out", task)
+            # a task of the same iteration whose runs are out holds the iteration (its own
+            # job, which would hold the iteration's Procrastinate lock, has ended)
+            await cur.execute(
+                f"SELECT id FROM {_T} WHERE fine_tuning_method = %s AND batch_id = %s "  # type: ignore[arg-type]
+                "AND id <> %s AND status = 'processing' AND plan IS NOT NULL LIMIT 1",
+                (task.fine_tuning_method, task.batch_id, task_id),
+            )
+            holder = await cur.fetchone()
+            if holder is not None:
+                return StartOutcome("waiting", task, holder=str(holder["id"]))
+            await cur.execute(
+                f"""
+                UPDATE {_T} SET status = 'processing', updated_at = clock_timestamp(),
+                       attempts = attempts + 1, worker = %s, execution_id = %s, error = NULL
+                 WHERE id = %s
+                RETURNING *
+                """,  # type: ignore[arg-type]
+                (worker, execution_id, task_id),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return StartOutcome("started", Task.from_row(row))
 
     async def progress(self, task_id: str, execution_id: str, progress: dict[str, Any]) -> bool:
         task = await self._write(
@@ -270,7 +395,7 @@ class TaskRepository:
             UPDATE {_T} SET status = 'pending', updated_at = clock_timestamp(),
                    execution_id = NULL, worker = NULL, error = %s,
                    failures = failures + %s
-             WHERE id = %s AND status = 'processing'
+             WHERE id = %s AND status = 'processing' AND plan IS NULL
                AND (%s::text IS NULL OR execution_id = %s)
             RETURNING *
             """,
@@ -291,3 +416,320 @@ class TaskRepository:
             "AND status IN ('pending', 'processing') RETURNING *",
             (note, task_id),
         )
+
+    # ------------------------------------------------------------------ parallel runs
+    async def fan_out(
+        self,
+        task_id: str,
+        execution_id: str,
+        plan: dict[str, Any],
+        runs: Sequence[PlannedRun],
+        parallel_runs: int | None,
+        jobs: Jobs,
+    ) -> Task | None:
+        """Record the plan made by this execution of the task's job, one run row per params
+        set, and defer the first run jobs (up to ``parallel_runs``; None: all). The task
+        stays ``processing`` and no execution holds it any more. A cancel requested meanwhile
+        ends it ``canceled`` (nothing was started). None if this execution lost the task."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None or task.status != TaskStatus.PROCESSING:
+                return None
+            if task.execution_id != execution_id:
+                return None
+            if task.cancel_requested_at is not None:
+                await cur.execute(
+                    f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "  # type: ignore[arg-type]
+                    "execution_id = NULL WHERE id = %s RETURNING *",
+                    (task_id,),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                return Task.from_row(row)
+            await cur.executemany(
+                f"INSERT INTO {_R} (task_id, params_id, position, status, mlflow_status) "  # type: ignore[arg-type]
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (task_id, params_id) DO NOTHING",
+                [(task_id, r.params_id, i, r.state, r.ended) for i, r in enumerate(runs)],
+            )
+            await cur.execute(
+                f"UPDATE {_T} SET plan = %s, parallel_runs = %s, execution_id = NULL, "  # type: ignore[arg-type]
+                "worker = NULL, updated_at = clock_timestamp() WHERE id = %s RETURNING *",
+                (Jsonb(plan), parallel_runs, task_id),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return await self._advance(conn, cur, Task.from_row(row), jobs)
+
+    async def start_run(
+        self,
+        task_id: str,
+        params_id: str,
+        job_id: int,
+        execution_id: str,
+        worker: str,
+        jobs: Jobs,
+    ) -> tuple[Task, RunRow] | None:
+        """Mark the run ``running`` for this execution of its job; None when it must not
+        run: it ended already (a job for a finished run does nothing), its task ended, or a
+        cancel was requested. A ``running`` row held by an earlier execution of the *same*
+        job is taken over (that execution died: the queue only redelivers a job then)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None or task.status.is_terminal or not task.fanned_out:
+                return None
+            if task.cancel_requested_at is not None:
+                await self._advance(conn, cur, task, jobs)
+                return None
+            await cur.execute(
+                f"""
+                UPDATE {_R} SET status = 'running', execution_id = %s, worker = %s,
+                       job_id = %s, attempts = attempts + 1, started_at = clock_timestamp(),
+                       ended_at = NULL, updated_at = clock_timestamp()
+                 WHERE task_id = %s AND params_id = %s
+                   AND (status = 'queued' OR (status = 'running' AND job_id = %s))
+                RETURNING *
+                """,  # type: ignore[arg-type]
+                (execution_id, worker, job_id, task_id, params_id, job_id),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            run = RunRow.from_row(row)
+            task = await self._advance(conn, cur, task, jobs)
+            return task, run
+
+    async def end_run(
+        self, task_id: str, params_id: str, execution_id: str, end: RunEnd, jobs: Jobs
+    ) -> tuple[Task | None, RunRow | None]:
+        """Record how this execution's run ended, then advance the task (next runs, the
+        completion, a cancel). The run row is written only by the execution that holds it,
+        so a run is never marked twice. ``(task, run row)``; the row is None if this
+        execution did not hold the run any more."""
+        assert end.state in ("queued", "finished", "failed")
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None:
+                return None, None
+            await cur.execute(
+                f"""
+                UPDATE {_R} SET status = %s, execution_id = NULL,
+                       mlflow_status = coalesce(%s, mlflow_status),
+                       run_id = coalesce(%s, run_id), metric = %s, error = %s,
+                       trained = trained OR %s, failures = failures + %s,
+                       ended_at = CASE WHEN %s = 'queued' THEN NULL ELSE clock_timestamp() END,
+                       updated_at = clock_timestamp()
+                 WHERE task_id = %s AND params_id = %s AND status = 'running'
+                   AND execution_id = %s
+                RETURNING *
+                """,  # type: ignore[arg-type]
+                (
+                    end.state,
+                    end.mlflow_status,
+                    end.run_id,
+                    end.metric,
+                    end.error,
+                    end.trained,
+                    1 if end.failure else 0,
+                    end.state,
+                    task_id,
+                    params_id,
+                    execution_id,
+                ),
+            )
+            row = await cur.fetchone()
+            run = None if row is None else RunRow.from_row(row)
+            if run is not None:
+                task = await self._advance(conn, cur, task, jobs)
+            return task, run
+
+    async def requeue_run(self, task_id: str, params_id: str, jobs: Jobs) -> Task | None:
+        """A run whose worker died: ``queued`` again (its job is back in the queue)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None:
+                return None
+            await cur.execute(
+                f"UPDATE {_R} SET status = 'queued', execution_id = NULL, "  # type: ignore[arg-type]
+                "updated_at = clock_timestamp() "
+                "WHERE task_id = %s AND params_id = %s AND status = 'running'",
+                (task_id, params_id),
+            )
+            return await self._advance(conn, cur, task, jobs)
+
+    async def fail_task(
+        self, task_id: str, error: str, jobs: Jobs, *, keep: int | None
+    ) -> Task | None:
+        """End a task whose runs are out ``error`` now (a run could not be trained, for good):
+        its other jobs are canceled (running ones stop at their next safe point, their runs
+        left resumable) and no completion runs. ``keep``: the caller's own job."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None or task.status.is_terminal:
+                return None
+            await cur.execute(
+                f"UPDATE {_T} SET status = 'error', error = %s, execution_id = NULL, "  # type: ignore[arg-type]
+                "updated_at = clock_timestamp() WHERE id = %s RETURNING *",
+                (error, task_id),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await jobs.cancel(conn, await self._job_ids(cur, task), keep=keep)
+            return Task.from_row(row)
+
+    async def start_completion(
+        self, task_id: str, execution_id: str, worker: str, jobs: Jobs
+    ) -> Task | None:
+        """Let this execution of the completion job hold the task; None when it must not
+        complete: the task ended, a cancel was requested, or (never expected) a run is not
+        ended."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None or task.status.is_terminal or not task.fanned_out:
+                return None
+            if task.cancel_requested_at is not None:
+                await self._advance(conn, cur, task, jobs)
+                return None
+            await cur.execute(
+                f"SELECT count(*) AS n FROM {_R} WHERE task_id = %s "  # type: ignore[arg-type]
+                "AND status IN ('queued', 'running')",
+                (task_id,),
+            )
+            open_runs = await cur.fetchone()
+            if open_runs is not None and open_runs["n"]:
+                log.error(
+                    "task %s: completion refused, %d run(s) not ended", task_id, open_runs["n"]
+                )
+                return None
+            await cur.execute(
+                f"UPDATE {_T} SET execution_id = %s, worker = %s, "  # type: ignore[arg-type]
+                "updated_at = clock_timestamp() WHERE id = %s RETURNING *",
+                (execution_id, worker, task_id),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return Task.from_row(row)
+
+    async def release(
+        self, task_id: str, execution_id: str | None, note: str | None, *, failed: bool = False
+    ) -> Task | None:
+        """A completion that stopped (its worker stopped or died, or the stores failed): the
+        task stays ``processing``, held by no execution, until its job runs again.
+        ``execution_id`` None: whoever held it."""
+        return await self._write(
+            f"""
+            UPDATE {_T} SET updated_at = clock_timestamp(), execution_id = NULL,
+                   worker = NULL, error = %s, failures = failures + %s
+             WHERE id = %s AND status = 'processing' AND plan IS NOT NULL
+               AND (%s::text IS NULL OR execution_id = %s)
+            RETURNING *
+            """,
+            (note, 1 if failed else 0, task_id, execution_id, execution_id),
+        )
+
+    async def advance(self, task_id: str, jobs: Jobs) -> Task | None:
+        """:meth:`_advance` in a transaction of its own (after a stalled job was put back)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            task = await self._lock(cur, task_id)
+            if task is None:
+                return None
+            return await self._advance(conn, cur, task, jobs)
+
+    async def runs(self, task_id: str) -> builtins.list[RunRow]:
+        """The run rows of a task, in plan order."""
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"SELECT * FROM {_R} WHERE task_id = %s ORDER BY position",  # type: ignore[arg-type]
+                (task_id,),
+            )
+            return [RunRow.from_row(r) for r in await cur.fetchall()]
+
+    async def _advance(self, conn: Any, cur: Any, task: Task, jobs: Jobs) -> Task:
+        """Under the task's row lock (the caller holds it): count the runs; a canceled task
+        ends once none is running; otherwise defer queued runs up to ``parallel_runs`` and,
+        when every run has ended, the completion job (once). Writes ``progress``."""
+        if task.status.is_terminal or not task.fanned_out:
+            return task
+        await cur.execute(
+            f"SELECT params_id, status, job_id, worker FROM {_R} "
+            "WHERE task_id = %s ORDER BY position",
+            (task.id,),
+        )
+        rows = await cur.fetchall()
+        counts = {state: 0 for state in ("queued", "running", "finished", "failed")}
+        for r in rows:
+            counts[r["status"]] += 1
+        status = task.status
+        completion = task.completion_job_id
+        if task.cancel_requested_at is not None:
+            if counts["running"] == 0 and task.execution_id is None:
+                status = TaskStatus.CANCELED
+                log.info("task %s: canceled; no run is running", task.id)
+        else:
+            waiting = [r for r in rows if r["status"] == "queued" and r["job_id"] is None]
+            out = counts["running"] + sum(
+                1 for r in rows if r["status"] == "queued" and r["job_id"] is not None
+            )
+            free = len(waiting) if task.parallel_runs is None else task.parallel_runs - out
+            experiment_id = str((task.plan or {})["experiment_id"])
+            for r in waiting[: max(0, free)]:
+                job_id = await jobs.defer_run(
+                    conn, task_id=task.id, experiment_id=experiment_id, params_id=r["params_id"]
+                )
+                await cur.execute(
+                    f"UPDATE {_R} SET job_id = %s, updated_at = clock_timestamp() "
+                    "WHERE task_id = %s AND params_id = %s",
+                    (job_id, task.id, r["params_id"]),
+                )
+            if (
+                counts["queued"] == 0
+                and counts["running"] == 0
+                and completion is None
+                and task.execution_id is None
+            ):
+                completion = await jobs.defer_completion(conn, task_id=task.id)
+                log.info(
+                    "task %s: every run ended; completion job %s deferred", task.id, completion
+                )
+        progress = {"planned": len(rows), **counts}
+        workers = sorted({r["worker"] for r in rows if r["status"] == "running" and r["worker"]})
+        await cur.execute(
+            f"""
+            UPDATE {_T} SET status = %s, progress = %s, completion_job_id = %s,
+                   worker = CASE WHEN execution_id IS NULL THEN %s ELSE worker END,
+                   updated_at = clock_timestamp()
+             WHERE id = %s
+            RETURNING *
+            """,
+            (status.value, Jsonb(progress), completion, ", ".join(workers) or None, task.id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return Task.from_row(row)

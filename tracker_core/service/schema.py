@@ -3,7 +3,12 @@
 :func:`ensure_schema` creates both on first start (Procrastinate's schema, then ours), under
 a PostgreSQL advisory lock so that an API and workers starting at the same moment do it once.
 Our schema carries a version number; a later version adds its changes as further steps of
-``_MIGRATIONS`` (the per-run jobs of parallel iterations will add a table of their own).
+``_MIGRATIONS``:
+
+1. the task table;
+2. parallel runs: a task's requested ``max_parallel_runs``, the effective cap, its
+   iteration's plan and completion job, and the run table (one row per params set of a task
+   whose runs are trained by separate jobs: queued, running, finished or failed).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import procrastinate
 
-__all__ = ["SCHEMA_VERSION", "TASK_TABLE", "ensure_schema"]
+__all__ = ["RUN_TABLE", "SCHEMA_VERSION", "TASK_TABLE", "ensure_schema"]
 
 log = logging.getLogger(__name__)
 
 TASK_TABLE = "tracker_core_tasks"
+RUN_TABLE = "tracker_core_runs"
 _VERSION_TABLE = "tracker_core_schema"
 #: an arbitrary 64-bit key for pg_advisory_lock: "tracker-core schema"
 _LOCK_KEY = 0x7472_6B63_7363_6D61
@@ -51,6 +57,38 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX {TASK_TABLE}_status_idx ON {TASK_TABLE} (status, created_at DESC);
     CREATE INDEX {TASK_TABLE}_method_idx
         ON {TASK_TABLE} (fine_tuning_method, created_at DESC);
+    """,
+    # 2: parallel runs
+    f"""
+    ALTER TABLE {TASK_TABLE}
+        ADD COLUMN max_parallel_runs integer
+            CHECK (max_parallel_runs IS NULL OR max_parallel_runs >= 1),
+        ADD COLUMN parallel_runs     integer,
+        ADD COLUMN plan              jsonb,
+        ADD COLUMN completion_job_id bigint;
+    CREATE INDEX {TASK_TABLE}_iteration_idx
+        ON {TASK_TABLE} (fine_tuning_method, batch_id) WHERE status = 'processing';
+    CREATE TABLE {RUN_TABLE} (
+        task_id      text NOT NULL REFERENCES {TASK_TABLE} (id) ON DELETE CASCADE,
+        params_id    text NOT NULL,
+        position     integer NOT NULL,
+        status       text NOT NULL DEFAULT 'queued' CHECK (status IN
+                         ('queued', 'running', 'finished', 'failed')),
+        mlflow_status text,
+        run_id       text,
+        metric       double precision,
+        error        text,
+        trained      boolean NOT NULL DEFAULT false,
+        attempts     integer NOT NULL DEFAULT 0,
+        failures     integer NOT NULL DEFAULT 0,
+        worker       text,
+        execution_id text,
+        job_id       bigint,
+        started_at   timestamptz,
+        ended_at     timestamptz,
+        updated_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (task_id, params_id)
+    );
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)

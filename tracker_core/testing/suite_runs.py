@@ -286,7 +286,7 @@ def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -
     dead.save_metric(MetricValue("loss", 2.0))
     dead.flush_metrics()
     dead._forget_run()  # the process dies: no release, the heartbeat stops
-    heir = _connect(backend, plugin, lease_seconds=1.0)
+    heir = _connect(backend, plugin, lease_seconds=5.0)
     heir.set_iteration(it)
     assert heir.set_run(Params(lr=0.1), wait=30) is False
     assert heir.current_run_id == run_id
@@ -322,7 +322,7 @@ def test_taken_over_worker_is_told(backend: BackendUnderTest) -> None:
     proxy = FaultyProxy(stalled.tracking)
     stalled.tracking = proxy  # type: ignore[assignment]
     proxy.fail("set_tags", error=TransientError("cut off"), times=10_000)  # no renewal lands
-    heir = _connect(backend, plugin, lease_seconds=1.0)
+    heir = _connect(backend, plugin, lease_seconds=5.0)
     heir.set_iteration(it)
     assert heir.set_run(Params(lr=0.1), wait=30) is False
     heir.save_metric(MetricValue("quality", 0.9))
