@@ -1,23 +1,28 @@
 """An :class:`~tracker_core.stores.ArtifactStore` over any fsspec filesystem.
 
 Local disk, S3 and GCS differ only in the filesystem they hand to :class:`FsspecArtifactStore`
-and in how they classify their errors; the transfer logic is written once here. Transfers
-go file by file through ``put_file`` / ``get_file``, which stream (multipart on S3, resumable on
-GCS), and report progress in bytes.
+and in how they classify their errors; the transfer logic is written once here. A folder's
+files move :data:`PARALLEL_FILES` at a time through the filesystem's ``put_file`` /
+``get_file``, which stream (see :mod:`tracker_core.transfers`), with one progress in bytes
+over the folder. On an asynchronous filesystem (S3, GCS) every file of the folder is one
+task on fsspec's event loop (as fsspec's own batch ``get(list, list)``); a synchronous one
+(the local disk) uses threads. A download given the model's manifest lists nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 
@@ -29,7 +34,7 @@ __all__ = ["PARALLEL_FILES", "FsspecArtifactStore"]
 log = logging.getLogger(__name__)
 
 
-#: files of one folder in flight at once
+#: files of one folder in flight at once, unless the filesystem sets fsspec's ``batch_size``
 PARALLEL_FILES = 8
 
 
@@ -65,17 +70,39 @@ class _FileBytes(Callback):  # type: ignore[misc]
         self._folder.update(self._name, self.value or 0)
 
 
-def _each(fn: Callable[[tuple[str, str, int]], None], jobs: list[tuple[str, str, int]]) -> None:
-    """``fn`` on every job, :data:`PARALLEL_FILES` at a time; the first error is raised (after
+Job = tuple[str, str, int]
+
+
+def _each(fn: Callable[[Job], None], jobs: list[Job], limit: int) -> None:
+    """``fn`` on every job, ``limit`` at a time in threads; the first error is raised (after
     the others ended, so nothing is left writing)."""
-    if len(jobs) <= 1:
+    if len(jobs) <= 1 or limit <= 1:
         for job in jobs:
             fn(job)
         return
-    with ThreadPoolExecutor(min(PARALLEL_FILES, len(jobs)), "tracker-core-transfer") as pool:
+    with ThreadPoolExecutor(min(limit, len(jobs)), "tracker-core-transfer") as pool:
         futures = [pool.submit(fn, job) for job in jobs]
     for future in futures:
         future.result()
+
+
+async def _each_async(fn: Callable[[Job], Awaitable[None]], jobs: list[Job], limit: int) -> None:
+    """``await fn(job)`` for every job, ``limit`` at a time on one event loop; on the first
+    error the others are cancelled, and it is raised once they ended."""
+    slots = asyncio.Semaphore(max(1, limit))
+
+    async def one(job: Job) -> None:
+        async with slots:
+            await fn(job)
+
+    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class FsspecArtifactStore(ArtifactStore):
@@ -159,6 +186,31 @@ class FsspecArtifactStore(ArtifactStore):
             self.fs.put_file(local, remote, **kwargs)
 
     # -- ArtifactStore ------------------------------------------------------------------
+    def _is_async(self) -> bool:
+        return isinstance(self.fs, AsyncFileSystem) and getattr(self.fs, "async_impl", False)
+
+    def _parallel_files(self) -> int:
+        """Files in flight: one at a time on the local disk (measured: threads only add
+        their cost to page-cache copies), else the filesystem's ``batch_size`` (fsspec's
+        setting for batch operations) if it has one, else :data:`PARALLEL_FILES`."""
+        if isinstance(self.fs, LocalFileSystem):
+            return 1
+        batch = getattr(self.fs, "batch_size", None)
+        return int(batch) if isinstance(batch, int) and batch > 0 else PARALLEL_FILES
+
+    def _each(
+        self,
+        fn: Callable[[Job], None],
+        fn_async: Callable[[Job], Awaitable[None]],
+        jobs: list[Job],
+    ) -> None:
+        """Every job: as tasks on fsspec's event loop for an asynchronous filesystem (S3,
+        GCS), in threads otherwise (the local disk)."""
+        if self._is_async():
+            sync(self.fs.loop, _each_async, fn_async, jobs, self._parallel_files())
+        else:
+            _each(fn, jobs, self._parallel_files())
+
     def upload_dir(
         self, local_dir: Path, uri: str, progress: ProgressCallback | None = None
     ) -> None:
@@ -171,19 +223,54 @@ class FsspecArtifactStore(ArtifactStore):
         total = sum(size for _, _, size in jobs)
         folder = _Progress(progress, total)
 
-        def put(job: tuple[str, str, int]) -> None:
+        def put(job: Job) -> None:
             local, remote, size = job
             self._put_file(local, remote, **folder.callback(remote))
             folder.update(remote, size)
 
+        async def put_async(job: Job) -> None:
+            local, remote, size = job
+            await self.fs._put_file(local, remote, **folder.callback(remote))
+            folder.update(remote, size)
+
         with self._guard("upload", uri):
-            if self.fs.exists(target):
-                # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
-                # attempt whose earlier delete landed though its answer was lost): that is done
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(target, recursive=True)
-            _each(put, jobs)
+            if self._is_async() and not self.has_directories:
+                sync(self.fs.loop, self._replace_async, target, put_async, jobs)
+            else:  # remove what an earlier save left here, then write
+                if self.fs.exists(target):
+                    with contextlib.suppress(FileNotFoundError):  # see _replace_async
+                        self.fs.rm(target, recursive=True)
+                _each(put, jobs, self._parallel_files())
         log.debug("uploaded %d file(s), %d bytes to %s", len(files), total, uri)
+
+    async def _replace_async(
+        self, target: str, put: Callable[[Job], Awaitable[None]], jobs: list[Job]
+    ) -> None:
+        """Write every job to the object store while listing, concurrently, what an earlier
+        save left under ``target``; then delete the listed files this save did not write (a
+        new file of the same name was simply overwritten). One listing, off the critical path.
+        """
+        listing = asyncio.ensure_future(self._find_async(target))
+        try:
+            await _each_async(put, jobs, self._parallel_files())
+        except BaseException:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
+            raise
+        written = {remote for _, remote, _ in jobs}
+        stale = sorted(path for path in await listing if path not in written)
+        if stale:
+            # gcsfs raises FileNotFoundError when nothing was left to delete (a retried
+            # attempt whose earlier delete landed though its answer was lost): that is done
+            with contextlib.suppress(FileNotFoundError):
+                await self.fs._rm(stale)
+
+    async def _find_async(self, path: str) -> list[str]:
+        try:
+            found = await self.fs._find(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [p for p, info in found.items() if info.get("type") != "directory"]
 
     def download_dir(
         self,
@@ -202,16 +289,22 @@ class FsspecArtifactStore(ArtifactStore):
                 raise ModelNotFoundError(f"no model files at {uri}")
             jobs = [(f"{source}/{rel}", rel, size) for rel, size in sorted(files.items())]
             folder = _Progress(progress, sum(files.values()))
+            for parent in {(Path(local_dir) / rel).parent for _, rel, _ in jobs}:
+                parent.mkdir(parents=True, exist_ok=True)
 
-            def get(job: tuple[str, str, int]) -> None:
+            def get(job: Job) -> None:
                 remote, rel, size = job
-                dest = Path(local_dir) / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(remote, os.fspath(dest), **folder.callback(rel))
+                self.fs.get_file(remote, os.fspath(Path(local_dir) / rel), **folder.callback(rel))
+                folder.update(rel, size)
+
+            async def get_async(job: Job) -> None:
+                remote, rel, size = job
+                dest = os.fspath(Path(local_dir) / rel)
+                await self.fs._get_file(remote, dest, **folder.callback(rel))
                 folder.update(rel, size)
 
             try:
-                _each(get, jobs)
+                self._each(get, get_async, jobs)
             except FileNotFoundError as exc:  # a file of the manifest is gone
                 raise ModelNotFoundError(f"model files at {uri} are incomplete: {exc}") from exc
 
@@ -221,7 +314,7 @@ class FsspecArtifactStore(ArtifactStore):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(target, recursive=True)
             self.fs.invalidate_cache(target)
-            return not self.fs.exists(target)
+        return not self.exists(uri)
 
     def exists(self, uri: str) -> bool:
         with self._guard("exists", uri):

@@ -7,12 +7,17 @@ The filesystem is an :class:`s3fs.S3FileSystem` tuned for tracker-core:
   policy is the only one that retries (invariant 5);
 - **bounded waits**: connect and read timeouts, so an unreachable endpoint fails in bounded
   time instead of hanging;
-- **streaming in bounded memory**: multipart uploads and ranged downloads in
-  :data:`DEFAULT_BLOCK_SIZE` parts, at most :data:`DEFAULT_MAX_CONCURRENCY` in flight, so a
-  transfer holds about ``2 x block size x concurrency`` bytes (the parts, and the copies
-  botocore/aiohttp make of them: ~70 MB measured with the defaults), whatever the model's
-  size. s3fs's own defaults (50 MiB x 10, and ``put_file`` ignoring the block size) would
-  hold a 1 GB model's upload at ~1 GB;
+- **streaming in bounded memory** (:mod:`tracker_core.transfers`): every request body is
+  read from the file as it is sent and every response body written to the file as it
+  arrives, so a transfer holds a few read buffers whatever the model's and the parts' sizes
+  (s3fs reads each part, or a whole file under 100 MiB, into memory: ~1 GB for a 1 GB model
+  with its defaults). A file under two :data:`DEFAULT_BLOCK_SIZE` parts is one ``PutObject``;
+  a bigger one a multipart upload of block-size parts, :data:`DEFAULT_MAX_CONCURRENCY` in
+  flight (a new part starts as soon as one ends), with CRC32 part checksums that S3 checks.
+  A download is one ``GetObject`` up to :data:`DEFAULT_DOWNLOAD_PART_SIZE`; a bigger object
+  reads its first part from that same response and the others by ranged GETs pinned to its
+  ETag, up to :data:`DEFAULT_MAX_CONCURRENCY` at a time (s3fs asks for the whole object,
+  drops that response and starts over in ranges);
 - **no listing cache**: another worker may have written or deleted a model since we last
   listed, so listings are always fresh.
 
@@ -26,17 +31,22 @@ standard AWS chain (environment, shared files, instance roles) unless given expl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import mimetypes
 import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import s3fs
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from tracker_core.errors import ConfigurationError
+from tracker_core.errors import ConfigurationError, TransientError
 from tracker_core.retry import Retrier
 from tracker_core.stores import ArtifactStore
+from tracker_core.transfers import FileRange, Stream, download_to_file
 from tracker_core_mlflow.backend import MlflowBackend
 from tracker_core_s3.errors import classify_s3_error
 from tracker_core_s3.store import S3ArtifactStore
@@ -44,6 +54,7 @@ from tracker_core_s3.store import S3ArtifactStore
 __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_DOWNLOAD_PART_SIZE",
     "DEFAULT_MAX_CONCURRENCY",
     "READ_TIMEOUT",
     "S3Backend",
@@ -53,10 +64,13 @@ __all__ = [
     "secrets_of",
 ]
 
-#: multipart part size and ranged-download chunk (S3's minimum part is 5 MiB)
+#: multipart part size (S3's minimum part is 5 MiB); files under two parts are one PutObject
 DEFAULT_BLOCK_SIZE = 8 * 2**20
-#: parts in flight per file
+#: parts (upload) or ranges (download) in flight per file
 DEFAULT_MAX_CONCURRENCY = 4
+#: largest object downloaded in one GetObject; bigger ones in ranges of about this size
+#: (s3fs's own block size: its request pattern, without holding the ranges in memory)
+DEFAULT_DOWNLOAD_PART_SIZE = 50 * 2**20
 #: seconds to open a connection / to wait for data on it
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
@@ -65,22 +79,151 @@ _TRUE = ("1", "true", "yes")
 
 
 class TrackerS3FileSystem(s3fs.S3FileSystem):  # type: ignore[misc]
-    """``S3FileSystem`` that tries each request once and uploads in ``default_block_size`` parts.
+    """``S3FileSystem`` that tries each request once and streams ``put_file``/``get_file``.
 
-    s3fs's ``put_file`` ignores ``default_block_size`` and uses 50 MiB parts, up to
-    ``max_concurrency`` of them in memory at once; here the part size follows
-    ``default_block_size`` (grown only when a file would need more than 10,000 parts).
+    ``put_file``: one ``PutObject`` under two ``default_block_size`` parts, else a multipart
+    upload of block-size parts (grown only when a file would need more than 10,000 parts),
+    ``max_concurrency`` in flight; bodies are read from the file as they are sent.
+    ``get_file``: one ``GetObject`` up to ``download_part_size``, else that response's first
+    part plus ranged GETs for the others; written to the file as they arrive.
     """
 
     retries = 1  # s3fs's loop runs `retries` attempts: one, tracker-core retries
+    download_part_size = DEFAULT_DOWNLOAD_PART_SIZE
+
+    def __init__(self, *args: Any, download_part_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if download_part_size is not None:
+            self.download_part_size = int(download_part_size)
 
     async def _put_file(
-        self, lpath: str, rpath: str, *args: Any, chunksize: int | None = None, **kwargs: Any
-    ) -> Any:
-        if chunksize is None:
-            size = os.path.getsize(lpath) if os.path.isfile(lpath) else 0
-            chunksize = max(int(self.default_block_size), math.ceil(size / _MAX_UPLOAD_PARTS))
-        return await super()._put_file(lpath, rpath, *args, chunksize=chunksize, **kwargs)
+        self,
+        lpath: str,
+        rpath: str,
+        callback: Callback = DEFAULT_CALLBACK,
+        chunksize: int | None = None,
+        max_concurrency: int | None = None,
+        mode: str = "overwrite",
+        **kwargs: Any,
+    ) -> None:
+        if os.path.isdir(lpath):
+            await super()._put_file(lpath, rpath, callback=callback, mode=mode, **kwargs)
+            return
+        bucket, key, _ = self.split_path(rpath)
+        size = os.path.getsize(lpath)
+        callback.set_size(size)
+        if "ContentType" not in kwargs:
+            content_type, _ = mimetypes.guess_type(lpath)
+            if content_type is not None:
+                kwargs["ContentType"] = content_type
+        match = {"IfNoneMatch": "*"} if mode == "create" else {}
+        part = chunksize or max(int(self.default_block_size), math.ceil(size / _MAX_UPLOAD_PARTS))
+        if size < 2 * part:
+            with FileRange(lpath) as body:
+                await self._call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=body, **kwargs, **match
+                )
+            callback.relative_update(size)
+        else:
+            concurrency = max_concurrency or self.max_concurrency
+            target = (bucket, key, size, part, concurrency)
+            await self._put_multipart(lpath, target, callback, kwargs, match)
+        while rpath:
+            self.invalidate_cache(rpath)
+            rpath = self._parent(rpath)
+
+    async def _put_multipart(
+        self,
+        lpath: str,
+        target: tuple[str, str, int, int, int],
+        callback: Callback,
+        kwargs: dict[str, Any],
+        match: dict[str, str],
+    ) -> None:
+        """``lpath`` to ``target`` (bucket, key, size, part size, parts in flight) as a
+        multipart upload with CRC32 part checksums; on failure the other parts are cancelled
+        and the upload aborted (a killed process leaves it open:
+        :meth:`S3ArtifactStore.list_incomplete_uploads` finds it)."""
+        bucket, key, size, part, concurrency = target
+        mpu = await self._call_s3(
+            "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **kwargs
+        )
+        upload_id = mpu["UploadId"]
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def upload(number: int, start: int) -> dict[str, Any]:
+            async with slots:
+                length = min(part, size - start)
+                with FileRange(lpath, start, length) as body:
+                    out = await self._call_s3(
+                        "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                        PartNumber=number, Body=body, ChecksumAlgorithm="CRC32",
+                    )  # fmt: skip
+                callback.relative_update(length)
+                done = {"PartNumber": number, "ETag": out["ETag"]}
+                if out.get("ChecksumCRC32"):
+                    done["ChecksumCRC32"] = out["ChecksumCRC32"]
+                return done
+
+        starts = range(0, size, part)
+        tasks = [asyncio.ensure_future(upload(n, s)) for n, s in enumerate(starts, 1)]
+        try:
+            parts = await asyncio.gather(*tasks)
+            await self._call_s3(
+                "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}, **match,
+            )  # fmt: skip
+        except Exception:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._abort_mpu(bucket, key, upload_id)
+            raise
+
+    async def _get_file(
+        self,
+        rpath: str,
+        lpath: str,
+        callback: Callback = DEFAULT_CALLBACK,
+        version_id: str | None = None,
+        chunksize: int | None = None,
+        max_concurrency: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if os.path.isdir(lpath):
+            return
+        bucket, key, path_version = self.split_path(rpath)
+        version = s3fs.core.version_id_kw(version_id or path_version)
+        first = await self._call_s3("get_object", Bucket=bucket, Key=key, **version)
+        size = int(first["ContentLength"])
+        # every range reads the object the first response read, or fails
+        pin = version or ({"IfMatch": first["ETag"]} if first.get("ETag") else {})
+
+        async def open_range(start: int, end: int) -> Stream:
+            try:
+                resp = await self._call_s3(
+                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
+                )
+            except OSError as exc:
+                if "PreconditionFailed" in str(exc.__cause__ or exc) or "412" in str(exc):
+                    raise TransientError(
+                        f"s3://{bucket}/{key} was rewritten while it was being downloaded"
+                    ) from exc
+                raise
+            body: Stream = resp["Body"]
+            return body
+
+        callback.set_size(size)
+        await download_to_file(
+            lpath,
+            first["Body"],
+            size,
+            open_range,
+            part_size=chunksize or self.download_part_size,
+            concurrency=max_concurrency or self.max_concurrency,
+            on_bytes=callback.relative_update,
+        )
 
 
 def s3_root_uri(artifact_uri: str) -> str:

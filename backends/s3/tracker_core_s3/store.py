@@ -16,6 +16,8 @@ import contextlib
 import datetime as dt
 from typing import Any
 
+from fsspec.asyn import sync
+
 from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.stores import IncompleteUpload
 
@@ -76,3 +78,25 @@ class S3ArtifactStore(FsspecArtifactStore):
             self.fs.call_s3(
                 "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id
             )
+
+    def exists(self, uri: str) -> bool:
+        """One ``ListObjectsV2`` of the level ``uri`` sits at (s3fs's ``exists`` of a folder
+        is a ``HeadObject`` that finds no such key, then a listing: two round trips)."""
+        bucket, key = self._bucket_key(uri)
+        if not key:
+            return super().exists(uri)
+        key = key.rstrip("/")
+        marker: dict[str, str] = {}
+        with self._guard("exists", uri):
+            while True:
+                page = sync(
+                    self.fs.loop, self.fs._call_s3, "list_objects_v2",
+                    Bucket=bucket, Prefix=key, Delimiter="/", **marker,
+                )  # fmt: skip
+                if any(o.get("Key") == key for o in page.get("Contents") or []) or any(
+                    p.get("Prefix") == f"{key}/" for p in page.get("CommonPrefixes") or []
+                ):
+                    return True
+                if not page.get("IsTruncated"):
+                    return False
+                marker = {"ContinuationToken": page["NextContinuationToken"]}
