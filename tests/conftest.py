@@ -44,11 +44,20 @@ SHARED_STACK_MODULES = frozenset(
 )
 
 
+#: the longest modules, started first so that none of them is left running alone at the end
+LONGEST_FIRST = ("test_third_party_backend", "test_parallel", "test_chaos", "test_service")
+
+
+def _module(item: pytest.Item) -> str:
+    return str(getattr(getattr(item, "module", None), "__name__", ""))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(_module(item), len(order)))  # stable: modules stay whole
     for item in items:
-        module = getattr(getattr(item, "module", None), "__name__", "")
-        if module in SHARED_STACK_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+        if _module(item) in SHARED_STACK_MODULES:
+            item.add_marker(pytest.mark.xdist_group(_module(item)))
 
 
 # ------------------------------------------------------------------ tracking side
