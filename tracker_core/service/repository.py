@@ -26,8 +26,9 @@ nothing more and ends ``canceled`` once no run is running; a task whose run fail
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -240,11 +241,7 @@ class TaskRepository:
         queued jobs are canceled, its running ones asked to stop at their next safe point,
         and a task whose runs are out ends ``canceled`` once none is running (no completion).
         None if there is no such task."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
                 return None
@@ -274,6 +271,29 @@ class TaskRepository:
             return CancelOutcome(task, action)
 
     # ------------------------------------------------------------------ worker writes
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[tuple[AsyncConnection[Any], Any]]:
+        """A connection from the pool, in a transaction, with a cursor of dict rows."""
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            yield conn, cur
+
+    async def _live_fanned_out(
+        self, conn: AsyncConnection[Any], cur: Any, task_id: str, jobs: Jobs
+    ) -> Task | None:
+        """The task, locked, if its iteration is fanned out and still to be worked on; None
+        when it ended, or when a cancel was requested (which this call then carries on)."""
+        task = await self._lock(cur, task_id)
+        if task is None or task.status.is_terminal or not task.fanned_out:
+            return None
+        if task.cancel_requested_at is not None:
+            await self._advance(conn, cur, task, jobs)
+            return None
+        return task
+
     async def _lock(self, cur: Any, task_id: str) -> Task | None:
         """The task's row, locked until the transaction ends (every transition takes it)."""
         await cur.execute(f"SELECT * FROM {_T} WHERE id = %s FOR UPDATE", (task_id,))
@@ -291,11 +311,7 @@ class TaskRepository:
         return [j for j in (task.job_id, task.completion_job_id) if j is not None] + ids
 
     async def _write(self, query: str, params: tuple[Any, ...]) -> Task | None:
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (_conn, cur):
             await cur.execute(query, params)  # type: ignore[arg-type]
             row = await cur.fetchone()
         return None if row is None else Task.from_row(row)
@@ -303,11 +319,7 @@ class TaskRepository:
     async def start(self, task_id: str, execution_id: str, worker: str) -> StartOutcome:
         """Move the task to ``processing`` for this execution of its own job, unless it must
         not run (see :class:`StartOutcome`)."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (_conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
                 return StartOutcome("unknown")
@@ -431,11 +443,7 @@ class TaskRepository:
         set, and defer the first run jobs (up to ``parallel_runs``; None: all). The task
         stays ``processing`` and no execution holds it any more. A cancel requested meanwhile
         ends it ``canceled`` (nothing was started). None if this execution lost the task."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None or task.status != TaskStatus.PROCESSING:
                 return None
@@ -477,16 +485,9 @@ class TaskRepository:
         run: it ended already (a job for a finished run does nothing), its task ended, or a
         cancel was requested. A ``running`` row held by an earlier execution of the *same*
         job is taken over (that execution died: the queue only redelivers a job then)."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
-            task = await self._lock(cur, task_id)
-            if task is None or task.status.is_terminal or not task.fanned_out:
-                return None
-            if task.cancel_requested_at is not None:
-                await self._advance(conn, cur, task, jobs)
+        async with self._transaction() as (conn, cur):
+            task = await self._live_fanned_out(conn, cur, task_id, jobs)
+            if task is None:
                 return None
             await cur.execute(
                 f"""
@@ -514,11 +515,7 @@ class TaskRepository:
         so a run is never marked twice. ``(task, run row)``; the row is None if this
         execution did not hold the run any more."""
         assert end.state in ("queued", "finished", "failed")
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
                 return None, None
@@ -556,11 +553,7 @@ class TaskRepository:
 
     async def requeue_run(self, task_id: str, params_id: str, jobs: Jobs) -> Task | None:
         """A run whose worker died: ``queued`` again (its job is back in the queue)."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
                 return None
@@ -578,11 +571,7 @@ class TaskRepository:
         """End a task whose runs are out ``error`` now (a run could not be trained, for good):
         its other jobs are canceled (running ones stop at their next safe point, their runs
         left resumable) and no completion runs. ``keep``: the caller's own job."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None or task.status.is_terminal:
                 return None
@@ -602,16 +591,9 @@ class TaskRepository:
         """Let this execution of the completion job hold the task; None when it must not
         complete: the task ended, a cancel was requested, or (never expected) a run is not
         ended."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
-            task = await self._lock(cur, task_id)
-            if task is None or task.status.is_terminal or not task.fanned_out:
-                return None
-            if task.cancel_requested_at is not None:
-                await self._advance(conn, cur, task, jobs)
+        async with self._transaction() as (conn, cur):
+            task = await self._live_fanned_out(conn, cur, task_id, jobs)
+            if task is None:
                 return None
             await cur.execute(
                 f"SELECT count(*) AS n FROM {_R} WHERE task_id = %s "  # type: ignore[arg-type]
@@ -652,11 +634,7 @@ class TaskRepository:
 
     async def advance(self, task_id: str, jobs: Jobs) -> Task | None:
         """:meth:`_advance` in a transaction of its own (after a stalled job was put back)."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
+        async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
                 return None
