@@ -28,6 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tracker_core.errors import ArtifactStoreError, ModelNotFoundError, redact
 from tracker_core.stores import ArtifactStore, ProgressCallback
+from tracker_core.transfers import gather_or_cancel
 
 __all__ = ["PARALLEL_FILES", "FsspecArtifactStore"]
 
@@ -95,14 +96,7 @@ async def _each_async(fn: Callable[[Job], Awaitable[None]], jobs: list[Job], lim
         async with slots:
             await fn(job)
 
-    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await gather_or_cancel([asyncio.ensure_future(one(job)) for job in jobs])
 
 
 class FsspecArtifactStore(ArtifactStore):

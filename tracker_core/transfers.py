@@ -24,10 +24,17 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO, Protocol
 
-__all__ = ["READ_SIZE", "FileRange", "Stream", "download_to_file", "even_parts"]
+__all__ = [
+    "READ_SIZE",
+    "FileRange",
+    "Stream",
+    "download_to_file",
+    "even_parts",
+    "gather_or_cancel",
+]
 
 #: bytes asked of a response body per read (the client returns what it has, up to this)
 READ_SIZE = 2**20
@@ -108,6 +115,18 @@ class FileRange(io.RawIOBase):
         super().close()
 
 
+async def gather_or_cancel(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Wait for every task; on the first error cancel the others and raise it once they
+    ended (so nothing is left writing)."""
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _pump(
     stream: Stream,
     out: BinaryIO,
@@ -175,12 +194,7 @@ async def download_to_file(
         tasks = [asyncio.ensure_future(_pump(first, out, 0, first_end, on_bytes))]
         tasks += [asyncio.ensure_future(ranged(start, end)) for start, end in parts[1:]]
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            await gather_or_cancel(tasks)
         finally:
             with contextlib.suppress(Exception):
                 first.close()
