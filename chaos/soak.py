@@ -435,6 +435,7 @@ class Trial:
         cmd = [
             sys.executable, "-m", "tracker_core.cli",
             "--tracking-uri", tracking, "--artifact-uri", self.artifact_uri,
+            "--retries", str(self.sizes.retry_transfers[0]),  # a folder delete is many requests
             "--json", "-v", "gc", "--delete",
         ]  # fmt: skip
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

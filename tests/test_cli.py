@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,6 +419,40 @@ def test_gc_delete_refuses_a_tracking_store_that_knows_nothing_here(
     status, out, err = tracked.cli("gc", "--delete", plugin=False, metric=False, tracking_uri=other)
     assert status == 1 and out == "" and "nothing was deleted" in err and err.count("\n") == 1
     assert tracked.manager.artifacts.exists(tracked.result.best_model_uri or "")
+
+
+def test_gc_deletes_twins_their_creators_left(
+    tracked: Tracked, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A never-claimed run beside a trained run of the same name, created over a lease TTL
+    ago (a creator killed after a lost ``create_run`` answer made it create a twin), is
+    listed by gc and deleted by gc --delete; ``--retries`` is taken, and checked."""
+    from mlflow import MlflowClient
+
+    from tracker_core import tags as T
+    from tracker_core.leases import DEFAULT_LEASE_SECONDS
+
+    trained = tracked.result.runs[0]
+    record = tracked.manager.get_run_by_id(trained.run_id)
+    assert record is not None
+    with tracked.backend.mlflow_env():
+        twin = MlflowClient(tracked.backend.tracking_uri).create_run(
+            record.experiment_id,
+            start_time=int((time.time() - DEFAULT_LEASE_SECONDS - 5) * 1000),
+            tags={T.TAG_PLUGIN: tracked.method.name},
+            run_name=record.run_name,
+        )
+    dry = tracked.json("--retries", "1", "gc", plugin=False, metric=False)
+    (found,) = dry["twins"]
+    assert (found["run_id"], found["kept_run_id"]) == (twin.info.run_id, trained.run_id)
+    status, out, _ = tracked.cli("gc", plugin=False, metric=False)
+    assert status == 0 and twin.info.run_id in out and "--delete" in out
+    deleted = tracked.json("--retries", "5", "gc", "--delete", plugin=False, metric=False)
+    assert deleted["twins"][0]["deleted"] is True
+    assert tracked.manager.get_run_by_id(twin.info.run_id) is None
+    assert tracked.manager.get_run_by_id(trained.run_id) is not None
+    assert tracked.cli("--retries", "0", "gc", plugin=False, metric=False)[0] == 2
+    assert "attempts >= 1, got '0'" in capsys.readouterr().err  # argparse's own stream
 
 
 # ---------------------------------------------------------------------- verify

@@ -55,6 +55,7 @@ from tracker_core.errors import (
 from tracker_core.finetune import IterationResult, parse_iteration_name, run_iteration
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, ExperimentsManager
 from tracker_core.params import PARAM_PREFIX
+from tracker_core.retry import RetryConfig, RetryParams
 from tracker_core.values import ExperimentRecord, RunRecord, RunStatus
 
 __all__ = ["main"]
@@ -191,7 +192,25 @@ def _manager(
         plugin_name=args.plugin or _ANY_PLUGIN,
         main_metric=args.metric or _ANY_METRIC,
         is_loss=args.loss,
+        retry=_retry(args),
     )
+
+
+def _retry(args: argparse.Namespace) -> RetryConfig | None:
+    """``--retries N``: N attempts of every operation (None: the default policy, or the
+    method's own for ``run``)."""
+    return None if args.retries is None else RetryConfig(RetryParams(max_attempts=args.retries))
+
+
+def _attempts(text: str) -> int:
+    """``--retries``: a whole number of attempts, at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of attempts >= 1, got {text!r}")
+    return value
 
 
 def _is_run_id(text: str) -> bool:
@@ -362,6 +381,8 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
     kwargs = connect_kwargs(method)
     if args.n_top_runs is not None:
         kwargs["n_top_runs"] = args.n_top_runs
+    if args.retries is not None:
+        kwargs["retry"] = _retry(args)
     with connect(args.artifact_uri, tracking_uri=args.tracking_uri, **kwargs) as manager:
         result = run_iteration(method, manager, args.batch_id, seed=args.seed)
     out.emit(_result_json(result), lambda: _result_table(result))
@@ -425,12 +446,15 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
             )
         orphans: list[dict[str, Any]] = [attrs.asdict(o) for o in scan.orphans]
         uploads: list[dict[str, Any]] = [attrs.asdict(u) for u in scan.uploads]
+        twins: list[dict[str, Any]] = [attrs.asdict(t) for t in scan.twins]
         if args.delete:
             for orphan, model in zip(orphans, scan.orphans, strict=True):
                 orphan["deleted"] = manager.delete_orphaned_model(model)
             for item, upload in zip(uploads, scan.uploads, strict=True):
                 manager.abort_orphaned_upload(upload)
                 item["aborted"] = True
+            for item, twin in zip(twins, scan.twins, strict=True):
+                item["deleted"] = manager.delete_abandoned_twin(twin)
     skipped = [attrs.asdict(o) for o in scan.skipped]
     skipped_uploads = [attrs.asdict(u) for u in scan.skipped_uploads]
     missing = [attrs.asdict(m) for m in scan.missing]
@@ -442,6 +466,7 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
         "uploads": uploads,
         "skipped_uploads": skipped_uploads,
         "missing": missing,
+        "twins": twins,
         "marked_models": scan.marked_models,
     }
 
@@ -459,6 +484,10 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
                 f"({'aborted' if args.delete else 'would abort'}):"
             )
             yield from _table(["object", "reason"], [[u["uri"], u["reason"]] for u in uploads])
+        if twins:
+            yield f"{len(twins)} run(s) their creators left beside a run of the same name ({verb}):"
+            rows = [[t["run_id"], t["run_name"], t["kept_run_id"]] for t in twins]
+            yield from _table(["run", "name", "kept run"], rows)
         for s in skipped:
             yield f"skipped {s['uri']}: {s['reason']} (use --include-running if it is dead)"
         for u in skipped_uploads:
@@ -467,7 +496,7 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
             yield f"run {m['run_id']} is marked as holding {m['uri']}, but its files are gone"
         if missing:
             yield "marked models without files: see `tracker-core verify` (and `--unmark`)"
-        if (orphans or uploads) and not args.delete:
+        if (orphans or uploads or twins) and not args.delete:
             yield "dry run: nothing deleted; run again with --delete to delete them"
 
     out.emit(data, table)
@@ -534,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", help="the fine-tuning method (plugin) name")
     parser.add_argument("--metric", help="the main metric that ranks runs")
     parser.add_argument("--loss", action="store_true", help="lower --metric is better")
+    parser.add_argument(
+        "--retries",
+        type=_attempts,
+        metavar="N",
+        help=f"attempts of each request to the stores before giving up (default: "
+        f"{RetryParams().max_attempts}, or the method's own policy for `run`)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")

@@ -46,6 +46,7 @@ __all__ = [
     "Heartbeat",
     "LeaseState",
     "claim_params",
+    "is_abandoned",
     "lease_state",
     "new_owner_id",
     "now_ms",
@@ -136,6 +137,17 @@ def run_is_live(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
     if run.status.is_terminal:
         return False
     return lease_state(run, ttl_ms).is_live(now_ms() if at_ms is None else at_ms)
+
+
+def is_abandoned(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
+    """Whether ``run`` was created and left by its creator: not ended, never claimed (epoch
+    0) and past its creation's grace. No worker trained it: it holds no model and no metric
+    but its creation marker. What a creator killed after ``create_run`` leaves, or the twin
+    an attempt whose answer was lost created."""
+    if run.status.is_terminal:
+        return False
+    state = lease_state(run, ttl_ms)
+    return state.epoch == 0 and not state.is_live(now_ms() if at_ms is None else at_ms)
 
 
 def claim_params(epoch: int, owner: str, expires_ms: int) -> tuple[dict[str, str], dict[str, str]]:

@@ -52,6 +52,7 @@ from tracker_core.models import ModelKeeper, is_marked
 from tracker_core.params import FineTuningParams
 from tracker_core.ranking import Ranking, TopRuns
 from tracker_core.reconcile import (
+    AbandonedTwin,
     MissingModel,
     MissingScan,
     OrphanedModel,
@@ -750,6 +751,10 @@ class ExperimentsManager:
     def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
         """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
         self._reconcile.abort_upload(upload)
+
+    def delete_abandoned_twin(self, twin: AbandonedTwin) -> bool:
+        """Delete a run of :attr:`OrphanScan.twins` if it is still abandoned; True if deleted."""
+        return self._reconcile.delete_twin(twin, lease_seconds=self.lease_seconds)
 
     def find_models_missing_files(self) -> MissingScan:
         """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""

@@ -3,6 +3,9 @@
 - **orphaned folders**: model folders no run marks (a crash between writing and marking);
 - **incomplete uploads**: uploads a killed writer left open (S3 multipart uploads), whose
   parts cost storage and show in no listing;
+- **abandoned twins**: runs a creator left (never claimed, not ended, past their creation's
+  grace) whose name another run of the experiment carries: a creator killed between
+  ``create_run`` and deleting the twin that a lost ``create_run`` answer made it create;
 - **missing files**: runs still marked as holding a model whose files are gone (a bucket
   emptied or a folder deleted by hand); :meth:`Reconciler.find_missing_files` lists them and
   :meth:`Reconciler.unmark_missing` unmarks them as a deletion would.
@@ -20,7 +23,7 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError
-from tracker_core.leases import DEFAULT_LEASE_SECONDS, now_ms, run_is_live
+from tracker_core.leases import DEFAULT_LEASE_SECONDS, is_abandoned, now_ms, run_is_live
 from tracker_core.models import ModelKeeper, is_marked, model_run_id
 from tracker_core.remote import Remote
 from tracker_core.stores import (
@@ -30,9 +33,10 @@ from tracker_core.stores import (
     RunQuery,
     TrackingStore,
 )
-from tracker_core.values import ExperimentRecord, RunRecord
+from tracker_core.values import ExperimentRecord, RunRecord, RunStatus
 
 __all__ = [
+    "AbandonedTwin",
     "MissingModel",
     "MissingScan",
     "OrphanScan",
@@ -94,6 +98,18 @@ class MissingModel:
 
 
 @attrs.frozen
+class AbandonedTwin:
+    """A run its creator left (:func:`~tracker_core.leases.is_abandoned`) while another run
+    of its experiment, ``kept_run_id``, carries its name: the one that ``set_run`` and the
+    driver find and train (a claimed or ended run first, else the oldest)."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str
+    kept_run_id: str
+
+
+@attrs.frozen
 class OrphanScan:
     """What :meth:`Reconciler.find_orphans` found.
 
@@ -101,7 +117,8 @@ class OrphanScan:
     is held by a live worker); ``uploads`` / ``skipped_uploads``: the same for incomplete
     uploads; ``missing``: marked models whose folder the listing did not find (check them
     with :meth:`Reconciler.find_missing_files`); ``experiments``: how many experiments of
-    the tracking store keep their artifacts under the store's root.
+    the tracking store keep their artifacts under the store's root; ``twins``: runs their
+    creators left beside another run of the same name, to delete.
     """
 
     orphans: tuple[OrphanedModel, ...]
@@ -111,6 +128,7 @@ class OrphanScan:
     skipped_uploads: tuple[OrphanedUpload, ...] = ()
     missing: tuple[MissingModel, ...] = ()
     experiments: int = 0
+    twins: tuple[AbandonedTwin, ...] = ()
 
 
 @attrs.frozen
@@ -219,7 +237,50 @@ class Reconciler:
             skipped_uploads=tuple(skipped_uploads),
             missing=tuple(self._missing_from_listing(marked, present, max_depth, ttl_ms)),
             experiments=sum(1 for e in experiments if self.artifacts.owns(e.artifact_location)),
+            twins=tuple(self._abandoned_twins(experiments, ttl_ms)),
         )
+
+    def _abandoned_twins(
+        self, experiments: list[ExperimentRecord], ttl_ms: int
+    ) -> list[AbandonedTwin]:
+        """tracker-core's runs (tagged with their plugin) left by their creators while another
+        run carries their name; of twins all left, the oldest is kept (the one ``set_run``
+        resumes). One query per 50 experiments, one per name found."""
+        ids = [e.experiment_id for e in experiments]
+        now = now_ms()
+        left: set[tuple[str, str]] = set()
+        for start in range(0, len(ids), 50):
+            query = RunQuery(
+                tuple(ids[start : start + 50]), statuses=(RunStatus.RUNNING, RunStatus.SCHEDULED)
+            )
+            for run in self._track("search", self.tracking.search_runs, query):
+                if T.TAG_PLUGIN in run.tags and is_abandoned(run, ttl_ms, now):
+                    left.add((run.experiment_id, run.run_name))
+        twins: list[AbandonedTwin] = []
+        for experiment_id, name in sorted(left):
+            query = RunQuery((experiment_id,), run_name=name)
+            same_name = self._track("search", self.tracking.search_runs, query)
+            kept, *others = sorted(
+                same_name, key=lambda r: (is_abandoned(r, ttl_ms, now), r.start_time_ms, r.run_id)
+            )
+            twins.extend(
+                AbandonedTwin(r.run_id, experiment_id, name, kept.run_id)
+                for r in others
+                if is_abandoned(r, ttl_ms, now)
+            )
+        return twins
+
+    def delete_twin(
+        self, twin: AbandonedTwin, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> bool:
+        """Delete a run found in :attr:`OrphanScan.twins` if it is still abandoned (read
+        again: a worker may have claimed it since the scan); True if deleted."""
+        run = self._track("search", self.tracking.get_run, twin.run_id)
+        if run is None or not is_abandoned(run, int(lease_seconds * 1000)):
+            return False
+        self._track("delete", self.tracking.delete_run, run.run_id)
+        log.info("deleted run %s, a twin of %s its creator left", run.run_id, twin.kept_run_id)
+        return True
 
     def _orphaned_uploads(
         self, runs: dict[str, RunRecord | None], include_running: bool, ttl_ms: int

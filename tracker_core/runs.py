@@ -138,12 +138,7 @@ class RunTracker:
         twins = self._remote.track("search", self._remote.tracking.search_runs, query)
         now = leases.now_ms()
         for twin in twins:
-            if (
-                twin.run_id == winner.run_id
-                or twin.status.is_terminal
-                or leases.lease_state(twin, self.ttl_ms).epoch != 0
-                or leases.run_is_live(twin, self.ttl_ms, now)
-            ):
+            if twin.run_id == winner.run_id or not leases.is_abandoned(twin, self.ttl_ms, now):
                 continue
             log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
             self._remote.track("delete", self._remote.tracking.delete_run, twin.run_id)

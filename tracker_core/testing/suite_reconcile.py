@@ -270,4 +270,49 @@ def test_gc_aborts_incomplete_uploads_of_dead_workers(
     mgr.abort_orphaned_upload(upload)  # already gone: no error
 
 
+# --------------------------------------------------------------------------- abandoned twins
+def test_gc_deletes_twins_their_creators_left(backend: BackendUnderTest) -> None:
+    """A run created and never claimed beside another run of its name (its creator was
+    killed after a lost ``create_run`` answer made it create a twin) is deleted by gc once
+    past its creation's grace. Left alone: the run of that name that was trained, a lone
+    unclaimed run (``set_run`` resumes it), the oldest of twins all left, runs of other
+    tools, and a twin a worker claims between the scan and the deletion."""
+    grace = 1.0
+    mgr = backend.connect(
+        model_format="state_dict", model_factory=tiny_model, params_type=Params,
+        lease_seconds=grace,
+    )  # fmt: skip
+    mgr.set_iteration(iteration(mgr))
+    experiment = mgr.current_experiment_id or ""
+    trained = run_with_quality(mgr, Params(lr=0.1), 0.5)
+    trained_run = mgr.tracking.get_run(trained)
+    assert trained_run is not None
+    ours = {T.TAG_PLUGIN: mgr.plugin_name}
+    twin = mgr.tracking.create_run(experiment, trained_run.run_name, ours)
+    lone = mgr.tracking.create_run(experiment, "lone", ours)
+    pair = [mgr.tracking.create_run(experiment, "pair", ours) for _ in range(2)]
+    claimed_later = mgr.tracking.create_run(experiment, trained_run.run_name, ours)
+    foreign = [mgr.tracking.create_run(experiment, "other-tool", {}) for _ in range(2)]
+    assert mgr.find_orphaned_models().twins == ()  # within their grace: maybe being set up
+
+    time.sleep(grace + 0.5)
+    twins = {t.run_id: t for t in mgr.find_orphaned_models().twins}
+    oldest, younger = sorted(pair, key=lambda r: (r.start_time_ms, r.run_id))
+    assert set(twins) == {twin.run_id, claimed_later.run_id, younger.run_id}
+    assert twins[twin.run_id].kept_run_id == trained
+    assert twins[twin.run_id].run_name == trained_run.run_name
+    assert twins[younger.run_id].kept_run_id == oldest.run_id
+
+    set_lease(mgr, claimed_later.run_id, expires_in_ms=60_000)  # a worker took it meanwhile
+    assert mgr.delete_abandoned_twin(twins[claimed_later.run_id]) is False
+    assert mgr.delete_abandoned_twin(twins[twin.run_id]) is True
+    assert mgr.delete_abandoned_twin(twins[younger.run_id]) is True
+    assert mgr.delete_abandoned_twin(twins[twin.run_id]) is False  # already gone
+    gone = {twin.run_id, younger.run_id}
+    for run in [trained_run, twin, lone, *pair, claimed_later, *foreign]:
+        assert (mgr.tracking.get_run(run.run_id) is None) == (run.run_id in gone), run.run_name
+    assert mgr.find_orphaned_models().twins == ()
+    assert mgr.get_best_current_run_id() == (trained, False)
+
+
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
