@@ -26,6 +26,7 @@ __all__ = [
     "AWS_TEST_ENV",
     "SmallParams",
     "_base_env",
+    "artifact_leg",
     "assert_plain_mlflow_reads",
     "aws_env",
     "gcs_bucket",
@@ -125,6 +126,22 @@ def gcs_bucket(gcs_endpoint: str, gcs_env: None) -> str:
     name = unique_name("bucket")
     gcs_filesystem({"endpoint_url": gcs_endpoint, "token": "anon", "project": "test"}).mkdir(name)
     return name
+
+
+def artifact_leg(
+    request: pytest.FixtureRequest, name: str, tmp_path: Path, prefix: str
+) -> tuple[str, dict[str, Any] | None]:
+    """``(artifact URI, storage options)`` of a fresh store: ``"local"`` (a folder of this
+    test), ``"s3"`` (a bucket on moto) or ``"gcs"`` (a bucket on the emulator), models under
+    ``prefix``."""
+    if name == "local":
+        return str(tmp_path / "models"), None
+    if name == "s3":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        return f"s3://{request.getfixturevalue('s3_bucket')}/{prefix}", {"endpoint_url": endpoint}
+    endpoint = request.getfixturevalue("gcs_endpoint")
+    bucket = request.getfixturevalue("gcs_bucket")
+    return f"gs://{bucket}/{prefix}", {"endpoint_url": endpoint, "token": "anon", "project": "test"}
 
 
 @pytest.fixture

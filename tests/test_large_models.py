@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
-from _s3gcs_fixtures import SmallParams, same_weights
+from _s3gcs_fixtures import SmallParams, artifact_leg, same_weights
 
 import tracker_core
 from tracker_core import FineTuningIteration, MetricValue
@@ -74,19 +74,6 @@ def _measure(fn: Callable[[], Any]) -> tuple[Any, float, int]:
     return result, elapsed, peak
 
 
-def _leg(
-    request: pytest.FixtureRequest, name: str, tmp_path: Path
-) -> tuple[str, dict[str, Any] | None]:
-    if name == "local":
-        return str(tmp_path / "models"), None
-    if name == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        return f"s3://{request.getfixturevalue('s3_bucket')}/big", {"endpoint_url": endpoint}
-    endpoint = request.getfixturevalue("gcs_endpoint")
-    bucket = request.getfixturevalue("gcs_bucket")
-    return f"gs://{bucket}/big", {"endpoint_url": endpoint, "token": "anon", "project": "test"}
-
-
 @pytest.mark.parametrize("backend_name", ["local", "s3", "gcs"])
 def test_100mb_model_round_trip(
     backend_name: str,
@@ -95,7 +82,7 @@ def test_100mb_model_round_trip(
     sqlite_tracking_uri: str,
     _base_env: None,
 ) -> None:
-    artifact_uri, options = _leg(request, backend_name, tmp_path)
+    artifact_uri, options = artifact_leg(request, backend_name, tmp_path, "big")
     manager = tracker_core.connect(
         artifact_uri,
         tracking_uri=sqlite_tracking_uri,

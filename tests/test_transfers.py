@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
-from _s3gcs_fixtures import SmallParams
+from _s3gcs_fixtures import SmallParams, artifact_leg
 from fsspec.callbacks import Callback
 
 import tracker_core
@@ -63,17 +63,6 @@ def folder_codec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(codec_registry._codecs, FOLDER, FolderCodec())
 
 
-def _leg(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> tuple[str, Any]:
-    if name == "local":
-        return str(tmp_path / "models"), None
-    if name == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        return f"s3://{request.getfixturevalue('s3_bucket')}/m", {"endpoint_url": endpoint}
-    endpoint = request.getfixturevalue("gcs_endpoint")
-    bucket = request.getfixturevalue("gcs_bucket")
-    return f"gs://{bucket}/m", {"endpoint_url": endpoint, "token": "anon", "project": "test"}
-
-
 @pytest.fixture(params=["local", "s3", "gcs"])
 def folder_mgr(
     request: pytest.FixtureRequest,
@@ -82,7 +71,7 @@ def folder_mgr(
     folder_codec: None,
     _base_env: None,
 ) -> Iterator[ExperimentsManager]:
-    artifact_uri, options = _leg(request, request.param, tmp_path)
+    artifact_uri, options = artifact_leg(request, request.param, tmp_path, "m")
     manager = tracker_core.connect(
         artifact_uri,
         tracking_uri=sqlite_tracking_uri,
