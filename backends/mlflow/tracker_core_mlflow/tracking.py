@@ -44,7 +44,7 @@ from tracker_core_mlflow.quiet import quiet
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+    from mlflow.entities import Experiment, Run
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "MlflowTrackingStore", "batches", "resolve_request_timeout"]
 
@@ -91,9 +91,14 @@ def _operation(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+M = TypeVar("M")
+K = TypeVar("K")
+G = TypeVar("G")
+
+
 def batches(
-    metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]
-) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:
+    metrics: Sequence[M], params: Sequence[K], tags: Sequence[G]
+) -> Iterator[tuple[list[M], list[K], list[G]]]:
     """Split into requests within MLflow's limits: 1000 metrics, 100 params, 100 tags,
     1000 entities in all. Params and tags go first."""
     m = p = t = 0
@@ -198,7 +203,7 @@ class MlflowTrackingStore(TrackingStore):
     ) -> None:
         """``request_timeout``: seconds per HTTP request to an MLflow server (see
         :func:`resolve_request_timeout`); ignored for databases and for a ``client`` passed in."""
-        from tracker_core_mlflow.rest import single_attempt_client
+        from tracker_core_mlflow.rest import SingleAttemptRestStore, single_attempt_client
 
         self.uri = tracking_uri
         self._password = urlsplit(tracking_uri).password
@@ -214,6 +219,10 @@ class MlflowTrackingStore(TrackingStore):
                     with tracking_errors("open", self.display_uri, self._password):
                         client.search_experiments(max_results=1)  # a fresh DB migrates here
         self.client = client
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        self._rest: SingleAttemptRestStore | None = (
+            store if isinstance(store, SingleAttemptRestStore) else None
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.display_uri!r})"
@@ -373,6 +382,11 @@ class MlflowTrackingStore(TrackingStore):
         once. Re-logging a param with the same value is accepted; a different value is a
         permanent ``INVALID_PARAMETER_VALUE``.
         """
+        if self._rest is not None:  # an MLflow server: the body built without MLflow's entities
+            pairs = ([(k, str(v)) for k, v in (x or {}).items()] for x in (params, tags))
+            for chunk in batches(metrics, *pairs):
+                self._rest.log_batch_values(run_id, *chunk)
+            return
         from mlflow.entities import Metric, Param, RunTag
 
         m = [Metric(v.name, v.value, v.timestamp_ms, v.step or 0) for v in metrics]
