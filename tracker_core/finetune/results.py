@@ -1,0 +1,112 @@
+"""What an iteration and its runs ended as: :class:`RunResult` (one params set),
+:class:`IterationResult` (one call of the driver, or of the completion step), and
+:class:`IterationProgress` (how far an iteration is, for ``on_progress``).
+
+``_collect`` reads the :class:`RunResult` of each params set from the tracking store; one run
+(:mod:`.run`) and the completion (:mod:`.completion`) both report with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from tracker_core import tags as T
+from tracker_core.errors import ModelNotFoundError
+from tracker_core.manager import ExperimentsManager
+from tracker_core.params import FineTuningParams
+from tracker_core.values import RunStatus
+
+__all__ = ["IterationProgress", "IterationResult", "RunResult"]
+
+
+@attrs.frozen
+class RunResult:
+    """One params set of an iteration and how its run ended.
+
+    ``trained`` is False when the run had finished in an earlier attempt and was skipped;
+    ``has_model`` tells whether the run holds a stored model at the end of the iteration.
+    """
+
+    params: FineTuningParams
+    run_id: str
+    status: RunStatus
+    metric: float | None
+    trained: bool
+    has_model: bool
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == RunStatus.FINISHED and self.metric is not None
+
+
+@attrs.frozen
+class IterationResult:
+    """What one call of :func:`run_iteration` did."""
+
+    plugin_name: str
+    iteration_name: str
+    experiment_id: str
+    batch_id: str
+    main_metric: str
+    is_loss: bool
+    #: the run whose model the iteration started from (the initial model's run, or the best
+    #: run of the previous iteration)
+    start_run_id: str
+    started_from_initial: bool
+    resumed: bool
+    runs: tuple[RunResult, ...]
+    best_run_id: str | None
+    best_metric: float | None
+    best_model_uri: str | None
+    #: the iteration deleted at the end (the one this iteration started from), if any; None
+    #: also when its deletion was deferred (live workers still held runs of it)
+    deleted_iteration_id: str | None
+
+    @property
+    def failed_runs(self) -> tuple[RunResult, ...]:
+        return tuple(r for r in self.runs if r.status == RunStatus.FAILED)
+
+    @property
+    def trained_runs(self) -> tuple[RunResult, ...]:
+        return tuple(r for r in self.runs if r.trained)
+
+
+@attrs.frozen
+class IterationProgress:
+    """How far an iteration is: ``finished`` of ``planned`` runs have ended (trained in this
+    call, or finished in an earlier one), ``failed`` of them failed in this call."""
+
+    planned: int
+    finished: int
+    failed: int
+
+
+def _collect(
+    manager: ExperimentsManager,
+    experiment_id: str,
+    params: Sequence[FineTuningParams],
+    results: Mapping[str, tuple[bool, str | None]],
+) -> list[RunResult]:
+    by_name = {r.run_name: r for r in manager.get_runs(experiment_id)}
+    out: list[RunResult] = []
+    for p in params:
+        run = by_name.get(p.id)
+        if run is None:  # a run job that never started it; be explicit rather than KeyError
+            raise ModelNotFoundError(f"the run of params {p!r} disappeared from {experiment_id}")
+        trained, error = results.get(p.id, (False, None))
+        metric = run.metrics.get(manager.main_metric)
+        out.append(
+            RunResult(
+                params=p,
+                run_id=run.run_id,
+                status=run.status,
+                metric=None if run.status == RunStatus.FAILED else metric,
+                trained=trained,
+                has_model=run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE,
+                error=error,
+            )
+        )
+    return out
