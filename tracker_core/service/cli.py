@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from tracker_core.cli import Output, UsageError, _table
+from tracker_core.cli_common import Output, UsageError, _table
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI
 from tracker_core.service.client import DEFAULT_URL
