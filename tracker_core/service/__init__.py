@@ -10,15 +10,19 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.models`: task statuses, ids and the API's request/response shapes;
 - :mod:`~tracker_core.service.schema`: the task table, created beside Procrastinate's;
 - :mod:`~tracker_core.service.repository`: reads and state transitions of task rows;
+  :mod:`~tracker_core.service.task_rows` (reads, creation, a task's own job) and
+  :mod:`~tracker_core.service.run_rows` (fan-out, run jobs, completion) hold its parts;
 - :mod:`~tracker_core.service.queue`: the Procrastinate app: queues, jobs, retries, stalled jobs;
 - :mod:`~tracker_core.service.child`: the child process that runs one task's iteration;
 - :mod:`~tracker_core.service.supervisor`: the worker's side of that child (progress, stop);
 - :mod:`~tracker_core.service.worker`: a worker process (the task queue + maintenance);
+- :mod:`~tracker_core.service.executions`: one execution of each kind of job, and how it ends;
 - :mod:`~tracker_core.service.api`: the FastAPI application;
 - :mod:`~tracker_core.service.embedded`: the private PostgreSQL of the embedded layout;
 - :mod:`~tracker_core.service.server`: ``tracker-core serve`` (API, optional worker, database);
 - :mod:`~tracker_core.service.client`: a small HTTP client of the API (CLI, tests);
-- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker`` and ``task`` commands.
+- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker`` and ``task`` commands (the
+  ``task`` ones in :mod:`~tracker_core.service.cli_tasks`).
 """
 
 from tracker_core.service.errors import (

@@ -19,15 +19,19 @@ database driver are imported when a command runs). Exit status as everywhere: 0 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
-from tracker_core.cli import Output, UsageError, _table
+from tracker_core.cli_common import Output, UsageError
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI
+from tracker_core.service.cli_tasks import (
+    cmd_task_cancel,
+    cmd_task_create,
+    cmd_task_list,
+    cmd_task_status,
+)
 from tracker_core.service.client import DEFAULT_URL
 from tracker_core.service.settings import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 
@@ -141,110 +145,6 @@ def cmd_worker(args: argparse.Namespace, out: Output) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
-    return 0
-
-
-# ---------------------------------------------------------------------- task commands
-def _client(args: argparse.Namespace) -> Any:
-    from tracker_core.service.client import ServiceClient
-
-    return ServiceClient(args.url)
-
-
-def _progress(task: dict[str, Any]) -> str:
-    """``ended/planned`` and what is not plain: ``4/6 (2 running, 1 failed)``."""
-    p = task.get("progress") or {}
-    if not p:
-        return ""
-    ended = int(p.get("finished", 0)) + int(p.get("failed", 0))
-    extra = [f"{p[k]} {k}" for k in ("running", "queued", "failed") if p.get(k)]
-    return f"{ended}/{p.get('planned', '?')}" + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _task_lines(task: dict[str, Any]) -> Iterator[str]:
-    yield f"task {task['id']}: {task['status']}" + (
-        " (cancel requested)"
-        if task.get("cancel_requested") and task["status"] == "processing"
-        else ""
-    )
-    yield f"  method:   {task['fine_tuning_method']}"
-    yield f"  batch:    {task['batch_id']}"
-    yield f"  created:  {task['created_at']}"
-    yield f"  updated:  {task['updated_at']}"
-    if task.get("progress"):
-        yield f"  runs:     {_progress(task)}"
-    if task.get("worker"):
-        yield f"  worker:   {task['worker']}"
-    result = task.get("result") or {}
-    if result:
-        yield f"  iteration: {result.get('iteration')} (experiment {result.get('experiment_id')})"
-        yield (
-            f"  best run: {result.get('best_run_id')} "
-            f"{result.get('main_metric')}={result.get('best_metric')}"
-        )
-        yield f"  model:    {result.get('best_model_uri')}"
-    if task.get("error"):
-        yield f"  error:    {task['error']}"
-
-
-def cmd_task_create(args: argparse.Namespace, out: Output) -> int:
-    metadata = None
-    if args.metadata is not None:
-        try:
-            metadata = json.loads(args.metadata)
-        except ValueError as exc:
-            raise UsageError(f"--metadata is not valid JSON: {exc}") from exc
-        if not isinstance(metadata, dict):
-            raise UsageError("--metadata must be a JSON object")
-    task = _client(args).create(
-        args.method,
-        batch_id=args.batch_id,
-        metadata=metadata,
-        idempotency_key=args.idempotency_key,
-        max_parallel_runs=args.max_parallel_runs,
-    )
-    out.emit(task, lambda: _task_lines(task))
-    return 0
-
-
-def cmd_task_status(args: argparse.Namespace, out: Output) -> int:
-    client = _client(args)
-    if args.wait:
-        task = client.wait(args.task_id, poll=args.poll, timeout=args.timeout)
-    else:
-        task = client.get(args.task_id)
-    out.emit(task, lambda: _task_lines(task))
-    return 1 if args.wait and task["status"] != "done" else 0
-
-
-def cmd_task_list(args: argparse.Namespace, out: Output) -> int:
-    page = _client(args).list(
-        status=args.status, method=args.method, limit=args.limit, offset=args.offset
-    )
-    tasks = page["tasks"]
-
-    def table() -> Iterator[str]:
-        if not tasks:
-            yield "no tasks"
-            return
-        yield from _table(
-            ["id", "status", "method", "batch", "runs", "updated"],
-            [
-                [t["id"], t["status"], t["fine_tuning_method"], t["batch_id"], _progress(t),
-                 t["updated_at"]]
-                for t in tasks
-            ],
-        )  # fmt: skip
-        if page["total"] > len(tasks):
-            yield f"({len(tasks)} of {page['total']}; --offset/--limit for more)"
-
-    out.emit(page, table)
-    return 0
-
-
-def cmd_task_cancel(args: argparse.Namespace, out: Output) -> int:
-    task = _client(args).cancel(args.task_id)
-    out.emit(task, lambda: _task_lines(task))
     return 0
 
 
