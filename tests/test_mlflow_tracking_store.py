@@ -398,6 +398,21 @@ def test_bad_request_is_permanent(store: MlflowTrackingStore) -> None:
         (MlflowException("API request to endpoint /x failed with error code 429 != 200"), True),
         (MlflowException("API request to endpoint /x failed with error code 404 != 200"), False),
         (MlflowException("some local bug"), None),
+        # chaos seed 9: a retried log_batch raced its first attempt, still running on the server
+        (
+            RestException(
+                {
+                    "error_code": "BAD_REQUEST",
+                    "message": "(raised as a result of Query-invoked autoflush; consider using a "
+                    "session.no_autoflush block if this flush is occurring prematurely)\n"
+                    "(psycopg.errors.UniqueViolation) duplicate key value violates unique "
+                    'constraint "metric_pk"',
+                }
+            ),
+            True,
+        ),
+        (ValueError("(sqlite3.IntegrityError) UNIQUE constraint failed: params.key, p"), True),
+        (RestException({"error_code": "BAD_REQUEST", "message": 'dup "experiment_pk"'}), False),
         (ValueError("x"), None),
     ],
 )

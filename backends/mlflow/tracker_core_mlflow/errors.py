@@ -58,6 +58,17 @@ _STATUS_IN_MESSAGE = re.compile(r"(?:error code|too many) (\d{3})\b")
 
 _ENVIRON_READERS = frozenset({"collections.abc", "_collections_abc", "os"})
 
+#: another request wrote the same run's metric, param or tag row first: a retried request
+#: (its first attempt timed out on our side) still running on the server. MLflow's SQL store
+#: skips rows it finds, but not rows a concurrent transaction has yet to commit, so the later
+#: insert fails (PostgreSQL, SQLite, MySQL wording). A retry finds them committed and skips
+#: them; a param logged with another value then fails for good (INVALID_PARAMETER_VALUE).
+_CONCURRENT_DUPLICATE = re.compile(
+    r'duplicate key value violates unique constraint "(?:metric|latest_metric|param|tag)_pk"'
+    r"|UNIQUE constraint failed: (?:metrics|latest_metrics|params|tags)\."
+    r"|Duplicate entry .* for key '(?:metrics|latest_metrics|params|tags)\.PRIMARY'"
+)
+
 
 class TransientTrackingStoreError(TrackingStoreError, TransientError):
     """A tracking-store failure worth retrying (connection, timeout, 5xx, 429, locked DB)."""
@@ -102,6 +113,8 @@ def _classify_one(exc: BaseException) -> bool | None:
     from mlflow.exceptions import MlflowException, RestException
 
     if isinstance(exc, TransientError):
+        return True
+    if _CONCURRENT_DUPLICATE.search(str(exc)):
         return True
     if environ_changed_while_read(exc):
         return True
