@@ -73,6 +73,19 @@ def measure(
     return statistics.median(times), int(statistics.median(calls))
 
 
+def tracking_store_classes() -> list[type]:
+    """The MLflow tracking store classes whose public methods :class:`CallCounter` counts:
+    MLflow's (``AbstractStore`` defines ``search_runs``) and tracker-core's single-attempt
+    REST store, whose ``log_batch_values`` is one request."""
+    from mlflow.store.tracking.abstract_store import AbstractStore
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from tracker_core_mlflow.rest import SingleAttemptRestStore
+
+    return [AbstractStore, RestStore, SingleAttemptRestStore, SqlAlchemyStore]
+
+
 class CallCounter:
     """Counts outermost calls to the public methods of MLflow's tracking store classes (and of
     their bases: pass ``AbstractStore`` too, it defines ``search_runs``).

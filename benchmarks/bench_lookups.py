@@ -30,7 +30,7 @@ import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import CallCounter, Row, base_parser, emit, measure, quiet_logs
+from _common import CallCounter, Row, base_parser, emit, measure, quiet_logs, tracking_store_classes
 
 import tracker_core
 from tracker_core import FineTuningIteration, FineTuningParams
@@ -152,9 +152,6 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     from mlflow import MlflowClient
-    from mlflow.store.tracking.abstract_store import AbstractStore
-    from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-lookups-") as tmp:
@@ -165,7 +162,7 @@ def main() -> None:
         mgr = tracker_core.connect(
             models_uri, tracking_uri=tracking_uri, main_metric=METRIC, plugin_name=PLUGIN
         )
-        counter = CallCounter([AbstractStore, RestStore, SqlAlchemyStore])
+        counter = CallCounter(tracking_store_classes())
         built = 0
         for size in sizes:
             start = time.perf_counter()

@@ -37,7 +37,7 @@ import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import CallCounter, Row, base_parser, emit, quiet_logs
+from _common import CallCounter, Row, base_parser, emit, quiet_logs, tracking_store_classes
 
 import tracker_core
 from tracker_core import FineTuningIteration, FineTuningParams, MetricValue
@@ -74,9 +74,6 @@ def bench_backend(
 ) -> list[Row]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    from mlflow.store.tracking.abstract_store import AbstractStore
-    from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     client = MlflowClient(tracking_uri)
     mgr = tracker_core.connect(
@@ -156,7 +153,7 @@ def bench_backend(
         new_run(next(k for k, v in ways.items() if v[0] is way))()
         way([1.0, 0.5])
 
-    counter = CallCounter([AbstractStore, RestStore, SqlAlchemyStore])
+    counter = CallCounter(tracking_store_classes())
     results: dict[str, tuple[float, float, int]] = {}
     with counter:
         for kind, (way, count, times) in ways.items():
