@@ -16,9 +16,11 @@ import json
 import logging
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -456,6 +458,46 @@ def test_permanent_errors_are_not_retried(
     with pytest.raises(OSError):
         manager.upload_initial_model(tiny_model())
     assert proxy.calls["upload_dir"] == 1
+
+
+# ----------------------------------------------------------------------------- listings
+def test_a_failed_folder_listing_never_hides_orphans_from_gc(
+    aws_env: dict[str, str], s3_bucket: str, moto_endpoint: str, sqlite_tracking_uri: str
+) -> None:
+    """Chaos seed 14: on S3, fsspec's ``find(maxdepth=...)`` lists folder by folder and
+    silently omits a folder whose listing fails, so under faults gc missed orphaned models.
+    The orphans of every folder are found even when listing one folder would fail, and when
+    the one listing gc makes fails, gc fails: never a smaller answer."""
+    options = {"endpoint_url": moto_endpoint, "skip_instance_cache": True}
+    manager = _manager(f"s3://{s3_bucket}/gc", sqlite_tracking_uri, options, retry=NO_WAIT)
+    store = manager.artifacts
+    orphans = {store.join(f"exp{i}", f"{i}" * 32, "artifacts", "model") for i in range(2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "weights.bin").write_bytes(b"\0" * 64)
+        for uri in orphans:
+            store.upload_dir(Path(tmp), uri)
+    fs: Any = store.fs  # type: ignore[attr-defined]
+    real_ls = fs._ls
+
+    async def ls_failing_in_exp1(path: str, *args: Any, **kwargs: Any) -> Any:
+        if "/exp1" in path:
+            raise OSError(errno.ECONNRESET, "connection reset while listing")
+        return await real_ls(path, *args, **kwargs)
+
+    fs._ls = ls_failing_in_exp1
+    try:
+        assert {o.uri for o in manager.find_orphaned_models().orphans} == orphans
+
+        async def lsdir_failing(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno.ECONNRESET, "connection reset while listing")
+
+        fs._lsdir = lsdir_failing
+        with pytest.raises(TrackerError):
+            manager.find_orphaned_models()
+    finally:
+        del fs._ls
+        fs.__dict__.pop("_lsdir", None)
+        manager.close()
 
 
 # ----------------------------------------------------------------------------- classifiers

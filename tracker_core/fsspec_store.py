@@ -316,10 +316,15 @@ class FsspecArtifactStore(ArtifactStore):
             return bool(self.fs.exists(self._path(uri)))
 
     def find_dirs(self, uri: str, name: str, max_depth: int) -> list[str]:
+        """Folders named ``name`` at most ``max_depth`` levels under ``uri``, from one
+        recursive listing. Not fsspec's ``find(maxdepth=...)``: on S3 that walks folder by
+        folder and *omits* a folder whose listing failed (``_walk``'s ``on_error="omit"``,
+        not passed down its recursion), so a fault hid orphans from ``gc`` (chaos seed 14);
+        one flat listing fails whole, and the retry policy retries it."""
         base = self._path(uri)
         with self._guard("list", uri):
             try:
-                found = self.fs.find(base, maxdepth=max_depth + 1, withdirs=True, detail=True)
+                found = self.fs.find(base, withdirs=True, detail=True)
             except FileNotFoundError:
                 return []
         dirs: set[str] = set()
