@@ -600,15 +600,27 @@ class Soak:
 
     @contextlib.contextmanager
     def started(self, seed: int) -> Iterator[Soak]:
+        # the workers' environment, for this process too (the forkserver inherits it); put
+        # back on the way out: `make test` runs a trial in its own process, and a leaked
+        # MLFLOW_LOGGING_LEVEL=ERROR made later tests' CLI subprocesses print MLflow's errors
+        saved = {key: os.environ.get(key) for key in CLIENT_ENV}
         os.environ.update(CLIENT_ENV)
         # stop cleanly on SIGTERM too (a background `make chaos` ignores SIGINT): the servers
         # and workers started here are stopped on the way out
-        signal.signal(signal.SIGTERM, _terminate)
+        previous_handler = signal.signal(signal.SIGTERM, _terminate)
         self.mp = multiprocessing.get_context("forkserver")
         self.mp.set_forkserver_preload(["chaos.worker"])
-        with servers(self.out / "servers", seed) as running:
-            self._servers = running
-            yield self
+        try:
+            with servers(self.out / "servers", seed) as running:
+                self._servers = running
+                yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def trial(self, seed: int) -> TrialResult:
         return Trial(self, seed).run()
