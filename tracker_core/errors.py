@@ -92,6 +92,11 @@ class ModelLoadError(TrackerError):
     builds (shapes, keys), or they are corrupt."""
 
 
+class RunNotFoundError(TrackerError, LookupError):
+    """No run has that id (or it was deleted). ``set_run`` meets it when the run it found
+    is deleted under it (the younger of two twins, deleted by its creator) and looks again."""
+
+
 class RunInUseError(TrackerError):
     """Another live worker holds the run's lease: only one worker trains a run at a time.
 

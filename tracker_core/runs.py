@@ -35,6 +35,7 @@ from tracker_core.errors import (
     LeaseLostError,
     NoActiveRunError,
     RunInUseError,
+    RunNotFoundError,
     TrackerError,
     TrackingStoreError,
 )
@@ -90,7 +91,7 @@ class RunTracker:
     def get_existing(self, run_id: str) -> RunRecord:
         run = self.get(run_id)
         if run is None:
-            raise TrackerError(f"run {run_id} does not exist")
+            raise RunNotFoundError(f"run {run_id} does not exist")
         return run
 
     def first(self, experiment_id: str, **query: Any) -> RunRecord | None:

@@ -430,4 +430,40 @@ def test_run_whose_creator_died_before_its_params_is_resumed(backend: BackendUnd
     assert mgr.get_top_params_by_experiment_id(mgr.current_experiment_id or "") == [params]
 
 
+class _TwinDeletedByItsCreator(FaultyProxy):
+    """A tracking store where the run ``loser`` is deleted just before this worker's first
+    write to it, and an ``heir`` run of the same name created: what the worker sees when it
+    found the younger of two twins and that twin's creator then saw the older one."""
+
+    def __init__(self, target: Any, loser: str) -> None:
+        super().__init__(target)
+        self.loser, self.heir = loser, ""
+
+    def log_batch(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        if run_id == self.loser and not self.heir:
+            found = self._target.get_run(run_id)
+            self.heir = self._target.create_run(found.experiment_id, found.run_name, {}).run_id
+            self._target.delete_run(run_id)
+        return self._target.log_batch(run_id, *args, **kwargs)
+
+
+def test_run_deleted_as_it_is_taken_is_looked_up_again(backend: BackendUnderTest) -> None:
+    """Two workers that create a params set's run at once keep the older run; the younger
+    one's creator deletes its own. A third worker that found the younger one meanwhile
+    looks again and takes the older one (a CI failure of the 4-process test above)."""
+    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=1.0)
+    mgr.set_iteration(iteration(mgr))
+    params = Params(lr=0.1)
+    loser = mgr.tracking.create_run(mgr.current_experiment_id or "", params.id, {})
+    proxy = _TwinDeletedByItsCreator(mgr.tracking, loser.run_id)
+    mgr.tracking = proxy  # type: ignore[assignment]
+    assert mgr.set_run(params, wait=30) is False
+    assert proxy.heir and mgr.current_run_id == proxy.heir
+    mgr.save_metric(MetricValue("quality", 0.5))
+    mgr.finish_run()
+    (run,) = mgr.tracking.search_runs(RunQuery((mgr.current_experiment_id or "",)))
+    assert run.run_id == proxy.heir and run.status is RunStatus.FINISHED
+    assert Params.from_mlflow(run.params) == params
+
+
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
