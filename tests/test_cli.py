@@ -426,7 +426,8 @@ def test_gc_deletes_twins_their_creators_left(
 ) -> None:
     """A never-claimed run beside a trained run of the same name, created over a lease TTL
     ago (a creator killed after a lost ``create_run`` answer made it create a twin), is
-    listed by gc and deleted by gc --delete; ``--retries`` is taken, and checked."""
+    listed by gc and deleted by gc --delete; ``--retries`` and ``--lease-seconds`` (the
+    workers' lease: a younger twin may still be claimed) are taken, and checked."""
     from mlflow import MlflowClient
 
     from tracker_core import tags as T
@@ -438,21 +439,26 @@ def test_gc_deletes_twins_their_creators_left(
     with tracked.backend.mlflow_env():
         twin = MlflowClient(tracked.backend.tracking_uri).create_run(
             record.experiment_id,
-            start_time=int((time.time() - DEFAULT_LEASE_SECONDS - 5) * 1000),
+            start_time=int((time.time() - 20) * 1000),
             tags={T.TAG_PLUGIN: tracked.method.name},
             run_name=record.run_name,
         )
-    dry = tracked.json("--retries", "1", "gc", plugin=False, metric=False)
+    assert DEFAULT_LEASE_SECONDS > 20
+    assert tracked.json("gc", plugin=False, metric=False)["twins"] == []  # within its grace
+    lease = ("--lease-seconds", "15")
+    dry = tracked.json("--retries", "1", *lease, "gc", plugin=False, metric=False)
     (found,) = dry["twins"]
     assert (found["run_id"], found["kept_run_id"]) == (twin.info.run_id, trained.run_id)
-    status, out, _ = tracked.cli("gc", plugin=False, metric=False)
+    status, out, _ = tracked.cli(*lease, "gc", plugin=False, metric=False)
     assert status == 0 and twin.info.run_id in out and "--delete" in out
-    deleted = tracked.json("--retries", "5", "gc", "--delete", plugin=False, metric=False)
+    deleted = tracked.json("--retries", "5", *lease, "gc", "--delete", plugin=False, metric=False)
     assert deleted["twins"][0]["deleted"] is True
     assert tracked.manager.get_run_by_id(twin.info.run_id) is None
     assert tracked.manager.get_run_by_id(trained.run_id) is not None
     assert tracked.cli("--retries", "0", "gc", plugin=False, metric=False)[0] == 2
     assert "attempts >= 1, got '0'" in capsys.readouterr().err  # argparse's own stream
+    assert tracked.cli("--lease-seconds", "inf", "gc", plugin=False, metric=False)[0] == 2
+    assert "positive number of seconds, got 'inf'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- verify

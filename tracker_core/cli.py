@@ -42,12 +42,13 @@ from typing import TextIO
 from tracker_core.cli_common import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED
 from tracker_core.cli_common import Output as Output
 from tracker_core.cli_common import UsageError as UsageError
-from tracker_core.cli_common import _attempts, _OutputClosed
+from tracker_core.cli_common import _attempts, _OutputClosed, _seconds
 from tracker_core.cli_common import _table as _table
 from tracker_core.cli_common import require_tracking_store as require_tracking_store
 from tracker_core.cli_iterations import cmd_best, cmd_download, cmd_iterations, cmd_run, cmd_runs
 from tracker_core.cli_reconcile import cmd_gc, cmd_verify
 from tracker_core.errors import ConfigurationError, TrackerError
+from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI
 from tracker_core.retry import RetryParams
 
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"attempts of each request to the stores before giving up (default: "
         f"{RetryParams().max_attempts}, or the method's own policy for `run`)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=_seconds,
+        metavar="S",
+        help=f"the workers' lease time: a run created and never claimed is left to its "
+        f"creator that long before gc deletes it as abandoned, and `run` holds its runs with "
+        f"it (default: {DEFAULT_LEASE_SECONDS:g}, or the method's own for `run`)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import ExperimentsManager
 from tracker_core.retry import RetryConfig, RetryParams
 
@@ -141,6 +143,7 @@ def _manager(
         main_metric=args.metric or _ANY_METRIC,
         is_loss=args.loss,
         retry=_retry(args),
+        lease_seconds=args.lease_seconds or DEFAULT_LEASE_SECONDS,
     )
 
 
@@ -148,6 +151,17 @@ def _retry(args: argparse.Namespace) -> RetryConfig | None:
     """``--retries N``: N attempts of every operation (None: the default policy, or the
     method's own for ``run``)."""
     return None if args.retries is None else RetryConfig(RetryParams(max_attempts=args.retries))
+
+
+def _seconds(text: str) -> float:
+    """``--lease-seconds``: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _attempts(text: str) -> int:

@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
         kwargs["n_top_runs"] = args.n_top_runs
     if args.retries is not None:
         kwargs["retry"] = _retry(args)
+    if args.lease_seconds is not None:
+        kwargs["lease_seconds"] = args.lease_seconds
     with connect(args.artifact_uri, tracking_uri=args.tracking_uri, **kwargs) as manager:
         result = run_iteration(method, manager, args.batch_id, seed=args.seed)
     out.emit(_result_json(result), lambda: _result_table(result))
