@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 BACKEND_PROJECTS := $(wildcard backends/*/pyproject.toml)
 BACKEND_DIRS     := $(patsubst %/pyproject.toml,%,$(BACKEND_PROJECTS))
 EDITABLES        := -e . $(foreach d,$(BACKEND_DIRS),-e $(d))
-TYPED_SOURCES    := tracker_core $(wildcard backends)
+TYPED_SOURCES    := tracker_core $(wildcard backends) chaos benchmarks
 
 PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input -c $(CONSTRAINTS)
 

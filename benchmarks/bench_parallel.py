@@ -189,7 +189,7 @@ def _job_figures(conn: Any, task_id: str, train_log: Path, out: dict[str, list[f
         elif method == METHOD and event == "end" and params_id in starts:
             trained[params_id] = float(at) - starts[params_id]  # the latest training of it
     first_wave_start = min(
-        e["started"] for e in events.values() if e["name"].endswith("run_params")
+        e["started"] for e in events.values() if str(e["name"]).endswith("run_params")
     )
     for params_id, job_id, _ in runs:
         job = events[job_id]
@@ -197,9 +197,9 @@ def _job_figures(conn: Any, task_id: str, train_log: Path, out: dict[str, list[f
         if job["started"] - job["deferred"] < 1.0 or job["started"] <= first_wave_start + 0.5:
             out["pickup"].append(job["started"] - job["deferred"])
     for job in events.values():
-        if job["name"].endswith("run_task"):
+        if str(job["name"]).endswith("run_task"):
             out["setup"].append(job["succeeded"] - job["started"])
-        elif job["name"].endswith("complete_iteration"):
+        elif str(job["name"]).endswith("complete_iteration"):
             out["completion"].append(job["succeeded"] - job["started"])
 
 

@@ -285,11 +285,11 @@ class _Auditor:
             )
         kept: set[str] = set()
         for run in marked:
-            params = expected.get(run.info.run_name)
-            if params is None:
+            saved = expected.get(run.info.run_name)
+            if saved is None:
                 continue  # reported above as an unexpected run
-            large = W.is_large(self.facts.seed, batch, params, self.facts.large_fraction)
-            state = W.expected_state(self.facts.seed, batch, params, large)
+            large = W.is_large(self.facts.seed, batch, saved, self.facts.large_fraction)
+            state = W.expected_state(self.facts.seed, batch, saved, large)
             kept.add(self.audit_model(run, state, f"{batch}: run {run.info.run_id}"))
         return kept
 

@@ -436,6 +436,7 @@ class Trial:
             sys.executable, "-m", "tracker_core.cli",
             "--tracking-uri", tracking, "--artifact-uri", self.artifact_uri,
             "--retries", str(self.sizes.retry_transfers[0]),  # a folder delete is many requests
+            "--lease-seconds", str(self.sizes.lease_seconds),  # the workers' lease
             "--json", "-v", "gc", "--delete",
         ]  # fmt: skip
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -468,6 +469,10 @@ class Trial:
             workers_ok = self.run_workers(batch, params, deadline) and workers_ok
             if not workers_ok:
                 break
+        workers_ended = time.monotonic()
+        # a twin a worker created just before the end stays within its creation's grace (one
+        # lease) and gc rightly keeps it: collect once no run can be in that window
+        time.sleep(max(0.0, self.sizes.lease_seconds + 1.0 - (time.monotonic() - workers_ended)))
         gc_ok, gc_problem = self.gc(through_proxy=True)
         self.result.faults = {
             name: Counter(counts) for name, counts in self.servers.proxies.snapshot().items()

@@ -48,7 +48,8 @@ class SoakParams(FineTuningParams):
 def unit(*parts: object) -> float:
     """A uniform number in [0, 1) from ``parts`` (stable across processes and Python runs)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
-    return struct.unpack(">Q", digest[:8])[0] / 2**64
+    (number,) = struct.unpack(">Q", digest[:8])
+    return int(number) / 2**64
 
 
 def score(seed: int, batch: str, params: SoakParams, runs_per_worker: int, trend: bool) -> float:
