@@ -81,7 +81,8 @@ class MetricsQueue:
         self._retry_at = 0.0
         self._closed = False
         self._woken = False  # the sender was told a batch is due and has not run since
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # ``add`` takes it directly (Condition's is Python code)
+        self._cond = threading.Condition(self._lock)
         self._sending = threading.Lock()  # one send at a time, oldest values first
         self._thread: threading.Thread | None = None
 
@@ -126,18 +127,24 @@ class MetricsQueue:
                 for name, number in pairs
                 if math.isfinite(number)
             ]
-        else:
-            items = [self._stepped(value.name, value.value, value)]
-        with self._cond:
-            while len(self._pending) + len(items) > self.max_pending:
+        else:  # the common case, inlined: this is most of what the caller pays per value
+            step = value.step
+            if step is None:
+                step = self._steps.get(value.name, -1) + 1
+                value = MetricValue._derived(value.name, value.value, step, value.timestamp_ms)
+            self._steps[value.name] = step
+            items = [value]
+        pending = self._pending
+        with self._lock:
+            while len(pending) + len(items) > self.max_pending:
                 if self._failure is not None:
                     raise self._failure  # the store keeps failing: do not block forever
                 self._cond.notify_all()
                 self._cond.wait(1.0)
-            if not self._pending:
+            if not pending:
                 self._oldest = time.monotonic()
-            self._pending.extend(items)
-            if len(self._pending) >= self.batch_size and not self._woken:
+            pending.extend(items)
+            if len(pending) >= self.batch_size and not self._woken:
                 self._woken = True
                 self._cond.notify_all()
         if self._thread is None:

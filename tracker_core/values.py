@@ -164,34 +164,32 @@ def _to_float(value: Any) -> Any:
     return value
 
 
-def _metric_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
-    validate_metric_name(value)
-
-
-def _finite(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if not isinstance(value, float):
+def _check_value(value: Any) -> float:
+    number = _to_float(value)
+    if not isinstance(number, float):
         raise InvalidMetricError(
-            f"metric {attr.name} must be a number, got {type(value).__name__} {value!r}"
+            f"metric value must be a number, got {type(number).__name__} {number!r}"
         )
-    if not math.isfinite(value):
-        raise InvalidMetricError(f"metric value must be finite, got {value!r}")
+    if not math.isfinite(number):
+        raise InvalidMetricError(f"metric value must be finite, got {number!r}")
+    return number
 
 
-def _step(_inst: object, _attr: attrs.Attribute[Any], value: int | None) -> None:
-    if value is None:
-        return
+def _check_step(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidMetricError(f"metric step must be an int, got {type(value).__name__}")
     if not _INT64[0] <= value <= _INT64[1]:
         raise InvalidMetricError(f"metric step {value} does not fit in 64 bits")
+    return value
 
 
-def _timestamp(_inst: object, _attr: attrs.Attribute[Any], value: int) -> None:
+def _check_timestamp(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64[1]:
         raise InvalidMetricError(f"metric timestamp_ms must be an int >= 0, got {value!r}")
+    return value
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class MetricValue:
     """One value of a named metric. ``timestamp_ms`` is fixed at creation so a retried
     upload of the same value is recognised as the same point, never counted twice.
@@ -202,12 +200,36 @@ class MetricValue:
     an int step. Raises :class:`~tracker_core.errors.InvalidMetricError`.
     """
 
-    name: str = attrs.field(validator=_metric_name)
-    value: float = attrs.field(converter=_to_float, validator=_finite)
-    step: int | None = attrs.field(default=None, kw_only=True, validator=_step)
-    timestamp_ms: int = attrs.field(
-        factory=lambda: int(time.time() * 1000), kw_only=True, validator=_timestamp
-    )
+    name: str
+    value: float
+    step: int | None = attrs.field(default=None, kw_only=True)
+    timestamp_ms: int = attrs.field(default=0, kw_only=True)
+
+    def __init__(
+        self,
+        name: str,
+        value: float,
+        *,
+        step: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        # the checks are written out, not attrs validators: a training loop makes millions of
+        # values, and this is most of what save_metric costs its caller (benchmarks/)
+        if type(name) is not str or name not in _VALID_METRIC_NAMES:
+            validate_metric_name(name)
+        if type(value) is not float or not math.isfinite(value):
+            value = _check_value(value)
+        if step is not None:
+            step = _check_step(step)
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        else:
+            timestamp_ms = _check_timestamp(timestamp_ms)
+        setter = object.__setattr__
+        setter(self, "name", name)
+        setter(self, "value", value)
+        setter(self, "step", step)
+        setter(self, "timestamp_ms", timestamp_ms)
 
     @classmethod
     def _derived(cls, name: str, value: float, step: int, timestamp_ms: int) -> MetricValue:
