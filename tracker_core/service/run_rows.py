@@ -114,14 +114,7 @@ class RunRows(TaskRows):
             if task.execution_id != execution_id:
                 return None
             if task.cancel_requested_at is not None:
-                await cur.execute(
-                    f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "  # type: ignore[arg-type]
-                    "execution_id = NULL WHERE id = %s RETURNING *",
-                    (task_id,),
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                return Task.from_row(row)
+                return await self._mark_canceled(cur, task_id)
             await cur.executemany(
                 f"INSERT INTO {_R} (task_id, params_id, position, status, mlflow_status) "  # type: ignore[arg-type]
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (task_id, params_id) DO NOTHING",

@@ -171,6 +171,17 @@ class TaskRows:
         row = await cur.fetchone()
         return None if row is None else Task.from_row(row)
 
+    async def _mark_canceled(self, cur: Any, task_id: str) -> Task:
+        """End the locked task ``canceled``; no execution holds it any more."""
+        await cur.execute(
+            f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
+            "execution_id = NULL WHERE id = %s RETURNING *",
+            (task_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return Task.from_row(row)
+
     async def _job_ids(self, cur: Any, task: Task) -> builtins.list[int]:
         """Every job of the task that may still be queued or running."""
         await cur.execute(
@@ -198,14 +209,7 @@ class TaskRows:
                 return StartOutcome("ended", task)
             if task.cancel_requested_at is not None:
                 if not task.fanned_out:  # the cancel arrived while its job was being fetched
-                    await cur.execute(
-                        f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "  # type: ignore[arg-type]
-                        "execution_id = NULL WHERE id = %s RETURNING *",
-                        (task_id,),
-                    )
-                    row = await cur.fetchone()
-                    assert row is not None
-                    task = Task.from_row(row)
+                    task = await self._mark_canceled(cur, task_id)
                 return StartOutcome("canceled", task)
             if task.fanned_out:
                 return StartOutcome("fanned_out", task)
