@@ -319,6 +319,49 @@ def test_cli_against_the_live_api(stack: Stack, done_task: dict[str, Any]) -> No
     assert code == 1 and "cannot reach the task service" in err
 
 
+def test_jobs_that_ended_are_deleted_after_keep_jobs_hours_and_tasks_stay(
+    stack: Stack, done_task: dict[str, Any]
+) -> None:
+    """Procrastinate keeps every job (the stalled-jobs check alone makes one a second here):
+    the hourly maintenance deletes the jobs that ended over ``keep_jobs_hours`` ago (0 here:
+    all) with their events, never a queued one; the task keeps its status and result. Runs
+    after the tests that read this stack's jobs."""
+    import asyncio
+
+    from tracker_core.service.queue import REMOVE_OLD_JOBS, build_app, remove_old_jobs
+    from tracker_core.service.settings import ServiceSettings, psycopg_url
+
+    settings = ServiceSettings(database_url=stack.database, keep_jobs_hours=0)
+    app = build_app(settings, psycopg_url(stack.database), max_pool=2)
+    periodic = [p.task.name for p in app.periodic_registry.periodic_tasks.values()]
+    assert REMOVE_OLD_JOBS in periodic
+    ended = "('succeeded', 'failed', 'cancelled', 'aborted')"
+
+    async def clean() -> int:
+        async with app.open_async():
+            parked = await app.configure_task("tests.parked", queue="tests-nobody").defer_async()
+            await remove_old_jobs(app, 0)
+            return int(parked)
+
+    assert len(stack.jobs_of(done_task["id"])) == 5
+    assert stack.sql(f"SELECT count(*) FROM procrastinate_jobs WHERE status IN {ended}")[0][0]
+    parked = asyncio.run(clean())
+    try:
+        assert stack.jobs_of(done_task["id"]) == []
+        assert stack.sql(
+            "SELECT count(*) FROM procrastinate_events e LEFT JOIN procrastinate_jobs j "
+            "ON j.id = e.job_id WHERE j.id IS NULL"
+        ) == [(0,)]
+        assert stack.sql("SELECT status::text FROM procrastinate_jobs WHERE id = %s", parked) == [
+            ("todo",)
+        ]
+        task = stack.client.get(done_task["id"])
+        assert task["status"] == "done" and task["result"] == done_task["result"]
+        assert done_task["id"] in {t["id"] for t in stack.client.list(status="done")["tasks"]}
+    finally:
+        stack.sql("DELETE FROM procrastinate_jobs WHERE id = %s RETURNING id", parked)
+
+
 # ---------------------------------------------------------------------- workers that die
 @pytest.fixture(scope="module")
 def fleet(pg: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:

@@ -71,9 +71,10 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
         "poll_seconds": args.poll_seconds,
         "cancel_grace_seconds": args.cancel_grace_seconds,
         "shutdown_grace_seconds": args.shutdown_grace_seconds,
-        "lease_seconds": args.lease_seconds,
+        "lease_seconds": args.lease_seconds or DEFAULT_LEASE_SECONDS,
         "max_attempts": args.max_attempts,
         "retry_wait_seconds": args.retry_wait_seconds,
+        "keep_jobs_hours": args.keep_jobs_hours,
         "allow_root": args.allow_root,
     }
     if serve:
@@ -163,6 +164,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _hours(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--database",
@@ -227,8 +235,9 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--lease-seconds",
         type=_positive_float,
-        default=DEFAULT_LEASE_SECONDS,
-        help="run lease: a dead worker's run resumes this long after it died (default %(default)s)",
+        default=argparse.SUPPRESS,  # else it would hide the one given before the command
+        help="run lease: a dead worker's run resumes this long after it died (default "
+        f"{DEFAULT_LEASE_SECONDS:g}; also taken before the command)",
     )
     t.add_argument(
         "--stall-check-seconds",
@@ -263,6 +272,13 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--retry-wait-seconds", type=_positive_float, default=10.0,
                    help="wait before a retry, doubled each time (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--keep-jobs-hours",
+        type=_hours,
+        default=24,
+        help="queue jobs that ended are deleted this many hours later, hourly; tasks are "
+        "kept (default %(default)s)",
+    )
 
 
 def _url_arg(p: argparse.ArgumentParser) -> None:

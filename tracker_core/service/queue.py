@@ -27,6 +27,11 @@ carries ``task_id``, and the task table stays the one place that tells a task's 
   workers (no heartbeat for ``stall_seconds``) back in the queue, their tasks or runs back to
   waiting. It runs on its own queue, served by a worker slot that never trains, so it runs
   however busy the training slots are.
+- queue :data:`MAINTENANCE_QUEUE`, periodic task :data:`REMOVE_OLD_JOBS` (hourly): deletes the
+  jobs, and their events, that ended over ``keep_jobs_hours`` ago (:func:`remove_old_jobs`).
+  Procrastinate keeps every job forever, and the stalled-jobs check alone makes one every
+  ``stall_check_seconds`` (17,280 a day at the default); a task's status, result and error
+  live in the task table, which is never pruned.
 
 Retries: a job is retried only when it raises :class:`RetryTask`, after the delay it names
 (the worker decides: store failures with backoff up to ``max_attempts``, a stopped worker at
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPLETE",
     "MAINTENANCE_QUEUE",
+    "REMOVE_OLD_JOBS",
     "RETRY_STALLED",
     "RUN_PARAMS",
     "RUN_TASK",
@@ -58,6 +64,7 @@ __all__ = [
     "RetryTask",
     "build_app",
     "iteration_lock",
+    "remove_old_jobs",
     "run_lock",
 ]
 
@@ -69,6 +76,10 @@ RUN_TASK = "tracker_core.run_task"
 RUN_PARAMS = "tracker_core.run_params"
 COMPLETE = "tracker_core.complete_iteration"
 RETRY_STALLED = "tracker_core.retry_stalled_jobs"
+REMOVE_OLD_JOBS = "tracker_core.remove_old_jobs"
+#: how often (cron) a worker's maintenance deletes the jobs that ended over
+#: ``keep_jobs_hours`` ago
+REMOVE_OLD_JOBS_CRON = "23 * * * *"
 #: the key the worker's runtime is passed to jobs under (``context.additional_context``)
 RUNTIME_KEY = "tracker_core_runtime"
 
@@ -156,7 +167,26 @@ def build_app(settings: ServiceSettings, conninfo: str, *, max_pool: int = 10) -
         if runtime is not None:
             await runtime.retry_stalled_jobs(context.app)
 
+    @app.periodic(cron=REMOVE_OLD_JOBS_CRON, periodic_id="old-jobs")
+    @app.task(
+        name=REMOVE_OLD_JOBS,
+        queue=MAINTENANCE_QUEUE,
+        pass_context=True,
+        queueing_lock=REMOVE_OLD_JOBS,
+    )
+    async def remove_old_jobs_job(context: JobContext, timestamp: int) -> None:
+        await remove_old_jobs(context.app, settings.keep_jobs_hours)
+
     return app
+
+
+async def remove_old_jobs(app: App, keep_hours: int) -> None:
+    """Delete the jobs that ended (succeeded, failed, cancelled, aborted) over ``keep_hours``
+    ago, with their events; a job still queued or running is never touched."""
+    await app.job_manager.delete_old_jobs(
+        nb_hours=keep_hours, include_failed=True, include_cancelled=True, include_aborted=True
+    )
+    log.debug("deleted the jobs that ended over %d hour(s) ago", keep_hours)
 
 
 async def defer_run_task(

@@ -116,6 +116,9 @@ class ServiceSettings:
     cancel_grace_seconds: float = attrs.field(default=30.0, validator=_positive)
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_positive)
     lease_seconds: float = attrs.field(default=DEFAULT_LEASE_SECONDS, validator=_positive)
+    #: jobs that ended are deleted from the queue's tables this many hours later (their
+    #: tasks stay: the task table is the record)
+    keep_jobs_hours: int = attrs.field(default=24, validator=attrs.validators.ge(0))
     #: attempts of a task whose stores keep failing (after the stores' own retries)
     max_attempts: int = attrs.field(default=3, validator=_positive)
     #: wait before retrying such a task: retry_wait_seconds * 2**(failures - 1)
