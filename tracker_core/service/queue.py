@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from procrastinate import App, JobContext, PsycopgConnector
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_Job = Callable[[JobContext, int], Awaitable[None]]
 
 TASK_QUEUE = "tracker-core-tasks"
 MAINTENANCE_QUEUE = "tracker-core-maintenance"
@@ -155,25 +158,25 @@ def build_app(settings: ServiceSettings, conninfo: str, *, max_pool: int = 10) -
 
     every = max(1, int(settings.stall_check_seconds))
 
-    @app.periodic(cron=f"* * * * * */{every}", periodic_id="stalled")
-    @app.task(
-        name=RETRY_STALLED,
-        queue=MAINTENANCE_QUEUE,
-        pass_context=True,
-        queueing_lock=RETRY_STALLED,
-    )
+    def maintenance(name: str, cron: str, periodic_id: str) -> Callable[[_Job], _Job]:
+        """A periodic job on the maintenance queue, deferred once per tick by all workers."""
+
+        def register(fn: _Job) -> _Job:
+            task = app.task(
+                name=name, queue=MAINTENANCE_QUEUE, pass_context=True, queueing_lock=name
+            )(fn)
+            app.periodic(cron=cron, periodic_id=periodic_id)(task)
+            return fn
+
+        return register
+
+    @maintenance(RETRY_STALLED, f"* * * * * */{every}", "stalled")
     async def retry_stalled_jobs(context: JobContext, timestamp: int) -> None:
         runtime = context.additional_context.get(RUNTIME_KEY)
         if runtime is not None:
             await runtime.retry_stalled_jobs(context.app)
 
-    @app.periodic(cron=REMOVE_OLD_JOBS_CRON, periodic_id="old-jobs")
-    @app.task(
-        name=REMOVE_OLD_JOBS,
-        queue=MAINTENANCE_QUEUE,
-        pass_context=True,
-        queueing_lock=REMOVE_OLD_JOBS,
-    )
+    @maintenance(REMOVE_OLD_JOBS, REMOVE_OLD_JOBS_CRON, "old-jobs")
     async def remove_old_jobs_job(context: JobContext, timestamp: int) -> None:
         await remove_old_jobs(context.app, settings.keep_jobs_hours)
 
