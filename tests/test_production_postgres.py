@@ -26,6 +26,8 @@ from tracker_core.testing.suite import (  # noqa: F401 - collected here, on this
     test_delete_previous_iteration_removes_models_and_frees_name,
     test_get_top_params_ranks_all_finished_runs,
     test_retried_metric_batch_is_not_double_counted,
+    test_run_deleted_as_it_is_taken_is_looked_up_again,
+    test_same_params_in_several_processes_train_once,
     test_save_model_keeps_only_the_best,
     test_set_run_resumes_same_params,
 )
