@@ -23,6 +23,7 @@ from tracker_core import (
 from tracker_core.finetune import parse_iteration_name, run_iteration
 from tracker_core.methods import FineTuningMethod, connect_kwargs
 from tracker_core.stores import RunQuery
+from tracker_core.testing.faults import FaultyProxy
 from tracker_core.testing.harness import BackendUnderTest
 
 
@@ -290,3 +291,42 @@ def test_completion_defers_deleting_an_iteration_still_in_use(
     gone = manager.get_experiment(first.experiment_id)
     assert gone is None or gone.lifecycle_stage == "deleted"
     assert [e.experiment_id for e in manager.get_experiments()] == [third.experiment_id]
+
+
+class _IterationMadeMeanwhile(FaultyProxy):
+    """A tracking store where, just before this worker's ``call``-th listing of iterations,
+    ``meanwhile`` runs: another worker doing its work between two of this worker's reads."""
+
+    def __init__(self, target: Any, call: int, meanwhile: Any) -> None:
+        super().__init__(target)
+        self.listings, self.call, self.meanwhile = 0, call, meanwhile
+
+    def iter_experiments(self, *args: Any, **kwargs: Any) -> Any:
+        self.listings += 1
+        if self.listings == self.call:
+            self.meanwhile()
+        return self._target.iter_experiments(*args, **kwargs)
+
+
+def test_a_batch_iteration_made_while_planning_it_is_joined(
+    backend: BackendUnderTest, managers: list[ExperimentsManager]
+) -> None:
+    """Two workers start the same batch; one of them creates its iteration and saves a model
+    in it between the other's two reads (is the newest iteration this batch's? which iteration
+    holds the model to start from?). The other joins that iteration: it never makes a second
+    iteration of the batch that starts from the batch's own model (chaos seed 14)."""
+    method = ToyMethod(SETS[:2])
+    fast, slow = connect(backend, method), connect(backend, method)
+    managers.extend([fast, slow])
+    first = run_iteration(method, fast, "batch-1")
+    done: list[Any] = []
+    proxy = _IterationMadeMeanwhile(
+        slow.tracking, 2, lambda: done.append(run_iteration(method, fast, "batch-2"))
+    )
+    slow.tracking = proxy  # type: ignore[assignment]
+    joined = run_iteration(method, slow, "batch-2")
+    (second,) = done
+    assert proxy.listings >= 2 and second.start_run_id == first.best_run_id
+    assert joined.resumed and joined.experiment_id == second.experiment_id
+    assert joined.best_run_id == second.best_run_id
+    assert [e.experiment_id for e in fast.get_experiments()] == [second.experiment_id]

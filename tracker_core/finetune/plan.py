@@ -160,7 +160,13 @@ def prepare_iteration(
     if initial_run_id is None:
         raise ModelNotFoundError(f"the initial model of {method.name!r} could not be found")
 
-    existing = _iteration_of_batch(manager, batch_id)
+    newest = _newest_iteration(manager)
+    existing = newest if newest is not None and _batch_of(newest) == batch_id else None
+    found = None if existing is not None else _previous_iteration(manager)
+    if found is not None and _made_since(found[0], batch_id, newest):
+        # another worker created this batch's iteration (and saved a model in it) while this
+        # one looked for the previous iteration: join it, never start a second one from it
+        existing, found = found[0], None
     resumed_iteration = parse_iteration_name(existing.name) if existing is not None else None
     previous: ExperimentRecord | None = None
     if resumed_iteration is not None:
@@ -172,7 +178,6 @@ def prepare_iteration(
                 previous = None
         log.info("resuming iteration %r", str(resumed_iteration))
     else:
-        found = _previous_iteration(manager)
         if found is not None:
             previous, best = found
             start_run_id = best.run_id
@@ -264,13 +269,31 @@ def _check_manager(manager: ExperimentsManager, method: FineTuningMethod[Any]) -
         )
 
 
-def _iteration_of_batch(manager: ExperimentsManager, batch_id: str) -> ExperimentRecord | None:
-    """The newest iteration of this plugin if it was made for ``batch_id`` (to resume)."""
+def _newest_iteration(manager: ExperimentsManager) -> ExperimentRecord | None:
+    """The newest iteration of this plugin: resumed when it was made for the batch asked for
+    (only the newest iteration is resumed; an older one of the same batch is a start)."""
     for experiment in manager.get_experiments():
-        if experiment.tags.get(T.TAG_BATCH) == batch_id:
-            return experiment
-        return None  # only the newest iteration is resumed
+        return experiment
     return None
+
+
+def _batch_of(experiment: ExperimentRecord) -> str | None:
+    return experiment.tags.get(T.TAG_BATCH)
+
+
+def _made_since(
+    experiment: ExperimentRecord, batch_id: str, newest: ExperimentRecord | None
+) -> bool:
+    """Whether ``experiment`` is an iteration of ``batch_id`` created after ``newest`` was
+    the newest iteration (by another worker preparing the same batch)."""
+    if _batch_of(experiment) != batch_id:
+        return False
+    if newest is None:
+        return True
+    return (
+        experiment.experiment_id != newest.experiment_id
+        and experiment.creation_time_ms >= newest.creation_time_ms
+    )
 
 
 def _previous_iteration(manager: ExperimentsManager) -> tuple[ExperimentRecord, RunRecord] | None:
