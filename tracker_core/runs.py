@@ -248,6 +248,15 @@ class RunTracker:
             name=f"tracker-core-lease-{run.run_id[:8]}",
         )
         log.debug("run %s: lease %d held by %s", run.run_id, epoch, self.owner)
+        if not created:
+            # the record the claim was decided on may be old (a search retried for longer
+            # than a lease): its holder may have ended the run and let go meanwhile, so
+            # that the claim of the next epoch landed. What to do is read after the claim.
+            try:
+                run = self.get_existing(run.run_id)
+            except RunNotFoundError:
+                self._stop_heartbeat()
+                raise
         return run
 
     def _renewer(self, run_id: str, epoch: int) -> Callable[[int], bool | None]:

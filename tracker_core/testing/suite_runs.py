@@ -276,6 +276,50 @@ def test_waiting_worker_takes_a_released_run(backend: BackendUnderTest) -> None:
     assert b.set_run(Params(lr=0.1)) is False and b.current_run_id == run_id
 
 
+class _HolderEndsAfterTheRead(FaultyProxy):
+    """A tracking store whose first run search answers, then ``meanwhile`` runs and more than
+    a lease passes before the caller gets the answer: a search retried for long."""
+
+    def __init__(self, target: Any, meanwhile: Any) -> None:
+        super().__init__(target)
+        self.meanwhile: Any = meanwhile
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        found = self._target.search_runs(*args, **kwargs)
+        if self.meanwhile is not None:
+            self.meanwhile, meanwhile = None, self.meanwhile
+            meanwhile()
+        return found
+
+
+def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
+    backend: BackendUnderTest,
+) -> None:
+    """Worker b reads a's run, live under a's lease, and gets the answer more than a lease
+    later, after a ended the run and let it go: b's claim of the next lease lands, and the
+    run must still count as ended, not as a run to train (chaos seed 14: a run trained
+    twice, from a starting model deleted meanwhile)."""
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    a, b = (
+        _connect(backend, plugin, lease_seconds=1.0),
+        _connect(backend, plugin, lease_seconds=1.0),
+    )
+    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
+    a.set_iteration(it)
+    b.set_iteration(it)
+    assert a.set_run(Params(lr=0.1)) is False
+    run_id = a.current_run_id
+    a.save_metric(MetricValue("quality", 0.5))
+
+    def a_ends_later() -> None:
+        time.sleep(1.5)  # past the lease the answer shows; a's heartbeat keeps it alive
+        a.finish_run()
+
+    b.tracking = _HolderEndsAfterTheRead(b.tracking, a_ends_later)  # type: ignore[assignment]
+    assert b.set_run(Params(lr=0.1)) is True  # ended: nothing to train
+    assert b.current_run_id == run_id and _status(b, run_id or "") == RunStatus.FINISHED
+
+
 def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -> None:
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
