@@ -23,7 +23,7 @@ import logging
 import os
 from typing import Any
 
-from tracker_core.cli_common import Output, UsageError
+from tracker_core.cli_common import Output, UsageError, _seconds
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI
 from tracker_core.service.cli_tasks import (
@@ -234,7 +234,7 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--lease-seconds",
-        type=_positive_float,
+        type=_seconds,  # the same option, and check, as before the command
         default=argparse.SUPPRESS,  # else it would hide the one given before the command
         help="run lease: a dead worker's run resumes this long after it died (default "
         f"{DEFAULT_LEASE_SECONDS:g}; also taken before the command)",
