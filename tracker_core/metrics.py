@@ -5,7 +5,10 @@ background thread.
 request. A sender thread (one per manager, started on first use) sends the queue in batches of
 at most 1,000 values (MLflow's limit per request) through the one retry policy, as soon as a
 batch is full, and at least every :data:`FLUSH_EVERY_SECONDS` so the MLflow UI shows a long
-run's progress. Guarantees:
+run's progress. While the caller is queueing values in a burst, a due batch waits for its
+next pause (checked every :data:`YIELD_SECONDS`), up to half the queue's bound: a send is
+Python work that would otherwise take the GIL from the training loop (on SQLite, all of it).
+Guarantees:
 
 - **Nothing lost, nothing doubled.** Values leave the queue only once the store accepted them;
   a batch that fails stays at the head of the queue. Each value keeps the timestamp it was
@@ -36,7 +39,13 @@ from collections.abc import Callable, Iterable, Sequence
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.values import MetricValue
 
-__all__ = ["FLUSH_EVERY_SECONDS", "FLUSH_EVERY_VALUES", "MAX_PENDING_VALUES", "MetricsQueue"]
+__all__ = [
+    "FLUSH_EVERY_SECONDS",
+    "FLUSH_EVERY_VALUES",
+    "MAX_PENDING_VALUES",
+    "YIELD_SECONDS",
+    "MetricsQueue",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ FLUSH_EVERY_VALUES = 1000
 FLUSH_EVERY_SECONDS = 10.0
 #: values waiting at most (about 100 bytes each): beyond, the caller waits for the sender
 MAX_PENDING_VALUES = 20_000
+#: how long the sender looks for a pause in the caller's queueing before it sends a due batch
+YIELD_SECONDS = 0.005
 
 #: ``send(run_id, values)``: log one batch, under the retry policy; raises if it cannot
 Send = Callable[[str, Sequence[MetricValue]], None]
@@ -67,12 +78,15 @@ class MetricsQueue:
         batch_size: int = FLUSH_EVERY_VALUES,
         max_age_seconds: float = FLUSH_EVERY_SECONDS,
         max_pending: int = MAX_PENDING_VALUES,
+        yield_seconds: float = YIELD_SECONDS,
     ) -> None:
         self.accumulators = list(accumulators)
         self._send = send
         self.batch_size = batch_size
         self.max_age_seconds = max_age_seconds
         self.max_pending = max(max_pending, batch_size)
+        self.yield_seconds = yield_seconds
+        self._seen = 0  # values queued when the sender last looked (to see the caller busy)
         self._steps: dict[str, int] = {}
         self._pending: collections.deque[MetricValue] = collections.deque()
         self._oldest = 0.0  # monotonic time the oldest pending value was queued
@@ -192,6 +206,15 @@ class MetricsQueue:
             return 0.0
         return max(self._oldest + self.max_age_seconds - now, 0.0)
 
+    def _caller_busy(self, now: float) -> bool:
+        """A batch is due: is the caller still queueing (more values than at the sender's
+        last look)? Then the batch waits for a pause, unless the queue is half full or its
+        values have waited ``max_age_seconds``."""
+        queued = len(self._pending)
+        busy = queued > self._seen
+        self._seen = queued
+        return busy and queued < self.max_pending // 2 and now - self._oldest < self.max_age_seconds
+
     def _start_thread(self) -> None:
         ref = weakref.ref(self)
         self._thread = threading.Thread(
@@ -207,10 +230,16 @@ class MetricsQueue:
             self._woken = False
             if self._closed:
                 return False
-            wait = self._due(time.monotonic())
+            now = time.monotonic()
+            wait = self._due(now)
             if wait != 0.0:
+                self._seen = 0
                 self._cond.wait(wait if wait is not None else self.max_age_seconds)
                 return True
+            busy = self._failure is None and self._caller_busy(now)
+        if busy:
+            time.sleep(self.yield_seconds)  # outside the lock: the caller goes on queueing
+            return True
         try:
             self._send_head()
         except Exception as exc:  # kept queued; surfaces at the next flush if it persists

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def test_save_metric_never_waits_for_the_store(backend: BackendUnderTest) -> Non
     for i in range(2500):
         mgr.save_metric(MetricValue("loss", float(i)))  # would hang here if the caller sent
     assert proxy.calls["log_batch"] - before <= 1  # at most the first batch is in flight
+    deadline = time.monotonic() + 60  # the sender sends in the caller's pause (liveness bound)
+    while proxy.calls["log_batch"] == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.calls["log_batch"] - before == 1, "the sender did not send in the pause"
     gate.set()
     mgr.save_metric(MetricValue("quality", 0.5))
     mgr.finish_run()
