@@ -76,7 +76,7 @@ class Sizes:
     iterations: int = 4  # shape "sequence"
     runs_per_iteration: int = 8  # shape "sequence": shared by all workers
     loss_points: int = 300
-    large_fraction: float = 0.1  # models of ~10 MiB (two S3 multipart parts)
+    large_fraction: float = 0.1  # models of ~11 MiB (three S3 multipart parts)
     armed_kills: int = 12  # at most this many kill-point kills per trial
     random_kills: int = 4  # and this many kills at random moments
     random_kill_every: float = 10.0  # mean seconds between random kills

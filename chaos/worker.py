@@ -7,12 +7,12 @@ where. Kill points are armed by wrapping the manager's two stores and its public
 this process (the library has no test hooks):
 
 ==========================================  ==============================================
-``upload_initial_model.upload``             initial model upload in flight (some files sent)
+``upload_initial_model.upload``             initial model upload in flight (a file stored)
 ``upload_initial_model.before_mark``        initial model written, not marked
 ``upload_initial_model.before_finish``      initial model marked, its run not ended
 ``set_run.after_create``                    a run created, its params not logged yet
-``save_model.upload``                       upload in flight: between files, or after the
-                                            first S3 multipart part of a large model
+``save_model.upload``                       upload in flight: a file stored, others not yet,
+                                            or the first S3 multipart part of a large model
 ``save_model.before_mark``                  model written, not marked
 ``save_model.after_mark``                   model marked, before pruning
 ``save_model.prune_after_unmark``           a worse model unmarked, its files not deleted
@@ -91,6 +91,8 @@ KILL_POINTS = {
     "sequence": (*_COMMON_POINTS, *(f"delete_iteration.{p}" for p in _CLEANUP_POINTS)),
 }
 EXIT_ERROR = 3
+#: the soak's S3 multipart part size (the S3 store's default is 8 MiB)
+S3_PART_SIZE = 5 * 2**20
 
 
 class Killer:
@@ -101,7 +103,7 @@ class Killer:
         self.armed = armed
         self.phase: str | None = None
         self.mid_upload: str | None = None  # kill once an upload is partly sent
-        self._files_sent = 0
+        self._files_left = 0
 
     def hit(self, point: str) -> None:
         if point == self.armed:
@@ -117,20 +119,19 @@ class Killer:
             self.hit(f"{self.phase}.{step}")
 
     # -- uploads in flight ----------------------------------------------------------------
-    def upload_starts(self) -> None:
+    def upload_starts(self, files: int) -> None:
         point = f"{self.phase}.upload"
         self.mid_upload = point if point == self.armed else None
-        self._files_sent = 0
+        self._files_left = files
 
     def upload_ends(self) -> None:
         self.mid_upload = None
 
-    def before_file(self) -> None:
-        if self.mid_upload is not None and self._files_sent > 0:
-            self.die(self.mid_upload)
-
     def after_file(self) -> None:
-        self._files_sent += 1
+        """A file of the upload is stored: die if others are still to come (or in flight)."""
+        self._files_left -= 1
+        if self.mid_upload is not None and self._files_left > 0:
+            self.die(self.mid_upload)
 
     def after_part(self) -> None:
         if self.mid_upload is not None:
@@ -188,15 +189,24 @@ class KillingArtifacts:
     def __init__(self, store: Any, killer: Killer, journal: Journal) -> None:
         self._store, self._killer, self._journal = store, killer, journal
         fs = store.fs
-        put_file = fs.put_file
+        if getattr(fs, "async_impl", False):  # S3, GCS: the store awaits ``_put_file``
+            put_file_async = fs._put_file
 
-        def put_file_killing(*args: Any, **kwargs: Any) -> Any:
-            killer.before_file()
-            out = put_file(*args, **kwargs)
-            killer.after_file()
-            return out
+            async def put_file_async_killing(*args: Any, **kwargs: Any) -> Any:
+                out = await put_file_async(*args, **kwargs)
+                killer.after_file()
+                return out
 
-        fs.put_file = put_file_killing
+            fs._put_file = put_file_async_killing
+        else:
+            put_file = fs.put_file
+
+            def put_file_killing(*args: Any, **kwargs: Any) -> Any:
+                out = put_file(*args, **kwargs)
+                killer.after_file()
+                return out
+
+            fs.put_file = put_file_killing
         call_s3 = getattr(fs, "_call_s3", None)
         if call_s3 is not None:
 
@@ -218,7 +228,7 @@ class KillingArtifacts:
             if p.is_file()
         }
         self._journal.write("upload", uri=uri, files=files, phase=self._killer.phase)
-        self._killer.upload_starts()
+        self._killer.upload_starts(len(files))
         try:
             self._store.upload_dir(local_dir, uri, progress)
         finally:
@@ -255,6 +265,8 @@ def storage_options(config: dict[str, Any]) -> dict[str, Any]:
             "endpoint_url": endpoint,
             "key": "testing",
             "secret": "testing",
+            # S3's smallest part: the large model (~11 MiB) goes up in three multipart parts
+            "default_block_size": S3_PART_SIZE,
             "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout},
         }
     import aiohttp

@@ -32,8 +32,9 @@ MAIN_METRIC = "score"
 LOSS = "loss"
 #: a small model: 64 x 64 float32 weights (~16 KiB)
 SMALL_DIM = 64
-#: a large model, uploaded in two S3 multipart parts: 1600 x 1600 float32 (~9.8 MiB)
-LARGE_DIM = 1600
+#: a large model: 1700 x 1700 float32 (~11 MiB), three multipart parts at the soak's 5 MiB
+#: S3 part size (``chaos.worker.S3_PART_SIZE``)
+LARGE_DIM = 1700
 
 
 @attrs.frozen

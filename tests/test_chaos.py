@@ -17,16 +17,22 @@ from typing import Any
 
 import attrs
 import pytest
+from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
+from _s3gcs_fixtures import artifact_leg
 
 import tracker_core
+from chaos import workload as W
+from chaos.journal import Journal
 from chaos.proxy import FaultPlan, FaultProxy, ProxySet
 from chaos.soak import Sizes, run_soak, table
+from chaos.worker import S3_PART_SIZE, Killer, arm
 from tracker_core import (
     ExperimentsManager,
     FineTuningIteration,
     FineTuningParams,
     MetricValue,
 )
+from tracker_core.errors import ArtifactStoreError
 from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.methods import FineTuningMethod
 from tracker_core.testing import servers
@@ -143,6 +149,59 @@ def test_short_chaos_trial_holds_every_invariant(tmp_path: Path) -> None:
     assert sum(sum(v.values()) - v["requests"] - v["pass"] for v in result.faults.values()) > 0
     failed = {k: c.problems for k, c in result.checks.items() if c.held is False}
     assert not failed, f"seed 1 failed (data in {result.kept_at}):\n{text}\n{failed}"
+
+
+# ---------------------------------------------------------------------- the soak's kill points
+class _Killed(Exception):
+    """Raised where the armed worker would ``kill -9`` itself."""
+
+
+@pytest.mark.parametrize(
+    ("storage", "large"), [("local", False), ("s3", False), ("s3", True), ("gcs", False)]
+)
+def test_the_upload_kill_point_fires_with_the_upload_in_flight(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    storage: str,
+    large: bool,
+) -> None:
+    """Two 20-seed runs' tables showed ``save_model.upload`` armed and never hit: on S3 and
+    GCS the store awaits the filesystem's ``_put_file``, which the worker did not wrap, and
+    the large model (~9.8 MiB) went up as one ``PutObject`` (8 MiB parts). The soak now
+    wraps ``_put_file`` and gives S3 5 MiB parts, as the soak's workers are configured."""
+    uri, options = artifact_leg(request, storage, tmp_path, "m")
+    if storage == "s3":
+        assert options is not None
+        options = {**options, "default_block_size": S3_PART_SIZE}
+    if large:  # its weights file is at least two parts: a multipart upload
+        assert W.LARGE_DIM**2 * 4 >= 2 * S3_PART_SIZE
+    manager = tracker_core.connect(
+        uri,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        storage_options=options,
+        main_metric=W.MAIN_METRIC,
+        plugin_name="soak-kill-points",
+        model_format="state_dict",
+    )
+    journal = Journal(tmp_path / "journal.jsonl")
+    killer = Killer(journal, "save_model.upload")
+    died: list[str] = []
+
+    def die(point: str) -> None:
+        died.append(point)
+        raise _Killed(point)
+
+    monkeypatch.setattr(killer, "die", die)
+    arm(manager, killer, journal, "delete_previous_iteration")
+    manager.set_iteration(FineTuningIteration(plugin_name="soak-kill-points", batch_id="b1"))
+    params = W.SoakParams(worker=0, index=0, lr=0.1)
+    manager.set_run(params)
+    manager.save_metric(MetricValue(W.MAIN_METRIC, 0.5))
+    with pytest.raises(ArtifactStoreError, match="_Killed: save_model.upload"):
+        manager.save_model(W.make_model(1, "b1", params, large))
+    assert died and set(died) == {"save_model.upload"}
+    manager.close()
 
 
 # ---------------------------------------------------------------------- regressions the soak found
