@@ -198,7 +198,7 @@ def test_the_upload_kill_point_fires_with_the_upload_in_flight(
     params = W.SoakParams(worker=0, index=0, lr=0.1)
     manager.set_run(params)
     manager.save_metric(MetricValue(W.MAIN_METRIC, 0.5))
-    with pytest.raises(ArtifactStoreError, match="_Killed: save_model.upload"):
+    with pytest.raises(ArtifactStoreError, match=r"_Killed: save_model\.upload"):
         manager.save_model(W.make_model(1, "b1", params, large))
     assert died and set(died) == {"save_model.upload"}
     manager.close()
