@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tracker_core.metrics import MetricsQueue
 from tracker_core.values import MetricValue
@@ -49,6 +49,19 @@ def _queue(**options: float) -> tuple[MetricsQueue, Recorder]:
     return queue, recorder
 
 
+def _queue_steadily(queue: MetricsQueue, until: Callable[[], bool]) -> tuple[int, int]:
+    """Queue a value a millisecond, never pausing, until ``until()`` (or the deadline).
+    Returns the values queued and the most that were waiting at once."""
+    queued = most = 0
+    deadline = time.monotonic() + DEADLINE
+    while not until() and time.monotonic() < deadline:
+        queue.add(MetricValue("loss", float(queued)))
+        most = max(most, len(queue))
+        queued += 1
+        time.sleep(0.001)
+    return queued, most
+
+
 def test_a_burst_is_sent_in_the_callers_pause() -> None:
     """5,000 values queued at once (longer than the interpreter's switch interval), batches of
     100: no batch goes out until the burst ended."""
@@ -68,19 +81,12 @@ def test_a_caller_that_never_pauses_is_sent_for_before_the_queue_is_full() -> No
     """One value a millisecond, never a pause of ``yield_seconds``: batches still go out
     while the caller queues (past half the bound), and the caller never waits for room."""
     queue, recorder = _queue(batch_size=10, max_pending=4000, yield_seconds=0.02)
-    most = 0
     try:
-        i = 0
-        deadline = time.monotonic() + DEADLINE
-        while len(recorder.batches) < 3 and time.monotonic() < deadline:
-            queue.add(MetricValue("loss", float(i)))
-            most = max(most, len(queue))
-            i += 1
-            time.sleep(0.001)
+        queued, most = _queue_steadily(queue, lambda: len(recorder.batches) >= 3)
         assert len(recorder.batches) >= 3, "the sender starved behind a busy caller"
         assert most < queue.max_pending, "the caller waited for room"
         queue.flush()
-        assert [v for batch in recorder.batches for v in batch] == [float(k) for k in range(i)]
+        assert [v for batch in recorder.batches for v in batch] == [float(k) for k in range(queued)]
     finally:
         queue.close()
 
@@ -91,12 +97,7 @@ def test_values_waiting_max_age_are_sent_though_the_caller_is_busy() -> None:
         batch_size=10, max_pending=10**6, yield_seconds=0.02, max_age_seconds=0.2
     )
     try:
-        i = 0
-        deadline = time.monotonic() + DEADLINE
-        while not recorder.batches and time.monotonic() < deadline:
-            queue.add(MetricValue("loss", float(i)))
-            i += 1
-            time.sleep(0.001)
+        _queue_steadily(queue, lambda: bool(recorder.batches))
         assert recorder.batches, "no batch was sent while the caller kept queueing"
         assert recorder.queued_at_send[0] < queue.max_pending // 2
     finally:
