@@ -149,8 +149,9 @@ def bench_backend(
         client.set_terminated(run_id)
         return caller, time.perf_counter() - start
 
-    # the cheap ways run at least fast_repeat times: their caller time swings with whether a
-    # background batch send overlaps the loop (GIL), so one run of them says little
+    # the cheap ways run at least fast_repeat times: their caller loop takes ~70 ms, so one
+    # run of them is at the mercy of whatever else the machine does (before d5c8784 it also
+    # swung with whether a background send overlapped the loop)
     cheap = max(repeat, fast_repeat)
     ways: dict[str, tuple[Way, int, int]] = {
         "ours": (ours, n, cheap),
