@@ -4,6 +4,7 @@ python -m chaos                    # the full soak: seeds 1-20 (make chaos)
 python -m chaos --seeds 7          # replay one trial
 python -m chaos --seeds 1-4,9      # some trials
 python -m chaos --quick --seeds 1  # the short trial of make test
+python -m chaos --report out1 out2 # one table of the trials run under these --out folders
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-all", action="store_true", help="keep passing trials' data too")
     parser.add_argument("--table", type=Path, help="also write the table to this file")
     parser.add_argument(
-        "--report", type=Path, help="only print the table of the trials kept in this folder"
+        "--report",
+        type=Path,
+        nargs="+",
+        help="only print the table of the trials run under these --out folders",
     )
     args = parser.parse_args(argv)
     if args.report:
-        kept = load_results(args.report)
+        kept = load_results(*args.report)
         say(table(kept, sum(r.seconds for r in kept)))
         return 0 if all(r.passed for r in kept) else 1
     sizes = Sizes.quick() if args.quick else Sizes.full_load() if args.full_load else Sizes()

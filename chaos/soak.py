@@ -15,10 +15,11 @@ that fails a seeded 20% of requests. Per trial, with a seed:
 3. **faults**: the proxies reset connections, hang, answer 500/503 and slow down;
 4. **audit** (:mod:`chaos.audit`) after ``tracker-core gc --delete``, against the journals.
 
-It prints one table (:func:`table`). A failing trial prints its seed and keeps its data
-(journals, logs, the proxies' fault logs, a dump of the MLflow database and a copy of the
-bucket) under ``<out>/trial-<seed>``; ``python -m chaos --seeds <seed>`` replays it (same
-settings, same kill and fault draws; the interleaving depends on timing).
+It prints one table (:func:`table`). Every trial leaves ``<out>/trial-<seed>/result.json``
+(``python -m chaos --report <out>...`` tables them again). A failing trial prints its seed
+and keeps its data (journals, logs, the proxies' fault logs, a dump of the MLflow database
+and a copy of the bucket) under ``<out>/trial-<seed>``; ``python -m chaos --seeds <seed>``
+replays it (same settings, same kill and fault draws; the interleaving depends on timing).
 
 The trial settings follow from the seed: storage ``s3``/``gcs`` alternate with the seed,
 ``keep`` 1/3 every two seeds, the shape every four.
@@ -514,7 +515,7 @@ class Trial:
         self.result.seconds = time.monotonic() - started
         (self.dir / "result.json").write_text(json.dumps(self.summary(), indent=2, default=str))
         if self.result.passed and not self.soak.keep_all:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.drop_data()
         else:
             self.keep_data()
         return self.result
@@ -545,6 +546,14 @@ class Trial:
             "plugin": self.plugin,
             "bucket": self.bucket,
         }
+
+    def drop_data(self) -> None:
+        """A passing trial keeps only its ``result.json``, for ``--report``."""
+        for path in self.dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name != "result.json":
+                path.unlink(missing_ok=True)
 
     def keep_data(self) -> None:
         """A failing trial's data for replay: the MLflow database and the bucket."""
@@ -659,10 +668,15 @@ def run_soak(
     return results, elapsed
 
 
-def load_results(out: Path) -> list[TrialResult]:
-    """The results a soak kept (``--keep-all``, or failing trials) under ``out``, by seed."""
+def load_results(*outs: Path) -> list[TrialResult]:
+    """The results of the trials run under the folders ``outs``, by seed.
+
+    Every trial leaves its ``result.json``; a failing one (or any, with ``--keep-all``) also
+    its data, and is marked as kept there. A soak split across processes (each its own
+    ``--out``) is reported as one table this way.
+    """
     results = []
-    for path in sorted(Path(out).glob("trial-*/result.json")):
+    for path in sorted(p for out in outs for p in Path(out).glob("trial-*/result.json")):
         data = json.loads(path.read_text())
         settings = data["settings"]
         result = TrialResult(data["seed"], settings["storage"], settings["keep"], settings["shape"])
@@ -673,7 +687,8 @@ def load_results(out: Path) -> list[TrialResult]:
         result.checks = {
             k: Check(v["held"], list(v["problems"])) for k, v in data["checks"].items()
         }
-        result.kept_at = str(path.parent)
+        if any(p.name != "result.json" for p in path.parent.iterdir()):
+            result.kept_at = str(path.parent)
         results.append(result)
     return sorted(results, key=lambda r: r.seed)
 

@@ -24,7 +24,7 @@ import tracker_core
 from chaos import workload as W
 from chaos.journal import Journal
 from chaos.proxy import FaultPlan, FaultProxy, ProxySet
-from chaos.soak import Sizes, run_soak, table
+from chaos.soak import Sizes, load_results, run_soak, table
 from chaos.worker import S3_PART_SIZE, Killer, arm
 from tracker_core import (
     ExperimentsManager,
@@ -149,6 +149,15 @@ def test_short_chaos_trial_holds_every_invariant(tmp_path: Path) -> None:
     assert sum(sum(v.values()) - v["requests"] - v["pass"] for v in result.faults.values()) > 0
     failed = {k: c.problems for k, c in result.checks.items() if c.held is False}
     assert not failed, f"seed 1 failed (data in {result.kept_at}):\n{text}\n{failed}"
+    # a passing trial leaves only its result, from which --report rebuilds the same table
+    assert [p.name for p in (tmp_path / "chaos" / "trial-1").iterdir()] == ["result.json"]
+    (reported,) = load_results(tmp_path / "chaos")
+    assert reported.kept_at is None
+    for name in ("seed", "storage", "keep", "shape", "runs", "kills", "armed", "faults", "retried"):
+        assert getattr(reported, name) == getattr(result, name), name
+    assert {k: c.held for k, c in reported.checks.items()} == {
+        k: c.held for k, c in result.checks.items()
+    }
 
 
 # ---------------------------------------------------------------------- the soak's kill points
