@@ -20,7 +20,7 @@ from tracker_core.errors import ModelNotFoundError
 from tracker_core.iterations import Iterations
 from tracker_core.models import ModelKeeper, is_marked
 from tracker_core.remote import Remote
-from tracker_core.runs import RunTracker
+from tracker_core.runs import RunTracker, looked_up_again
 from tracker_core.values import INITIAL_RUN_NAME, ExperimentRecord, RunRecord, RunStatus
 
 __all__ = ["InitialModel"]
@@ -83,11 +83,22 @@ class InitialModel:
         experiment = self._iterations.initial(create=True)
         assert experiment is not None
         tags = {T.TAG_PLUGIN: self.plugin_name}
-        run, created = self._runs.get_or_create(experiment.experiment_id, INITIAL_RUN_NAME, tags)
-        if self.exists(run):
-            log.info("initial model of %r already uploaded (run %s)", self.plugin_name, run.run_id)
+
+        def take() -> RunRecord | None:
+            run, created = self._runs.get_or_create(
+                experiment.experiment_id, INITIAL_RUN_NAME, tags
+            )
+            if self.exists(run):
+                log.info(
+                    "initial model of %r already uploaded (run %s)", self.plugin_name, run.run_id
+                )
+                return None
+            self._runs.start(run, None, created=created, wait=math.inf, hold_terminal=True)
+            return run
+
+        run = looked_up_again(take, "the initial model")
+        if run is None:
             return False
-        self._runs.start(run, None, created=created, wait=math.inf, hold_terminal=True)
         try:
             run = self._runs.get_existing(run.run_id)
             if self.exists(run):

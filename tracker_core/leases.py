@@ -23,6 +23,13 @@ hosts' clocks must agree to well within the TTL (NTP does).
 A holder that was paused longer than its TTL (a stalled host) may find its run taken over; its
 heartbeat thread notices the newer epoch and the manager's next call for that run raises
 :class:`~tracker_core.errors.LeaseLostError`.
+
+Twins: two workers creating a params set's run at once create two runs of one name. The lease
+of each is claimed separately, so the claim alone cannot stop both being trained. The run of a
+name is the one a worker *took* first (:func:`is_taken`: claimed or ended), and a worker that
+claims a run nobody took before looks for a taken twin after its claim landed: if there is
+one, its own run is a twin to delete (:class:`~tracker_core.runs.RunTracker`). Of two such
+claimants, the one that looks last sees both claims, so at most one of them trains.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ __all__ = [
     "LeaseState",
     "claim_params",
     "is_abandoned",
+    "is_taken",
     "lease_state",
     "new_owner_id",
     "now_ms",
@@ -148,6 +156,12 @@ def is_abandoned(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
         return False
     state = lease_state(run, ttl_ms)
     return state.epoch == 0 and not state.is_live(now_ms() if at_ms is None else at_ms)
+
+
+def is_taken(run: RunRecord) -> bool:
+    """Whether a worker ever took ``run``: it ended, or its lease was claimed at least once.
+    Of the runs of one name, a taken one is the run; the others are twins."""
+    return run.status.is_terminal or bool(_claims(run.params))
 
 
 def claim_params(epoch: int, owner: str, expires_ms: int) -> tuple[dict[str, str], dict[str, str]]:

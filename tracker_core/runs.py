@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tracker_core import leases
 from tracker_core import tags as T
@@ -45,15 +46,41 @@ from tracker_core.remote import Remote
 from tracker_core.stores import RunQuery
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
-__all__ = ["RunTracker"]
+__all__ = ["RunTracker", "looked_up_again"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: how many times a run is looked up when the one found is deleted as it is taken
+LOOKUPS = 5
+
+
+def looked_up_again(take: Callable[[], _T], what: str) -> _T:
+    """``take()`` (find a run and take it), again when the run it found was deleted meanwhile
+    (:class:`RunNotFoundError`): a twin that its creator, or a worker that claimed it,
+    deleted (:meth:`RunTracker.get_or_create`). Each new look waits a short random time, so
+    that two claimants that yielded to each other do not meet again."""
+    for attempt in range(1, LOOKUPS + 1):
+        try:
+            return take()
+        except RunNotFoundError:
+            if attempt == LOOKUPS:
+                raise
+            log.info("the run of %s was deleted as it was taken; looking again", what)
+            time.sleep(random.uniform(0.0, 0.1 * attempt))
+    raise AssertionError("unreachable")
 
 
 def _when(ms: int | None) -> str:
     if ms is None:
         return "?"
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _precedence(run: RunRecord) -> tuple[bool, int, str]:
+    """Of runs of one name, the one that counts sorts first (see :meth:`RunTracker.first`)."""
+    return (not leases.is_taken(run), run.start_time_ms, run.run_id)
 
 
 class RunTracker:
@@ -95,11 +122,14 @@ class RunTracker:
         return run
 
     def first(self, experiment_id: str, **query: Any) -> RunRecord | None:
-        """The oldest run of the experiment matching ``query`` (a :class:`RunQuery`'s fields)."""
+        """The run of the experiment matching ``query`` (a :class:`RunQuery`'s fields) that
+        counts: the oldest one a worker took (:func:`~tracker_core.leases.is_taken`), else
+        the oldest. Creation times are the creating clients' clocks, and a create request
+        can land after a younger twin was taken: "oldest" alone is not stable."""
         runs = self._remote.track(
             "search", self._remote.tracking.search_runs, RunQuery((experiment_id,), **query)
         )
-        return min(runs, key=lambda r: (r.start_time_ms, r.run_id)) if runs else None
+        return min(runs, key=_precedence) if runs else None
 
     def get_or_create(
         self,
@@ -109,7 +139,8 @@ class RunTracker:
         params: Mapping[str, str] | None = None,
     ) -> tuple[RunRecord, bool]:
         """The run named ``run_name``, created if missing; True if this call created it. Two
-        workers racing to create it agree on the oldest one; the other is deleted.
+        workers racing to create it agree on the one :meth:`first` names; the other is
+        deleted (by its creator here, or after its claim: :meth:`_yield_to_taken_twin`).
 
         A run found without its ``params`` gets them: its creator died between creating it
         and logging them, or it is the twin an earlier attempt of this call created (the
@@ -248,6 +279,8 @@ class RunTracker:
             name=f"tracker-core-lease-{run.run_id[:8]}",
         )
         log.debug("run %s: lease %d held by %s", run.run_id, epoch, self.owner)
+        if epoch == 1 and not run.status.is_terminal:
+            self._yield_to_taken_twin(run)
         if not created:
             # the record the claim was decided on may be old (a search retried for longer
             # than a lease): its holder may have ended the run and let go meanwhile, so
@@ -258,6 +291,20 @@ class RunTracker:
                 self._stop_heartbeat()
                 raise
         return run
+
+    def _yield_to_taken_twin(self, run: RunRecord) -> None:
+        """After the first claim of ``run``: if another run of its name was taken (see
+        :mod:`tracker_core.leases`, "Twins"), ``run`` is a twin nobody trained. Delete it
+        and raise :class:`RunNotFoundError`, so that the lookup is made again."""
+        query = RunQuery((run.experiment_id,), run_name=run.run_name)
+        twins = self._remote.track("search", self._remote.tracking.search_runs, query)
+        taken = [t for t in twins if t.run_id != run.run_id and leases.is_taken(t)]
+        if not taken:
+            return
+        self._stop_heartbeat()
+        log.info("run %s is a twin of %s, taken first; deleting it", run.run_id, taken[0].run_id)
+        self._remote.track("delete", self._remote.tracking.delete_run, run.run_id)
+        raise RunNotFoundError(f"run {run.run_id} was a twin of {taken[0].run_id}: deleted")
 
     def _renewer(self, run_id: str, epoch: int) -> Callable[[int], bool | None]:
         """The heartbeat's renewal; it holds the tracker weakly, so a forgotten manager's

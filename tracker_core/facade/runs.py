@@ -15,18 +15,16 @@ from collections.abc import Iterator
 import attrs
 
 from tracker_core import tags as T
-from tracker_core.errors import ConfigurationError, InvalidMetricError, RunNotFoundError
+from tracker_core.errors import ConfigurationError, InvalidMetricError
 from tracker_core.facade.state import ManagerState
 from tracker_core.models import is_marked
 from tracker_core.params import FineTuningParams
+from tracker_core.runs import looked_up_again
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
 __all__ = ["ActiveRun", "RunsAPI"]
 
 log = logging.getLogger(__name__)
-
-#: how many times ``set_run`` looks its run up when the one found is deleted meanwhile
-_LOOKUPS = 5
 
 
 @attrs.frozen
@@ -65,18 +63,15 @@ class RunsAPI(ManagerState):
     def _set_run(self, params: FineTuningParams, wait: float = 0.0) -> bool:
         """Start or resume the run of ``params``; True if it is new or unfinished (to train).
 
-        The run found can be deleted while this worker takes it: two workers that created it
-        at once keep the older one, and the younger one's creator deletes its own (see
-        :meth:`~tracker_core.runs.RunTracker.get_or_create`). Then the lookup is made again."""
-        for attempt in range(1, _LOOKUPS + 1):
-            try:
-                run, created = self._start_run(params)
-                return not self._runs.start(run, params, created=created, wait=wait)
-            except RunNotFoundError:
-                if attempt == _LOOKUPS:
-                    raise
-                log.info("the run of %s was deleted as it was taken; looking again", params.id)
-        raise AssertionError("unreachable")
+        The run found can be deleted while this worker takes it: it was a twin (two workers
+        created the run at once, see :meth:`~tracker_core.runs.RunTracker.get_or_create`).
+        Then the lookup is made again."""
+
+        def take() -> bool:
+            run, created = self._start_run(params)
+            return not self._runs.start(run, params, created=created, wait=wait)
+
+        return looked_up_again(take, params.id)
 
     def set_run(self, params: FineTuningParams, *, wait: float = 0.0) -> bool:
         """Start the run of ``params`` in the current iteration, or resume an unfinished one.

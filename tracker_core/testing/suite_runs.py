@@ -29,6 +29,7 @@ from tracker_core.errors import (
     TrackingStoreError,
     TransientError,
 )
+from tracker_core.leases import LEASE_CLAIM_PREFIX
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
 from tracker_core.testing.faults import FaultyProxy
@@ -508,6 +509,79 @@ def test_run_deleted_as_it_is_taken_is_looked_up_again(backend: BackendUnderTest
     (run,) = mgr.tracking.search_runs(RunQuery((mgr.current_experiment_id or "",)))
     assert run.run_id == proxy.heir and run.status is RunStatus.FINISHED
     assert Params.from_mlflow(run.params) == params
+
+
+class _Unseen(FaultyProxy):
+    """A tracking store whose searches do not show the runs in ``unseen``: their create
+    requests have not landed yet, as this worker sees it."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(target)
+        self.unseen: set[str] = set()
+
+    def search_runs(self, query: RunQuery) -> Any:
+        return [r for r in self._target.search_runs(query) if r.run_id not in self.unseen]
+
+
+class _TwinTakenMeanwhile(FaultyProxy):
+    """A tracking store where, once, another worker creates and takes a twin of the run this
+    worker just created, without seeing it: right after this worker's ``create_run``
+    (``moment="create"``), or just before its lease claim lands (``"claim"``)."""
+
+    def __init__(self, target: Any, moment: str, other: Any) -> None:
+        super().__init__(target)
+        self.moment, self.other, self.twin = moment, other, ""
+
+    def meanwhile(self, run_id: str) -> None:
+        if not self.twin:
+            self.twin = self.other(run_id)
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        run = self._target.create_run(*args, **kwargs)
+        if self.moment == "create":
+            self.meanwhile(run.run_id)
+        return run
+
+    def log_batch(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        params = args[1] if len(args) > 1 else kwargs.get("params")
+        if self.moment == "claim" and any(k.startswith(LEASE_CLAIM_PREFIX) for k in params or {}):
+            self.meanwhile(run_id)
+        return self._target.log_batch(run_id, *args, **kwargs)
+
+
+@pytest.mark.parametrize("moment", ["create", "claim"])
+def test_a_twin_taken_first_is_the_run(backend: BackendUnderTest, moment: str) -> None:
+    """Two workers create a params set's run at once. The first one's run is the older (its
+    client's clock), but its create lands after the second worker found no run, created
+    its own and took it. Both trained their run (seed 14 of the full-load chaos soak).
+    Now the first worker sees the run taken (after its create, or after its claim), deletes
+    its own and waits for the other's; one run of the params set remains, trained once."""
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    first, second = _connect(backend, plugin), _connect(backend, plugin)
+    first.set_iteration(iteration(first))
+    second.set_iteration(iteration(second))
+    params = Params(lr=0.1)
+    unseen = _Unseen(second.tracking)
+    second.tracking = unseen  # type: ignore[assignment]
+
+    def other(run_id: str) -> str:
+        unseen.unseen.add(run_id)
+        assert second.set_run(params) is False  # a new run, to train
+        return second.current_run_id or ""
+
+    proxy = _TwinTakenMeanwhile(first.tracking, moment, other)
+    first.tracking = proxy  # type: ignore[assignment]
+    with pytest.raises(RunInUseError) as info:
+        first.set_run(params)  # the second worker holds the run
+    assert proxy.twin and info.value.run_id == proxy.twin
+    second.save_metric(MetricValue("quality", 0.5))
+    second.finish_run()
+    assert first.set_run(params) is True  # it ended: nothing to train
+    (run,) = first.tracking.search_runs(RunQuery((first.current_experiment_id or "",)))
+    assert run.run_id == proxy.twin and run.status is RunStatus.FINISHED
+    assert Params.from_mlflow(run.params) == params
+    second.close()
+    first.close()
 
 
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
