@@ -652,9 +652,9 @@ def run_soak(
             storage, keep, shape = settings_of(seed)
             say(f"trial seed {seed}: {storage}, keep={keep}, shape={shape} ...")
             result = soak.trial(seed)
-            verdict = "held" if result.passed else "FAILED"
+            verdict = "every invariant held" if result.passed else "FAILED"
             say(
-                f"  seed {seed}: every invariant {verdict} in {result.seconds:.0f}s, "
+                f"  seed {seed}: {verdict} in {result.seconds:.0f}s, "
                 f"{sum(result.kills.values())} kills, "
                 f"{sum(sum(v[k] for k in FAULT_KINDS) for v in result.faults.values())} faults"
             )

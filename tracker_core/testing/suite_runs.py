@@ -493,9 +493,10 @@ class _TwinDeletedByItsCreator(FaultyProxy):
 
 
 def test_run_deleted_as_it_is_taken_is_looked_up_again(backend: BackendUnderTest) -> None:
-    """Two workers that create a params set's run at once keep the older run; the younger
-    one's creator deletes its own. A third worker that found the younger one meanwhile
-    looks again and takes the older one (a CI failure of the 4-process test above)."""
+    """Two workers that create a params set's run at once keep one run (the older, when
+    neither was taken yet); the other one's creator deletes its own. A third worker that
+    found that one meanwhile looks again and takes the kept one (a CI failure of the
+    4-process test above)."""
     mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=1.0)
     mgr.set_iteration(iteration(mgr))
     params = Params(lr=0.1)
