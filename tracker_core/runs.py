@@ -160,17 +160,21 @@ class RunTracker:
         self._log_params(created, params or {}, first_metric)
         return created, True
 
+    def _twins(self, run: RunRecord) -> list[RunRecord]:
+        """The other active runs of ``run``'s name in its iteration."""
+        query = RunQuery((run.experiment_id,), run_name=run.run_name)
+        runs = self._remote.track("search", self._remote.tracking.search_runs, query)
+        return [r for r in runs if r.run_id != run.run_id]
+
     def _drop_twins(self, winner: RunRecord) -> None:
         """Delete the other runs of ``winner``'s name that a creator left behind: it was
         killed between creating its twin and deleting it (after a lost ``create_run`` answer,
         or racing another creator). Only twins never claimed and past their creation's grace
         (:mod:`tracker_core.leases`) go: within it, a live creator may still be about to
         claim its run (creation times are the clients', so "oldest" can change meanwhile)."""
-        query = RunQuery((winner.experiment_id,), run_name=winner.run_name)
-        twins = self._remote.track("search", self._remote.tracking.search_runs, query)
         now = leases.now_ms()
-        for twin in twins:
-            if twin.run_id == winner.run_id or not leases.is_abandoned(twin, self.ttl_ms, now):
+        for twin in self._twins(winner):
+            if not leases.is_abandoned(twin, self.ttl_ms, now):
                 continue
             log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
             self._remote.track("delete", self._remote.tracking.delete_run, twin.run_id)
@@ -296,9 +300,7 @@ class RunTracker:
         """After the first claim of ``run``: if another run of its name was taken (see
         :mod:`tracker_core.leases`, "Twins"), ``run`` is a twin nobody trained. Delete it
         and raise :class:`RunNotFoundError`, so that the lookup is made again."""
-        query = RunQuery((run.experiment_id,), run_name=run.run_name)
-        twins = self._remote.track("search", self._remote.tracking.search_runs, query)
-        taken = [t for t in twins if t.run_id != run.run_id and leases.is_taken(t)]
+        taken = [t for t in self._twins(run) if leases.is_taken(t)]
         if not taken:
             return
         self._stop_heartbeat()
