@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from tracker_core.uris import redact_text
+
 __all__ = [
     "ArtifactStoreError",
     "BackendNotInstalledError",
@@ -166,8 +168,6 @@ _SECRET_PATTERNS = [
         r"(?i)((?:secret|password|passwd|token|private_key|access_key|signature|credential)"
         r"[\w\-]*[\"']?\s*[=:]\s*[\"']?)([^\s\"',&}]+)"
     ),
-    # user:password@ in URLs
-    re.compile(r"(://[^/\s:@]+:)([^@\s/]+)(@)"),
 ]
 
 
@@ -176,5 +176,5 @@ def redact(text: str, *secrets: str | None) -> str:
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    text = _SECRET_PATTERNS[0].sub(r"\1***", text)
-    return _SECRET_PATTERNS[1].sub(r"\1***\3", text)
+    text = redact_text(text)  # user:password@ in URIs, whatever the password holds
+    return _SECRET_PATTERNS[0].sub(r"\1***", text)

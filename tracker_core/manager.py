@@ -31,7 +31,6 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from tracker_core import leases
 from tracker_core.accumulators import MetricsAccumulator
@@ -56,6 +55,7 @@ from tracker_core.remote import Remote
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.runs import RunTracker
 from tracker_core.stores import ArtifactStore, TrackingStore
+from tracker_core.uris import has_secret_query, has_userinfo, redact_uri
 from tracker_core.values import (
     ExperimentRecord,
     FineTuningIteration,
@@ -94,14 +94,14 @@ def _at_exit() -> None:
 
 def _check_storage_uri(uri: str) -> None:
     """Credentials never travel in a storage URI (they would end up in logs, ``repr`` and the
-    tracking database as the experiments' artifact locations)."""
-    parts = urlsplit(uri)
-    if len(parts.scheme) > 1 and (parts.username or parts.password):
-        shown = f"{parts.scheme}://***@{parts.hostname or ''}{parts.path}"
+    tracking database as the experiments' artifact locations). The refused URI is shown
+    redacted, never as given."""
+    if has_userinfo(uri) or has_secret_query(uri):
         raise ConfigurationError(
-            f"the storage URI {shown} carries credentials: give them through storage_options= "
-            "(s3fs: key=/secret=, gcsfs: token=) or the standard credential chain "
-            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, GOOGLE_APPLICATION_CREDENTIALS)"
+            f"the storage URI {redact_uri(uri, keep_user=False)} carries credentials: give them "
+            "through storage_options= (s3fs: key=/secret=, gcsfs: token=) or the standard "
+            "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, "
+            "GOOGLE_APPLICATION_CREDENTIALS)"
         )
 
 
