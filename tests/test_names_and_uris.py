@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tracker_core import ConfigurationError, FineTuningIteration, InvalidNameError, connect
+from tracker_core import (
+    ConfigurationError,
+    ExperimentsManager,
+    FineTuningIteration,
+    InvalidArgumentError,
+    InvalidNameError,
+    TrackerError,
+    connect,
+)
 from tracker_core.errors import InvalidMetricError
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -86,3 +94,74 @@ def test_lease_seconds_must_be_positive(tmp_path: Path) -> None:
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ConfigurationError, match="lease_seconds"):
             connect(str(tmp_path), main_metric="m", plugin_name="p", lease_seconds=bad)
+
+
+#: (keyword arguments of connect, the argument named, what the refusal says is allowed)
+BAD_ARGUMENTS = [
+    ({"keep": 1.5}, "keep", "an int of at least 1"),
+    ({"keep": 0}, "keep", "an int of at least 1"),
+    ({"keep": True}, "keep", "an int of at least 1"),
+    ({"n_top_runs": 2.5}, "n_top_runs", "an int of at least 1"),
+    ({"lease_seconds": 1e308}, "lease_seconds", "at most"),
+    ({"lease_seconds": "60"}, "lease_seconds", "a number of seconds"),
+    ({"tracking_uri": "bogus://x"}, "tracking_uri", "MLflow has no tracking store"),
+    ({"tracking_uri": ""}, "tracking_uri", "non-empty text"),
+    ({"model_factory": 42}, "model_factory", "callable"),
+    ({"accumulators": [42]}, "accumulators", "MetricsAccumulator"),
+    ({"accumulators": "mean"}, "accumulators", "a list of"),
+    ({"requirements": "torch"}, "requirements", "a list of texts"),
+    ({"requirements": ["torch", ""]}, "requirements", "non-empty"),
+    ({"is_loss": "yes"}, "is_loss", "True or False"),
+    ({"is_loss": 1}, "is_loss", "True or False"),
+    ({"storage_options": 5}, "storage_options", "mapping with str keys"),
+    ({"storage_options": {1: 2}}, "storage_options", "mapping with str keys"),
+    ({"retry": 5}, "retry", "a RetryConfig"),
+    ({"params_type": int}, "params_type", "subclass of FineTuningParams"),
+    ({"model_format": 3}, "model_format", "non-empty text"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "allowed"), BAD_ARGUMENTS, ids=[case[1] for case in BAD_ARGUMENTS]
+)
+def test_connect_refuses_what_would_fail_later(
+    kwargs: dict[str, object], name: str, allowed: str, tmp_path: Path
+) -> None:
+    """Every argument is checked when it is given, with a TrackerError that names it, shows
+    the value and says what is allowed, before anything is written."""
+    args = {"tracking_uri": f"sqlite:///{tmp_path}/m.db", **kwargs}
+    with pytest.raises(InvalidArgumentError) as info:
+        connect(str(tmp_path / "models"), main_metric="m", plugin_name="p", **args)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith(f"{name}=") and allowed in message
+    assert isinstance(info.value, TrackerError)
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "models").exists()
+
+
+def test_the_seed_classes_check_their_arguments_too(tmp_path: Path) -> None:
+    from tracker_core_gcs import ExperimentsManagerWithGoogleCloudStorageBackend, GCSCredentials
+    from tracker_core_mlflow import MLflowClientWrapper
+    from tracker_core_s3 import ExperimentsManagerWithAmazonS3Backend, S3Credentials
+
+    db = f"sqlite:///{tmp_path}/m.db"
+    with pytest.raises(InvalidArgumentError, match=r"^tracking_uri="):
+        MLflowClientWrapper("bogus://x")
+    with pytest.raises(InvalidArgumentError, match=r"^requirements="):
+        MLflowClientWrapper(db, requirements="torch")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"^wrapper="):
+        ExperimentsManager.from_wrapper(object(), "m", "p")
+    with pytest.raises(InvalidArgumentError, match=r"^secure="):
+        S3Credentials("minio:9000", "key", "secret", "bucket", secure="no")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"^secret_key=<int> ") as info:
+        S3Credentials("minio:9000", "key", 12345678, "bucket")  # type: ignore[arg-type]
+    assert "12345678" not in str(info.value)  # a refused secret is never shown
+    with pytest.raises(InvalidArgumentError, match=r"^bucket_name="):
+        GCSCredentials(bucket_name="")
+    creds = S3Credentials("minio:9000", "key", "secret", "bucket", secure=False)
+    with pytest.raises(InvalidArgumentError, match=r"^prefix="):
+        ExperimentsManagerWithAmazonS3Backend(db, creds, "m", "p", prefix=7)
+    with pytest.raises(InvalidArgumentError, match=r"^keep="):
+        ExperimentsManagerWithGoogleCloudStorageBackend(
+            db, GCSCredentials(bucket_name="b"), "m", "p", keep=1.5
+        )
+    assert not (tmp_path / "m.db").exists()

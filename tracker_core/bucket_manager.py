@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from tracker_core import arguments
 from tracker_core.errors import ConfigurationError
 from tracker_core.manager import ExperimentsManager
 
@@ -73,6 +74,8 @@ class BucketExperimentsManager(ExperimentsManager):
         assert isinstance(credentials, BucketCredentials)
         if not credentials.bucket_name:
             raise ConfigurationError(f"{self.credentials_type.__name__}.bucket_name is empty")
+        if not isinstance(prefix, str) or not prefix.isprintable():
+            arguments.refuse("prefix", prefix, "a folder of the bucket (text, may be empty)")
         self.credentials: BucketCredentials = credentials
         self.artifact_uri = f"{self.scheme}://{credentials.bucket_name}/{prefix.strip('/')}"
         self.artifact_uri = self.artifact_uri.rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tracker_core import arguments
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.codecs import ModelFactory
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
@@ -43,6 +44,8 @@ def connect(
     :class:`~tracker_core.errors.UnknownSchemeError` (listing the installed schemes) for a
     scheme no installed backend serves.
     """
+    arguments.text("artifact_uri", artifact_uri)
+    arguments.optional_instance("retry", retry, RetryConfig, "a RetryConfig")
     return ExperimentsManager(
         tracking_uri,
         main_metric,

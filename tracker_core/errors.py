@@ -15,6 +15,7 @@ __all__ = [
     "BackendNotInstalledError",
     "CleanupRefusedError",
     "ConfigurationError",
+    "InvalidArgumentError",
     "InvalidMetricError",
     "InvalidModelError",
     "InvalidNameError",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelFilesMissingError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelNotSavedError",
     "NoActiveIterationError",
     "NoActiveRunError",
     "NoModelToKeepError",
@@ -44,6 +46,11 @@ class TrackerError(Exception):
 
 class ConfigurationError(TrackerError, ValueError):
     """An argument or setting is invalid; raised before anything is written."""
+
+
+class InvalidArgumentError(ConfigurationError, TypeError):
+    """An argument of ``connect`` or of a seed class is of a type or value it cannot take;
+    the message names the argument, the value and what is allowed."""
 
 
 class InvalidNameError(ConfigurationError):
@@ -92,6 +99,11 @@ class InvalidModelError(ConfigurationError):
 class ModelLoadError(TrackerError):
     """A stored model could not be read back: its files do not fit the model the factory
     builds (shapes, keys), or they are corrupt."""
+
+
+class ModelNotSavedError(TrackerError):
+    """A run whose ``save_model`` failed cannot end FINISHED until a save succeeds: its best
+    metric would stand with no model behind it (end it with ``finish_run(as_failed=True)``)."""
 
 
 class RunNotFoundError(TrackerError, LookupError):

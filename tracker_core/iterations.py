@@ -134,6 +134,30 @@ class Iterations:
 
         return self._remote.track("search", find)
 
+    def newest_with_model(
+        self, before: ExperimentRecord | None
+    ) -> tuple[ExperimentRecord, RunRecord] | None:
+        """The newest iteration created before ``before`` (of all, when None) that holds a
+        servable model (a model of a FINISHED run), with its best run: what the next
+        iteration starts from, and what "the previous iteration" means for the last model,
+        the top params and cleanup. Iterations in which every run failed, or that are still
+        running with no run finished, are skipped. One query per iteration looked at."""
+        if before is None:
+            query = self.query()
+        else:
+            query = self.query(before, created_before_ms=before.creation_time_ms + 1)
+        tracking = self._remote.tracking
+
+        def find() -> tuple[ExperimentRecord, RunRecord] | None:
+            for experiment in tracking.iter_experiments(query, page_size=5):
+                best = self._models.find_best(tracking, experiment.experiment_id)
+                if best is not None:
+                    return experiment, best
+                log.debug("iteration %r holds no model of a FINISHED run", experiment.name)
+            return None
+
+        return self._remote.track("search", find)
+
     def runs(
         self, experiment_id: str, statuses: tuple[RunStatus, ...] = (), **query: Any
     ) -> list[RunRecord]:
@@ -151,14 +175,9 @@ class Iterations:
         return [r for r in self.runs(experiment_id, _UNFINISHED) if leases.run_is_live(r, ttl, now)]
 
     # ------------------------------------------------------------------ deletion
-    def delete(
-        self,
-        experiment_id: str,
-        *,
-        current_id: str | None,
-        delete_model: Callable[[RunRecord], bool],
-    ) -> None:
-        """Delete the iteration's models (with ``delete_model``), then the experiment.
+    def delete(self, experiment_id: str, *, current_id: str | None) -> None:
+        """Delete the iteration's models, then the experiment (and, on a store with real
+        folders, the experiment's folder once it is empty).
 
         Raises :class:`ConfigurationError` for the initial experiment or the current iteration,
         :class:`IterationInUseError` while a live worker holds one of its runs.
@@ -180,7 +199,7 @@ class Iterations:
             )
         try:
             for run in self._models.marked_runs(experiment_id):
-                delete_model(run)
+                self._models.delete(run)
             self._remote.track("delete", self._remote.tracking.delete_experiment, experiment_id)
         except TrackerError:
             # several workers finishing an iteration each delete the previous one: if another
@@ -191,41 +210,41 @@ class Iterations:
             log.info("iteration %s was deleted meanwhile by another worker", experiment_id)
             return
         log.info("deleted iteration %s", experiment_id)
+        self._remove_folder(experiment_id)
 
-    def delete_previous(
-        self, current: ExperimentRecord, delete_model: Callable[[RunRecord], bool]
-    ) -> None:
-        """Delete the iteration created before ``current``, if any (see :meth:`delete`).
-
-        Raises :class:`NoModelToKeepError`, nothing deleted, while ``current`` holds no model:
-        the previous iteration holds the only fine-tuned model.
-        """
-        previous = self.previous(current)
-        if previous is None:
-            log.info("delete_previous_iteration: no previous iteration to delete")
+    def _remove_folder(self, experiment_id: str) -> None:
+        """The deleted experiment's folder, once empty (stores with real folders only)."""
+        if not self._remote.artifacts.has_directories:
             return
+        found = self.get(experiment_id)
+        if found is not None:
+            self._models.remove_empty_folders(found.artifact_location)
+
+    def delete_previous(self, current: ExperimentRecord) -> None:
+        """Delete the iteration ``current`` started from: the newest one before it that holds
+        a servable model (:meth:`newest_with_model`), if any (see :meth:`delete`).
+
+        Raises :class:`NoModelToKeepError`, nothing deleted, while ``current`` holds no model
+        of a FINISHED run: the previous iteration holds the only fine-tuned model.
+        """
+        found = self.newest_with_model(current)
+        if found is None:
+            log.info("delete_previous_iteration: no previous iteration holds a model")
+            return
+        previous, _ = found
         if self._models.best_run(current.experiment_id) is None:
             raise NoModelToKeepError(
-                f"the current iteration {current.name!r} holds no model: deleting the "
-                f"previous iteration ({previous.experiment_id}) would lose the only fine-tuned "
-                "model; nothing was deleted"
+                f"the current iteration {current.name!r} holds no model of a FINISHED run: "
+                f"deleting the previous iteration ({previous.experiment_id}) would lose the "
+                "only fine-tuned model; nothing was deleted"
             )
-        self.delete(
-            previous.experiment_id, current_id=current.experiment_id, delete_model=delete_model
-        )
+        self.delete(previous.experiment_id, current_id=current.experiment_id)
 
-    def delete_or_defer(
-        self,
-        experiment_id: str,
-        *,
-        current_id: str | None,
-        delete_model: Callable[[RunRecord], bool],
-        defer: bool,
-    ) -> bool:
+    def delete_or_defer(self, experiment_id: str, *, current_id: str | None, defer: bool) -> bool:
         """:meth:`delete`; True once deleted. While live workers hold its runs, with ``defer``
         the iteration is marked for :meth:`delete_pending` instead (False)."""
         try:
-            self.delete(experiment_id, current_id=current_id, delete_model=delete_model)
+            self.delete(experiment_id, current_id=current_id)
         except IterationInUseError as exc:
             if not defer:
                 raise
@@ -234,20 +253,13 @@ class Iterations:
             return False
         return True
 
-    def delete_pending(
-        self, *, current_id: str | None, delete_model: Callable[[RunRecord], bool]
-    ) -> list[str]:
+    def delete_pending(self, *, current_id: str | None) -> list[str]:
         """Delete the deferred iterations no live worker holds any more; their ids."""
         return [
             experiment.experiment_id
             for experiment in self.pending()
             if experiment.experiment_id != current_id
-            and self.delete_or_defer(
-                experiment.experiment_id,
-                current_id=current_id,
-                delete_model=delete_model,
-                defer=True,
-            )
+            and self.delete_or_defer(experiment.experiment_id, current_id=current_id, defer=True)
         ]
 
     def mark_pending(self, experiment_id: str) -> None:

@@ -25,14 +25,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import math
 import os
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from tracker_core import leases
+from tracker_core import arguments, leases
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import ConfigurationError
@@ -157,17 +156,37 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
     ) -> None:
         validate_metric_name(main_metric, "main_metric")
         validate_name(plugin_name, "plugin_name")
-        if n_top_runs < 1:
-            raise ConfigurationError(f"n_top_runs must be >= 1, got {n_top_runs}")
-        if keep < 1:
-            raise ConfigurationError(f"keep must be >= 1, got {keep}")
-        if not (isinstance(lease_seconds, int | float) and 0 < lease_seconds < math.inf):
-            raise ConfigurationError(f"lease_seconds must be a positive number: {lease_seconds!r}")
+        if tracking_uri is not None:
+            arguments.text("tracking_uri", tracking_uri)
+        accumulators = arguments.instances(
+            "accumulators", accumulators, MetricsAccumulator, "MetricsAccumulator instances"
+        )
+        is_loss = arguments.flag("is_loss", is_loss)
+        n_top_runs = arguments.positive_int("n_top_runs", n_top_runs)
+        requirements = arguments.string_list("requirements", requirements)
+        arguments.optional_instance("retry_config", retry_config, RetryConfig, "a RetryConfig")
+        if artifact_uri is not None:
+            arguments.text("artifact_uri", artifact_uri)
+        storage_options = arguments.optional_mapping("storage_options", storage_options)
+        keep = arguments.positive_int("keep", keep)
+        if model_format is not None:
+            arguments.text("model_format", model_format)
+        arguments.optional_callable("model_factory", model_factory, "an empty torch.nn.Module")
+        arguments.optional_subclass("params_type", params_type, FineTuningParams)
+        lease_seconds = arguments.seconds(
+            "lease_seconds", lease_seconds, maximum=arguments.MAX_LEASE_SECONDS
+        )
+        arguments.optional_instance(
+            "tracking_store", tracking_store, TrackingStore, "a TrackingStore"
+        )
+        arguments.optional_instance(
+            "artifact_store", artifact_store, ArtifactStore, "an ArtifactStore"
+        )
         artifact_uri = artifact_uri or DEFAULT_ARTIFACT_URI
         _check_storage_uri(artifact_uri)
         self._main_metric, self._plugin_name, self._is_loss = main_metric, plugin_name, is_loss
         self.n_top_runs, self.keep = n_top_runs, keep
-        self.requirements = list(requirements) if requirements else None
+        self.requirements = requirements or None
         self.retry_config = retry_config or RetryConfig()
         self.model_factory, self.params_type = model_factory, params_type
 
@@ -220,6 +239,13 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
         **kwargs: Any,
     ) -> ExperimentsManager:
         """A manager reusing a wrapper's tracking URI, requirements and retry configuration."""
+        if not all(hasattr(wrapper, a) for a in ("tracking_uri", "requirements", "retry_config")):
+            arguments.refuse(
+                "wrapper",
+                wrapper,
+                "an MLflowClientWrapper (an object with tracking_uri, requirements and "
+                "retry_config)",
+            )
         return cls(
             wrapper.tracking_uri,
             main_metric,
@@ -242,7 +268,7 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
         """End the current run implicitly (see :meth:`set_run`), flush, release the stores."""
         try:
             with self._lock:
-                self._runs.end_implicitly()
+                self._end_run_implicitly()
         finally:
             self._runs.close()
             self.tracking.close()

@@ -1,12 +1,19 @@
 """The model side of the manager: write first, mark second; rank, prune and serve.
 
-A model is *servable* only once its run carries the mark (tag ``tracker.model_uploaded``)
-that is set after every file was written. Deleting goes the other way round: unmark first,
-then delete the files. A crash between two steps therefore leaves at worst an unmarked folder
-(an orphan that :meth:`tracker_core.reconcile.Reconciler.find_orphans` reports), never a marked
-model without files. Serving reads the run record once: the record that picked a model is the
-one its files are read with, and a model deleted while read is picked again
-(:meth:`ModelKeeper.load_picked`).
+A model is *written* once its run carries the mark (tag ``tracker.model_uploaded``) that is
+set after every file was written. Deleting goes the other way round: unmark first, then
+delete the files. A crash between two steps therefore leaves at worst an unmarked folder (an
+orphan that :meth:`tracker_core.reconcile.Reconciler.find_orphans` reports), never a marked
+model without files.
+
+A marked model is *served* (the best model of an iteration, what the next iteration starts
+from, what cleanup keeps) only once its run ended FINISHED: a run still training can fail.
+While its run trains, a model is provisional: it does not count among the ``keep`` best when
+another run decides whether to save or what to prune. When its run ends FAILED (or KILLED)
+the model is deleted; when it ends FINISHED the iteration is pruned again
+(:meth:`ModelKeeper.prune`). Serving reads the run record once: the record that picked a
+model is the one its files are read with, and a model deleted while read is picked again
+(:meth:`ModelKeeper.load_best`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ PICK_ATTEMPTS = 3
 
 #: ``call(operation, fn, *args)``: a store call under the manager's retry policy
 Call = Callable[..., Any]
+
+#: ended runs whose models are never served (deleted when the run ends, or by any prune)
+_NEVER_SERVED = (RunStatus.FAILED, RunStatus.KILLED)
 
 
 def is_marked(run: RunRecord) -> bool:
@@ -117,35 +127,47 @@ class ModelKeeper:
         return exists
 
     def marked_runs(self, experiment_id: str) -> list[RunRecord]:
-        """Runs of the experiment holding a servable model, best first (one query)."""
+        """Runs of the experiment holding a written model, best first (one query)."""
         query = RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
         runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
         return self.ranking.best_first(runs)
 
     def best_run(self, experiment_id: str) -> RunRecord | None:
-        """The run holding the best servable model; never a FAILED run."""
-        ranked = [r for r in self.marked_runs(experiment_id) if r.status != RunStatus.FAILED]
+        """The run holding the best servable model: a marked model of a FINISHED run (one
+        query). A model of a run still training is not served: the run can still fail."""
+        best: RunRecord | None = self._track("search", self.find_best, self.tracking, experiment_id)
+        return best
+
+    def find_best(self, tracking: TrackingStore, experiment_id: str) -> RunRecord | None:
+        """:meth:`best_run` with one call to ``tracking``, not retried (for a caller that
+        retries a whole lookup)."""
+        query = RunQuery(
+            (experiment_id,), statuses=(RunStatus.FINISHED,), tags={T.TAG_MODEL_UPLOADED: T.TRUE}
+        )
+        ranked = self.ranking.best_first(tracking.search_runs(query))
         return ranked[0] if ranked else None
 
-    def better_marked(self, run: RunRecord) -> list[RunRecord]:
-        """Marked models of the run's experiment that rank above ``run``."""
+    def better_kept(self, run: RunRecord) -> list[RunRecord]:
+        """Models of FINISHED runs of the run's experiment that rank above ``run``."""
         mine = self.ranking.key(run)
         return [
             r
             for r in self.marked_runs(run.experiment_id)
-            if r.run_id != run.run_id and self.ranking.key(r) < mine
+            if r.run_id != run.run_id
+            and r.status == RunStatus.FINISHED
+            and self.ranking.key(r) < mine
         ]
 
     def among_best(self, fresh: RunRecord, keep: int) -> bool:
-        """Whether ``fresh`` (just read) ranks among the ``keep`` best marked models of its
-        iteration, so its model is worth writing. Raises :class:`InvalidMetricError` if it
-        logged no value of the main metric."""
+        """Whether ``fresh`` (just read) ranks among the ``keep`` best models of FINISHED runs
+        of its iteration, so its model is worth writing. Raises :class:`InvalidMetricError`
+        if it logged no value of the main metric."""
         metric = self.ranking.metric
         if metric not in fresh.metrics:
             raise InvalidMetricError(
                 f"cannot rank run {fresh.run_id}: it has no value of {metric!r}"
             )
-        if len(self.better_marked(fresh)) < keep:
+        if len(self.better_kept(fresh)) < keep:
             return True
         value = fresh.metrics[metric]
         log.info(
@@ -154,14 +176,17 @@ class ModelKeeper:
         )
         return False
 
-    def prune(
-        self, experiment_id: str, keep: int, delete_model: Callable[[RunRecord], bool]
-    ) -> None:
-        """Delete (with ``delete_model``) the marked models ranked below the ``keep`` best.
-        Concurrent workers cannot prune a top model: a model is written first and marked
-        second, and only models ranked below ``keep`` *marked* ones are deleted."""
-        for worse in self.marked_runs(experiment_id)[keep:]:
-            delete_model(worse)
+    def prune(self, experiment_id: str, keep: int) -> None:
+        """Delete the models that will never be served: those of FAILED or KILLED runs, and
+        those ranked below ``keep`` models of FINISHED runs. Concurrent workers cannot prune
+        a top model: a model is written first and marked second, only FINISHED runs count
+        as the ``keep`` above, and a FINISHED run's rank never changes."""
+        finished_above = 0
+        for run in self.marked_runs(experiment_id):
+            if run.status in _NEVER_SERVED or finished_above >= keep:
+                self.delete(run)
+            elif run.status == RunStatus.FINISHED:
+                finished_above += 1
 
     # -- write, mark, unmark, delete ----------------------------------------------------
     def write_and_mark(
@@ -216,6 +241,15 @@ class ModelKeeper:
         ]
         tags = {T.TAG_MODEL_UPLOADED: T.FALSE, T.TAG_MODEL_DELETED: T.TRUE}
         self._track("log_metric", self.tracking.log_batch, run_id, markers, None, tags)
+
+    def delete(self, run: RunRecord) -> bool:
+        """Delete the run's model: unmark it first (a crash between the two steps leaves an
+        orphan for gc, never a marked model without files), then its files; True when no
+        file is left."""
+        self.unmark(run.run_id)
+        ok = self.delete_files(run)
+        log.info("deleted model of run %s (%s)", run.run_id, "done" if ok else "files remain")
+        return ok
 
     def delete_files(self, run: RunRecord) -> bool:
         """Delete the files of the run's model; True when none are left."""

@@ -5,11 +5,16 @@ it, a worker claims its lease (:mod:`tracker_core.leases`): one worker trains a 
 and a worker that died lets the run go when its lease expires. How a run ends:
 
 - :meth:`RunTracker.finish` (``finish_run``): its metrics reach the store first, then its
-  status is set. FINISHED needs a value of the main metric; FAILED does not. If the metrics
-  cannot be sent, the run is *not* ended (it would otherwise end FINISHED without them).
-- :meth:`RunTracker.end_implicitly` (a new run or iteration, ``close``): FINISHED when the main
-  metric was logged, else the run is left unfinished with its lease released, so the same
-  params resume it later.
+  status is set. FINISHED needs a value of the main metric, and no failed ``save_model``
+  since the last one that succeeded; FAILED needs neither. If the metrics cannot be sent,
+  the run is *not* ended (it would otherwise end FINISHED without them).
+- :meth:`RunTracker.end_implicitly` (a new run or iteration, ``close``): FINISHED when it
+  could be, else the run is left unfinished with its lease released, so the same params
+  resume it later.
+
+Both return an :class:`EndedRun` telling whether this worker's run holds a model, so that
+the manager settles it (:mod:`tracker_core.models`: a FAILED run's model is deleted, a
+FINISHED one's iteration is pruned).
 - :meth:`RunTracker.release` (an interrupt, ``abandon_iteration``): left unfinished, lease
   released. A crash leaves it unfinished too, and its lease expires.
 
@@ -28,12 +33,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import attrs
+
 from tracker_core import leases
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.errors import (
     InvalidMetricError,
     LeaseLostError,
+    ModelNotSavedError,
     NoActiveRunError,
     RunInUseError,
     RunNotFoundError,
@@ -46,7 +54,7 @@ from tracker_core.remote import Remote
 from tracker_core.stores import RunQuery
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
-__all__ = ["RunTracker", "looked_up_again"]
+__all__ = ["EndedRun", "RunTracker", "looked_up_again"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,17 @@ def looked_up_again(take: Callable[[], _T], what: str) -> _T:
             log.info("the run of %s was deleted as it was taken; looking again", what)
             time.sleep(random.uniform(0.0, 0.1 * attempt))
     raise AssertionError("unreachable")
+
+
+@attrs.frozen
+class EndedRun:
+    """A run this worker ended: its record, how it ended, and whether it holds a model that
+    was ranked (saved with ``best_only``, or found marked when the run was taken)."""
+
+    run: RunRecord
+    status: RunStatus
+    holds_model: bool
+    ranked: bool
 
 
 def _when(ms: int | None) -> str:
@@ -105,6 +124,8 @@ class RunTracker:
         self._heartbeat: leases.Heartbeat | None = None
         self._has_main = False
         self._resumed = False
+        self._model: tuple[bool, bool] = (False, False)  # (holds a model, ranked)
+        self._save_failed: str | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -230,6 +251,8 @@ class RunTracker:
         self._resumed = not created
         self.metrics.start(run.run_id)
         self._has_main = self.main_metric in run.metrics
+        marked = run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
+        self._model = (marked, marked)
         return run.status.is_terminal
 
     def _acquire(self, run: RunRecord, *, created: bool, wait: float, hold: bool) -> RunRecord:
@@ -392,19 +415,38 @@ class RunTracker:
             )
         return float(fresh.metrics[self.main_metric])
 
+    # ------------------------------------------------------------------ models
+    def model_saved(self, *, ranked: bool) -> None:
+        """The current run's model was written and marked (``ranked``: with ``best_only``)."""
+        self._model = (True, ranked or self._model[1])
+        self._save_failed = None
+
+    def model_not_saved(self, exc: BaseException) -> None:
+        """A ``save_model`` of the current run failed: it cannot end FINISHED until a save
+        succeeds (see :class:`~tracker_core.errors.ModelNotSavedError`)."""
+        self._save_failed = f"{type(exc).__name__}: {exc}"
+
     # ------------------------------------------------------------------ ending
-    def finish(self, status: RunStatus) -> None:
-        """End the current run with ``status`` after its metrics reached the store."""
+    def finish(self, status: RunStatus) -> EndedRun | None:
+        """End the current run with ``status`` after its metrics reached the store; what
+        ended (None if the run had ended already)."""
         run = self.require()
         self.flush()  # raises with the values still queued: the run is not ended
         if run.status.is_terminal:
             self._reset()
-            return
+            return None
         if status == RunStatus.FINISHED and not self._has_main:
             raise InvalidMetricError(
                 f"run {run.run_id} has no value of the main metric {self.main_metric!r}: log it "
                 "before finish_run(), or end the run with finish_run(as_failed=True)"
             )
+        if status == RunStatus.FINISHED and self._save_failed is not None:
+            raise ModelNotSavedError(
+                f"run {run.run_id}: save_model failed ({self._save_failed}), so it cannot end "
+                "FINISHED: its main metric would stand with no model behind it. Call "
+                "save_model again, or end the run with finish_run(as_failed=True)"
+            )
+        ended = EndedRun(run, status, *self._model)
         self._stop_heartbeat()
         self._remote.track("finish_run", self._remote.tracking.set_terminated, run.run_id, status)
         if self._resumed:  # its creator may have died leaving a twin (see _drop_twins)
@@ -413,24 +455,30 @@ class RunTracker:
             except TrackerError as exc:
                 log.warning("could not look for twins of run %s: %s", run.run_id, exc)
         self._reset()
+        return ended
 
-    def end_implicitly(self) -> None:
-        """End the run because the caller moved on: FINISHED if it logged the main metric,
-        else left unfinished (lease released) so the same params resume it."""
+    def end_implicitly(self) -> EndedRun | None:
+        """End the run because the caller moved on: FINISHED if it logged the main metric
+        and no ``save_model`` of it failed since the last that succeeded, else left
+        unfinished (lease released) so the same params resume it. What ended, if anything."""
         if self.run is None:
-            return
+            return None
         self.flush()  # raises with the values still queued: the run is not ended
         if self.run.status.is_terminal:
             self._reset()
-        elif self._has_main:
-            self.finish(RunStatus.FINISHED)
-        else:
-            log.info(
-                "run %s ended without a value of %r: left unfinished, the same params resume it",
-                self.run.run_id,
-                self.main_metric,
-            )
-            self.release()
+            return None
+        if self._has_main and self._save_failed is None:
+            return self.finish(RunStatus.FINISHED)
+        why = (
+            f"its save_model failed ({self._save_failed})"
+            if self._has_main
+            else f"without a value of {self.main_metric!r}"
+        )
+        log.info(
+            "run %s ended %s: left unfinished, the same params resume it", self.run.run_id, why
+        )
+        self.release()
+        return None
 
     def release(self) -> None:
         """Let go of the run without ending it (it stays RUNNING): its lease is released so
@@ -462,3 +510,5 @@ class RunTracker:
         self._epoch = 0
         self._has_main = False
         self._resumed = False
+        self._model = (False, False)
+        self._save_failed = None

@@ -80,11 +80,13 @@ class IterationsAPI(ManagerState):
         """The newest iteration, other than the current one, that has runs, all ended."""
         return self._iterations.last_finished(self._experiment)
 
-    def _previous_or_last_finished(self) -> str | None:
-        """The previous iteration, or the last finished one when no iteration is current."""
-        if self._experiment is not None:
-            return self.get_previous_iteration_id()
-        return self.get_last_finished_iteration_id()
+    def get_last_model_run(self) -> RunRecord | None:
+        """The run holding the model the next iteration starts from: the best model of a
+        FINISHED run in the newest iteration (created before the current one, if any) that
+        holds one. Iterations in which every run failed are skipped. :meth:`download_last_model`,
+        :meth:`get_top_params` and :meth:`delete_previous_iteration` use this iteration."""
+        found = self._iterations.newest_with_model(self._experiment)
+        return found[1] if found else None
 
     def _set_experiment_with_name(self, experiment_name: str) -> None:
         """Make the experiment with that name (created if needed) the current iteration."""
@@ -120,7 +122,7 @@ class IterationsAPI(ManagerState):
     def finish_iteration(self) -> None:
         """End the current iteration (a current run ends implicitly, see :meth:`set_run`)."""
         with self._lock:
-            self._runs.end_implicitly()
+            self._end_run_implicitly()
             self._iteration = None
             self._experiment = None
 
@@ -132,15 +134,16 @@ class IterationsAPI(ManagerState):
         return self._experiment
 
     def delete_previous_iteration(self) -> None:
-        """Delete the previous iteration: its models, then the experiment. Refused, nothing
-        deleted, while the current iteration holds no model (:class:`NoModelToKeepError`) or
-        live workers hold runs of the previous one (:class:`IterationInUseError`); never the
-        initial experiment (see :mod:`tracker_core.iterations`)."""
+        """Delete the iteration the current one started from (see :meth:`get_last_model_run`):
+        its models, then the experiment. Refused, nothing deleted, while the current iteration
+        holds no model of a FINISHED run (:class:`NoModelToKeepError`) or live workers hold
+        runs of the previous one (:class:`IterationInUseError`); never the initial experiment
+        (see :mod:`tracker_core.iterations`)."""
         with self._lock:
             if self._experiment is None:
                 log.warning("delete_previous_iteration: no current iteration is set")
                 return
-            self._iterations.delete_previous(self._experiment, self._delete_marked_model)
+            self._iterations.delete_previous(self._experiment)
 
     def delete_iteration(self, experiment_id: str, *, defer: bool = False) -> bool:
         """Delete one iteration (never the initial or current one); True once deleted. While
@@ -148,18 +151,13 @@ class IterationsAPI(ManagerState):
         :meth:`delete_pending_iterations` and False (see :mod:`tracker_core.iterations`)."""
         with self._lock:
             return self._iterations.delete_or_defer(
-                experiment_id,
-                current_id=self.current_experiment_id,
-                delete_model=self._delete_marked_model,
-                defer=defer,
+                experiment_id, current_id=self.current_experiment_id, defer=defer
             )
 
     def delete_pending_iterations(self) -> list[str]:
         """Delete the deferred iterations no live worker holds any more; their ids."""
         with self._lock:
-            return self._iterations.delete_pending(
-                current_id=self.current_experiment_id, delete_model=self._delete_marked_model
-            )
+            return self._iterations.delete_pending(current_id=self.current_experiment_id)
 
     def abandon_iteration(self) -> None:
         """Forget the current run and iteration *without* ending them, as after an interrupt:
@@ -195,5 +193,5 @@ class IterationsAPI(ManagerState):
         return self._iterations.has_unfinished_runs(experiment_id)
 
     def get_best_model_run(self, experiment_id: str) -> RunRecord | None:
-        """The run holding the best marked model of an experiment (never a FAILED run)."""
+        """The run holding the best model of an experiment: a model of a FINISHED run."""
         return self.models.best_run(experiment_id)

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tracker_core.errors import ConfigurationError, ModelFilesMissingError, ModelNotFoundError
+from tracker_core.errors import (
+    ConfigurationError,
+    LeaseLostError,
+    ModelFilesMissingError,
+    ModelNotFoundError,
+    TrackerError,
+)
 from tracker_core.facade.state import ManagerState
 from tracker_core.models import is_marked
 from tracker_core.params import FineTuningParams
@@ -47,22 +53,34 @@ class ModelsAPI(ManagerState):
 
     def save_model(self, model: Any, best_only: bool = True) -> bool:
         """Save the current run's model; True if it was written. With ``best_only``, only
-        if fewer than ``keep`` marked models of the iteration are better, and models below
-        ``keep`` marked ones are pruned after (see :mod:`tracker_core.models`). Raises
+        if fewer than ``keep`` models of FINISHED runs of the iteration are better, and the
+        models that will never be served are pruned after (see :mod:`tracker_core.models`).
+        The model is served once the run ends FINISHED; if it ends FAILED, the model is
+        deleted. If the save fails, the run cannot end FINISHED until a save succeeds
+        (:class:`~tracker_core.errors.ModelNotSavedError`). Raises
         :class:`~tracker_core.errors.LeaseLostError` if another worker took the run over."""
         with self._lock:
             experiment = self._require_iteration()
             run = self._runs.require()
-            if not best_only:
+            try:
+                if best_only:
+                    self.flush_metrics()
+                    fresh = self._get_run(run.run_id)
+                    self._runs.check_lease(fresh)
+                    if not self.models.among_best(fresh, self.keep):
+                        return False
                 self._save_model(model)
-                return True
-            self.flush_metrics()
-            fresh = self._get_run(run.run_id)
-            self._runs.check_lease(fresh)
-            if not self.models.among_best(fresh, self.keep):
-                return False
-            self._save_model(model)
-            self.models.prune(experiment.experiment_id, self.keep, self._delete_marked_model)
+            except LeaseLostError:
+                raise
+            except Exception as exc:
+                self._runs.model_not_saved(exc)
+                raise
+            self._runs.model_saved(ranked=best_only)
+            if best_only:
+                try:
+                    self.models.prune(experiment.experiment_id, self.keep)
+                except TrackerError as exc:  # the model is saved; the run's end prunes again
+                    log.warning("could not prune iteration %s: %s", experiment.name, exc)
             return True
 
     def _set_model_as_deleted(self, run_id: str, experiment_id: str | None = None) -> None:
@@ -70,17 +88,8 @@ class ModelsAPI(ManagerState):
         self.models.unmark(run_id)
 
     def _delete_model(self, run_id: str, experiment_id: str) -> bool:
-        """Delete the files of the run's model; True when none are left. Backends may
-        override it (the seed's S3 manager does)."""
+        """Delete the files of the run's model; True when none are left (the seed's name)."""
         return self.models.delete_files(self._get_run(run_id))
-
-    def _delete_marked_model(self, run: RunRecord) -> bool:
-        # unmark first: a crash between the two steps leaves an orphan for gc, never a
-        # marked model without files
-        self._set_model_as_deleted(run.run_id, run.experiment_id)
-        ok = self._delete_model(run.run_id, run.experiment_id)
-        log.info("deleted model of run %s (%s)", run.run_id, "done" if ok else "files remain")
-        return ok
 
     def delete_model(self, run_id: str, experiment_id: str | None = None) -> bool:
         """Delete the model of a run (of the current iteration unless ``experiment_id``);
@@ -93,25 +102,18 @@ class ModelsAPI(ManagerState):
             if run is None or run.experiment_id != experiment_id or not is_marked(run):
                 log.warning("run %s of experiment %s holds no model", run_id, experiment_id)
                 return False
-            return self._delete_marked_model(run)
+            return self.models.delete(run)
 
     def model_is_uploaded(self) -> bool:
         """Whether the current run holds a marked model."""
         return is_marked(self._get_run(self._runs.require().run_id))
 
     # ------------------------------------------------------------------ best runs and URLs
-    def _best_previous_run(self) -> RunRecord | None:
-        previous = self._previous_or_last_finished()
-        return self.models.best_run(previous) if previous is not None else None
-
     def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
-        """Best model run of the previous iteration (the last finished one when no iteration
-        is current). ``(None, True)`` when there is no previous iteration."""
-        previous = self._previous_or_last_finished()
-        if previous is None:
-            return None, True
-        run = self.models.best_run(previous)
-        return (run.run_id if run else None), False
+        """The run holding the model the next iteration starts from (see
+        :meth:`get_last_model_run`); ``(None, True)`` when no earlier iteration holds one."""
+        run = self.get_last_model_run()
+        return (run.run_id, False) if run else (None, True)
 
     def get_best_current_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the current iteration; ``(None, True)`` without a current iteration."""
@@ -121,8 +123,9 @@ class ModelsAPI(ManagerState):
         return (best.run_id if best else None), False
 
     def get_last_model_url(self) -> str | None:
-        """Storage URL of the previous iteration's best model; None if there is none."""
-        run = self._best_previous_run()
+        """Storage URL of the model the next iteration starts from (see
+        :meth:`get_last_model_run`); None if there is none."""
+        run = self.get_last_model_run()
         return self.models.uri_of(run) if run else None
 
     def get_current_model_url(self) -> str | None:
@@ -194,8 +197,10 @@ class ModelsAPI(ManagerState):
         return self._download_best(pick)
 
     def download_last_model(self) -> Any:
-        """Best model of the previous (or last finished) iteration; else the initial model."""
-        return self._download_best(self._best_previous_run)
+        """The model the next iteration starts from: the best model of a FINISHED run in the
+        newest iteration (before the current one) that holds one (see
+        :meth:`get_last_model_run`); else the initial model."""
+        return self._download_best(self.get_last_model_run)
 
     # ------------------------------------------------------------------ top params
     def get_top_params_by_experiment_id(
@@ -211,9 +216,10 @@ class ModelsAPI(ManagerState):
         return self._top.params(experiment_id, self.n_top_runs, *preferred)  # type: ignore[return-value]
 
     def get_top_params(self, params_type: type[P] | None = None) -> list[P] | None:
-        """Top params of the previous iteration (the last finished one when no iteration is
-        current); None if there are none."""
-        previous = self._previous_or_last_finished()
-        if previous is None:
+        """Top params of the iteration the next one starts from (the newest, before the
+        current one, that holds a model of a FINISHED run: see :meth:`get_last_model_run`);
+        None if there is none."""
+        run = self.get_last_model_run()
+        if run is None:
             return None
-        return self.get_top_params_by_experiment_id(previous, params_type)
+        return self.get_top_params_by_experiment_id(run.experiment_id, params_type)

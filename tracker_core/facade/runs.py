@@ -15,11 +15,11 @@ from collections.abc import Iterator
 import attrs
 
 from tracker_core import tags as T
-from tracker_core.errors import ConfigurationError, InvalidMetricError
+from tracker_core.errors import ConfigurationError, InvalidMetricError, TrackerError
 from tracker_core.facade.state import ManagerState
 from tracker_core.models import is_marked
 from tracker_core.params import FineTuningParams
-from tracker_core.runs import looked_up_again
+from tracker_core.runs import EndedRun, looked_up_again
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
 __all__ = ["ActiveRun", "RunsAPI"]
@@ -87,7 +87,7 @@ class RunsAPI(ManagerState):
             )
         with self._lock:
             self._require_iteration()
-            self._runs.end_implicitly()
+            self._end_run_implicitly()
             return not self._set_run(params, wait)
 
     @contextlib.contextmanager
@@ -125,12 +125,37 @@ class RunsAPI(ManagerState):
     def finish_run(self, as_failed: bool = False) -> None:
         """End the current run, FINISHED or (``as_failed``) FAILED, once its queued metrics
         reached the store (not ended, the error raised, if they cannot be sent). FINISHED
-        needs a value of the main metric (:class:`InvalidMetricError`)."""
+        needs a value of the main metric (:class:`InvalidMetricError`) and, if a
+        ``save_model`` of the run failed, a later one that succeeded
+        (:class:`~tracker_core.errors.ModelNotSavedError`). A FAILED run's model is deleted
+        (it is never served); a FINISHED one's is now served, and the iteration pruned."""
         with self._lock:
             if self._runs.run is None:
                 log.warning("finish_run: no active run")
                 return
-            self._runs.finish(RunStatus.FAILED if as_failed else RunStatus.FINISHED)
+            status = RunStatus.FAILED if as_failed else RunStatus.FINISHED
+            self._settle(self._runs.finish(status))
+
+    def _end_run_implicitly(self) -> None:
+        """End the current run because the caller moved on (see :meth:`set_run`)."""
+        self._settle(self._runs.end_implicitly())
+
+    def _settle(self, ended: EndedRun | None) -> None:
+        """The model of a run this worker just ended: deleted if the run FAILED (it would
+        never be served); if it FINISHED, it now counts among the ``keep`` best, so the
+        iteration is pruned (see :mod:`tracker_core.models`). The run has ended either way:
+        a store failure here is logged, and the next save or end prunes again."""
+        if ended is None or not ended.holds_model:
+            return
+        run = ended.run
+        try:
+            if ended.status != RunStatus.FINISHED:
+                log.info("run %s ended %s: deleting its model", run.run_id, ended.status.value)
+                self.models.delete(run)
+            elif ended.ranked:
+                self.models.prune(run.experiment_id, self.keep)
+        except TrackerError as exc:
+            log.warning("run %s ended; settling its model failed: %s", run.run_id, exc)
 
     def _forget_run(self) -> None:
         """Drop the current run as a dying process would (tests simulate crashes with it)."""

@@ -297,15 +297,15 @@ def _made_since(
 
 
 def _previous_iteration(manager: ExperimentsManager) -> tuple[ExperimentRecord, RunRecord] | None:
-    """The newest iteration that holds a best model, with that run. Runs still unfinished in it
+    """The newest iteration that holds a model of a FINISHED run, with that run
+    (:meth:`~tracker_core.ExperimentsManager.get_last_model_run`). Runs still unfinished in it
     (a straggling worker, a crash) do not matter: its best model so far is the start, and its
     deletion at step 7 waits for its live workers."""
-    for experiment in manager.get_experiments():
-        best = manager.get_best_model_run(experiment.experiment_id)
-        if best is not None:
-            return experiment, best
-        log.info("skipping iteration %r: it holds no model", experiment.name)
-    return None
+    run = manager.get_last_model_run()
+    experiment = manager.get_experiment(run.experiment_id) if run is not None else None
+    if run is None or experiment is None:
+        return None
+    return experiment, run
 
 
 def _dedupe(params: Sequence[FineTuningParams]) -> list[FineTuningParams]:

@@ -26,6 +26,7 @@ from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import (
     Params,
     iteration,
+    marked_models,
     mgr,
     run_with_quality,
     stored_models,
@@ -208,6 +209,103 @@ def test_previous_iteration_kept_when_current_holds_no_model(mgr: ExperimentsMan
     assert stored_models(mgr, first) == {best}  # nothing deleted
     assert mgr.get_top_params() == [Params(lr=0.1)]
     assert weights(mgr.download_last_model()) == weights(tiny_model(3))
+
+
+def _pair(backend: BackendUnderTest) -> tuple[ExperimentsManager, ExperimentsManager, str]:
+    """Two workers (managers) of one new plugin, and the plugin's name."""
+    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
+    kwargs = {"model_format": "state_dict", "model_factory": tiny_model, "params_type": Params}
+    return (
+        backend.connect(plugin_name=plugin, **kwargs),
+        backend.connect(plugin_name=plugin, **kwargs),
+        plugin,
+    )
+
+
+def test_a_model_whose_run_can_still_fail_is_not_the_model_to_keep(
+    backend: BackendUnderTest,
+) -> None:
+    """Worker A saved a model in iteration 2 and is still training: B's cleanup is refused
+    (A's run can still fail). A's run fails: its model is deleted, and iteration 1's model
+    is still the one the next iteration starts from."""
+    a, b, plugin = _pair(backend)
+    a.upload_initial_model(tiny_model(0))
+    a.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="1"))
+    first = a.current_experiment_id or ""
+    kept = run_with_quality(a, Params(lr=0.1), 0.5, seed=1)
+    second = FineTuningIteration(plugin_name=plugin, batch_id="2")
+    a.set_iteration(second)
+    a.set_run(Params(lr=0.2))
+    a.save_metric(MetricValue("quality", 0.9))
+    assert a.save_model(tiny_model(2)) is True
+    provisional, second_id = a.current_run_id or "", a.current_experiment_id or ""
+    b.set_iteration(second)
+    assert b.get_best_current_run_id() == (None, False)  # not served while its run trains
+    with pytest.raises(NoModelToKeepError, match="FINISHED"):
+        b.delete_previous_iteration()
+    assert stored_models(b, first) == {kept}  # nothing deleted
+    a.finish_run(as_failed=True)
+    assert provisional not in stored_models(a, second_id)  # a FAILED run's model is deleted
+    assert provisional not in marked_models(a, second_id)
+    assert b.get_best_current_run_id() == (None, False)
+    b.finish_iteration()
+    b.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="3"))
+    assert weights(b.download_last_model()) == weights(tiny_model(1))
+    assert b.get_top_params() == [Params(lr=0.1)]
+
+
+@pytest.mark.parametrize("ends", ["FINISHED", "FAILED"])
+def test_a_better_model_still_training_never_prunes_the_finished_best(
+    backend: BackendUnderTest, ends: str
+) -> None:
+    """keep=1: a better model saved by a run still training does not prune the best model of
+    a FINISHED run; whichever way that run ends, one model is left, and it is servable."""
+    a, b, plugin = _pair(backend)
+    batch = FineTuningIteration(plugin_name=plugin, batch_id="1")
+    a.set_iteration(batch)
+    finished = run_with_quality(a, Params(lr=0.1), 0.5, seed=1)
+    experiment_id = a.current_experiment_id or ""
+    b.set_iteration(batch)
+    b.set_run(Params(lr=0.2))
+    b.save_metric(MetricValue("quality", 0.9))
+    assert b.save_model(tiny_model(2)) is True
+    training = b.current_run_id or ""
+    assert stored_models(a, experiment_id) == {finished, training}
+    assert a.get_best_current_run_id() == (finished, False)
+    b.finish_run(as_failed=ends == "FAILED")
+    winner, seed = (training, 2) if ends == "FINISHED" else (finished, 1)
+    assert stored_models(a, experiment_id) == {winner}
+    assert a.get_best_current_run_id() == (winner, False)
+    assert weights(a.download_best_model(experiment_id)) == weights(tiny_model(seed))
+
+
+def test_after_an_iteration_where_every_run_failed_the_next_starts_from_the_last_model(
+    mgr: ExperimentsManager,
+) -> None:
+    """The hand-written loop (README's quick start): iteration 2 fails entirely; iteration 3
+    starts from iteration 1's model and params, and its cleanup deletes iteration 1."""
+    mgr.upload_initial_model(tiny_model(0))
+    mgr.set_iteration(iteration(mgr, "1"))
+    first = mgr.current_experiment_id or ""
+    best = run_with_quality(mgr, Params(lr=0.1), 0.8, seed=3)
+    url = mgr._model_uri(mgr._get_run(best))
+    mgr.set_iteration(iteration(mgr, "2"))
+    with pytest.raises(RuntimeError), mgr.run(Params(lr=0.2)):
+        mgr.save_metric(MetricValue("quality", 0.9))
+        mgr.save_model(tiny_model(4))
+        raise RuntimeError("training diverged")
+    mgr.set_iteration(iteration(mgr, "3"))
+    assert weights(mgr.download_last_model()) == weights(tiny_model(3))
+    assert mgr.get_top_params() == [Params(lr=0.1)]
+    assert mgr.get_last_model_url() == url
+    assert mgr._get_best_previous_run_id() == (best, False)
+    third = run_with_quality(mgr, Params(lr=0.1), 0.7, seed=5)
+    mgr.delete_previous_iteration()  # the iteration it started from
+    gone = mgr.get_experiment(first)
+    assert gone is None or gone.lifecycle_stage == "deleted"
+    mgr.finish_iteration()
+    assert mgr._get_best_previous_run_id() == (third, False)
+    assert weights(mgr.download_last_model()) == weights(tiny_model(5))
 
 
 def test_previous_iteration_with_a_live_worker_is_not_deleted(backend: BackendUnderTest) -> None:

@@ -15,7 +15,9 @@ import pytest
 
 from tracker_core import tags as T
 from tracker_core.errors import (
+    ArtifactStoreError,
     InvalidMetricError,
+    ModelNotSavedError,
     TrackerError,
 )
 from tracker_core.manager import ExperimentsManager
@@ -32,7 +34,7 @@ from tracker_core.testing.support import (
     tiny_model,
     weights,
 )
-from tracker_core.values import FineTuningIteration, MetricValue
+from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 
 __all__ = ["mgr"]  # completed at the end
 
@@ -68,6 +70,33 @@ def test_save_model_keep_two_and_best_only_false(backend: BackendUnderTest) -> N
     extra = mgr.current_run_id
     mgr.finish_run()
     assert stored_models(mgr, eid) == {ids[1], ids[2], extra}
+
+
+def test_a_run_whose_model_could_not_be_saved_never_ends_finished(mgr: ExperimentsManager) -> None:
+    """Its main metric would stand with no model behind it: finish_run refuses, an implicit
+    end leaves it resumable, and once a save succeeds it ends FINISHED and serves."""
+    proxy = FaultyProxy(mgr.artifacts)
+    mgr.artifacts = proxy  # type: ignore[assignment]
+    mgr.set_iteration(iteration(mgr))
+    mgr.set_run(Params(lr=0.1))
+    run_id = mgr.current_run_id or ""
+    mgr.save_metric(MetricValue("quality", 0.9))
+    proxy.fail("upload_dir", error=ArtifactStoreError("the bucket refused the upload"))
+    with pytest.raises(ArtifactStoreError):
+        mgr.save_model(tiny_model(1))
+    with pytest.raises(ModelNotSavedError, match="bucket refused"):
+        mgr.finish_run()
+    mgr.finish_iteration()  # an implicit end: left unfinished, resumable
+    assert mgr.get_run_by_id(run_id).status == RunStatus.RUNNING  # type: ignore[union-attr]
+    mgr.set_iteration(iteration(mgr))
+    assert mgr.get_best_current_run_id() == (None, False)
+    assert mgr.set_run(Params(lr=0.1)) is False  # resumed, not skipped
+    assert mgr.save_model(tiny_model(1)) is True
+    mgr.finish_run()
+    assert mgr.get_best_current_run_id() == (run_id, False)
+    assert weights(mgr.download_best_model(mgr.current_experiment_id or "")) == weights(
+        tiny_model(1)
+    )
 
 
 def test_save_model_ties_are_deterministic(mgr: ExperimentsManager) -> None:

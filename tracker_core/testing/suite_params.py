@@ -23,6 +23,7 @@ from tracker_core.manager import ExperimentsManager
 from tracker_core.params import MAX_PARAM_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, FineTuningParams
 from tracker_core.stores import RunQuery
 from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.testing.support import tiny_model
 from tracker_core.values import FineTuningIteration, MetricValue
 
 __all__ = [
@@ -125,11 +126,15 @@ def _iteration(mgr: ExperimentsManager, batch: str) -> FineTuningIteration:
     return FineTuningIteration(plugin_name=mgr.plugin_name, batch_id=batch)
 
 
-def _run(mgr: ExperimentsManager, params: FineTuningParams, quality: float) -> str:
+def _run(
+    mgr: ExperimentsManager, params: FineTuningParams, quality: float, *, save: bool = False
+) -> str:
     mgr.set_run(params)
     run_id = mgr.current_run_id
     assert run_id is not None
     mgr.save_metric(MetricValue(mgr.main_metric, quality))
+    if save:
+        mgr.save_model(tiny_model())
     mgr.finish_run()
     return run_id
 
@@ -173,10 +178,10 @@ def test_int_and_float_of_one_value_are_one_run(backend: BackendUnderTest) -> No
 def test_wrong_value_type_refused_so_the_next_iteration_reads_its_params(
     backend: BackendUnderTest,
 ) -> None:
-    mgr = backend.connect(params_type=Basic)
+    mgr = backend.connect(params_type=Basic, model_format="state_dict")
     try:
         mgr.set_iteration(_iteration(mgr, "b1"))
-        _run(mgr, Basic(lr=0.1), 0.5)
+        _run(mgr, Basic(lr=0.1), 0.5, save=True)
         with pytest.raises(InvalidParamsError, match=r"Basic\.lr is declared float, got '0\.2'"):
             _run(mgr, Basic(lr="0.2"), 0.9)  # type: ignore[arg-type]
         mgr.finish_iteration()
@@ -226,11 +231,11 @@ def test_too_long_params_refused_before_anything_is_written(backend: BackendUnde
 
 def test_get_top_params_returns_every_type_typed(backend: BackendUnderTest) -> None:
     sent = examples()
-    mgr = backend.connect(params_type=EveryType, n_top_runs=len(sent))
+    mgr = backend.connect(params_type=EveryType, n_top_runs=len(sent), model_format="state_dict")
     try:
         mgr.set_iteration(_iteration(mgr, "b1"))
-        for index, params in enumerate(sent):
-            _run(mgr, params, float(index))
+        for index, params in enumerate(sent):  # the best (last) run keeps a model
+            _run(mgr, params, float(index), save=index == len(sent) - 1)
         first = mgr.current_experiment_id
         assert first is not None
         mgr.finish_iteration()

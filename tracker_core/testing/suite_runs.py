@@ -23,6 +23,7 @@ from tracker_core.errors import (
     InvalidMetricError,
     LeaseLostError,
     MaxAttemptsReachedException,
+    ModelNotSavedError,
     NoActiveIterationError,
     NoActiveRunError,
     RunInUseError,
@@ -182,7 +183,11 @@ def test_failed_metric_batch_keeps_values_and_run_open(backend: BackendUnderTest
     proxy.fail("log_batch", error=TransientError("503"), times=3)  # one flush: 3 attempts
     with pytest.raises(MaxAttemptsReachedException):
         mgr.save_model(tiny_model())
-    mgr.finish_run()  # the store is back: everything queued arrives, then the run ends
+    with pytest.raises(ModelNotSavedError):  # FINISHED would leave its metric with no model
+        mgr.finish_run()
+    assert _status(mgr, run_id) == RunStatus.RUNNING
+    assert mgr.save_model(tiny_model()) is True  # the store is back: the save succeeds
+    mgr.finish_run()  # everything queued arrived, then the run ends
     assert _status(mgr, run_id) == RunStatus.FINISHED
     assert [m.value for m in mgr.tracking.get_metric_history(run_id, "loss")] == [
         float(i) for i in range(100)

@@ -7,12 +7,17 @@ from typing import Any
 
 import attrs
 
+from tracker_core import arguments
 from tracker_core.errors import ConfigurationError
 
 __all__ = ["GCSCredentials"]
 
 
 def _info(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, Mapping):
+        arguments.refuse(
+            "service_account_info", value, "None or the parsed key file (a dict)", secret=True
+        )
     return dict(value) if value is not None else None
 
 
@@ -29,13 +34,19 @@ class GCSCredentials:
       (``http://127.0.0.1:9023``); default ``$STORAGE_EMULATOR_HOST``, else Google's.
     """
 
-    bucket_name: str
-    project: str | None = None
-    service_account_file: str | None = None
+    bucket_name: str = attrs.field(validator=arguments.validator(arguments.text))
+    project: str | None = attrs.field(
+        default=None, validator=arguments.validator(arguments.optional_text)
+    )
+    service_account_file: str | None = attrs.field(
+        default=None, validator=arguments.validator(arguments.optional_text)
+    )
     service_account_info: dict[str, Any] | None = attrs.field(
         default=None, converter=_info, repr=False, eq=False, hash=False
     )
-    endpoint_url: str | None = None
+    endpoint_url: str | None = attrs.field(
+        default=None, validator=arguments.validator(arguments.optional_text)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.service_account_file and self.service_account_info:

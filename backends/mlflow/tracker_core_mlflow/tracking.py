@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from tracker_core import arguments
 from tracker_core.errors import ConfigurationError, TrackingStoreError, redact
 from tracker_core.stores import ExperimentQuery, RunQuery, TrackingStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
@@ -181,6 +182,37 @@ def _sqlite_init_lock(uri: str) -> Iterator[bool]:
         os.close(fd)
 
 
+#: the schemes MLflow has a tracking store for (a ``+driver`` suffix is SQLAlchemy's)
+TRACKING_SCHEMES = (
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "file",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Refuse, before any connection, a URI for which MLflow has no tracking store."""
+    scheme = urlsplit(tracking_uri).scheme.split("+", 1)[0].lower()
+    if tracking_uri in ("databricks", "databricks-uc", "uc") or scheme in TRACKING_SCHEMES:
+        return
+    if len(scheme) <= 1:  # a plain path (or a Windows drive): MLflow's file store
+        return
+    arguments.refuse(
+        "tracking_uri",
+        tracking_uri,
+        f"MLflow has no tracking store for {scheme}://; give sqlite:///path/mlflow.db, "
+        "postgresql+psycopg://host/db (or mysql://, mssql://), or the http(s):// URL of an "
+        "MLflow tracking server",
+    )
+
+
 def _deleted_name(name: str, experiment_id: str) -> str:
     return f"{name} (deleted {experiment_id})"
 
@@ -205,6 +237,7 @@ class MlflowTrackingStore(TrackingStore):
         :func:`resolve_request_timeout`); ignored for databases and for a ``client`` passed in."""
         from tracker_core_mlflow.rest import SingleAttemptRestStore, single_attempt_client
 
+        check_tracking_uri(tracking_uri)
         self.uri = tracking_uri
         self._password = urlsplit(tracking_uri).password
         self.display_uri = redact(tracking_uri, self._password)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from tracker_core import arguments
 from tracker_core.retry import RetryConfig
-from tracker_core_mlflow.tracking import MlflowTrackingStore
+from tracker_core_mlflow.tracking import MlflowTrackingStore, check_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -28,8 +29,10 @@ class MLflowClientWrapper:
         requirements: list[str] | None = None,
         retry_config: RetryConfig | None = None,
     ) -> None:
+        check_tracking_uri(arguments.text("tracking_uri", tracking_uri))
+        arguments.optional_instance("retry_config", retry_config, RetryConfig, "a RetryConfig")
         self.tracking_uri = tracking_uri
-        self.requirements: list[str] = list(requirements or [])
+        self.requirements: list[str] = arguments.string_list("requirements", requirements) or []
         self.retry_config: RetryConfig = retry_config or RetryConfig()
 
     @functools.cached_property

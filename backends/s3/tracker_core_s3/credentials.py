@@ -6,6 +6,8 @@ from typing import Any
 
 import attrs
 
+from tracker_core import arguments
+
 __all__ = ["S3Credentials"]
 
 
@@ -18,11 +20,11 @@ class S3Credentials:
     ``repr``/``str`` (and so in no log line or error message built from this value).
     """
 
-    endpoint: str
-    access_key: str
-    secret_key: str = attrs.field(repr=False)
-    bucket_name: str
-    secure: bool = True
+    endpoint: str = attrs.field(validator=arguments.validator(arguments.text))
+    access_key: str = attrs.field(validator=arguments.validator(arguments.secret_text))
+    secret_key: str = attrs.field(repr=False, validator=arguments.validator(arguments.secret_text))
+    bucket_name: str = attrs.field(validator=arguments.validator(arguments.text))
+    secure: bool = attrs.field(default=True, validator=arguments.validator(arguments.flag))
 
     @property
     def endpoint_url(self) -> str:
