@@ -293,3 +293,72 @@ def test_environ_edited_by_another_thread_does_not_fail_calls(
     outcome = json.loads(out.splitlines()[-1])
     assert outcome["failed"] == []
     assert outcome["races"] > 0, "the race never happened: the test proves nothing"
+
+
+# -- issue 17, items 7 and 9: requirements= and an exit against a store that is gone ---------
+
+REQUIREMENTS_MISMATCH = """
+import logging, sys, torch, tracker_core
+
+mgr = tracker_core.connect(
+    "./models", tracking_uri="sqlite:///mlflow.db", main_metric="q", plugin_name="p",
+    requirements=["scikit-learn==0.0.1"],  # not what is installed: MLflow would warn
+)
+mgr.upload_initial_model(torch.nn.Linear(3, 2))
+mgr.download_initial_model()
+mgr.download_initial_model()
+if sys.argv[1] == "debug":  # the mismatch is told once, at DEBUG, through our logger
+    logging.basicConfig(stream=sys.stdout, format="%(name)s %(message)s")
+    logging.getLogger("tracker_core_mlflow.codec").setLevel(logging.DEBUG)
+    other = tracker_core.connect(
+        "./models2", tracking_uri="sqlite:///other.db", main_metric="q", plugin_name="p",
+        requirements=["scikit-learn==0.0.2"],
+    )
+    other.upload_initial_model(torch.nn.Linear(3, 2))
+    other.download_initial_model()
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "debug"])
+def test_requirements_mismatch_stays_out_of_the_users_output(tmp_path: Path, mode: str) -> None:
+    out, err = run_script(REQUIREMENTS_MISMATCH, tmp_path, mode)
+    assert err.splitlines() == []
+    told = [line for line in out.splitlines() if "Detected one or more mismatches" in line]
+    if mode == "quiet":
+        assert out == ""
+    else:
+        assert len(told) == 1 and told[0].startswith("tracker_core_mlflow.codec ")
+
+
+STORE_GONE_AT_EXIT = """
+import shutil, sys, attrs, tracker_core
+from tracker_core import FineTuningIteration, FineTuningParams, MetricValue
+
+@attrs.frozen
+class P(FineTuningParams):
+    lr: float
+
+mgr = tracker_core.connect(
+    "./gone/models", tracking_uri="sqlite:///gone/mlflow.db", main_metric="q", plugin_name="p"
+)
+mgr.set_iteration(FineTuningIteration(plugin_name="p", batch_id="b"))
+mgr.set_run(P(lr=0.1))  # held at exit: its lease is released then
+if sys.argv[1] == "queued":
+    mgr.save_metric(MetricValue("loss", 1.0))  # queued, sent at exit
+shutil.rmtree("gone")  # a temporary folder deleted before the interpreter exits
+"""
+
+
+@pytest.mark.parametrize("what", ["lease", "queued"])
+def test_an_exit_against_a_store_that_is_gone_is_one_line_at_most(
+    tmp_path: Path, what: str
+) -> None:
+    """Releasing the lease fails quietly (DEBUG); metric values lost are one WARNING line,
+    never MLflow's SQLAlchemy traceback."""
+    out, err = run_script(STORE_GONE_AT_EXIT, tmp_path, what)
+    assert out == ""
+    if what == "lease":
+        assert err.splitlines() == []
+    else:
+        (line,) = err.splitlines()
+        assert "1 metric value(s) of run" in line and "could not be sent at exit" in line

@@ -23,7 +23,6 @@ state (no MLflow fluent API, no globals).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import threading
@@ -81,14 +80,28 @@ _live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
 
 @atexit.register
 def _at_exit() -> None:
-    """Queued metrics reach the store; a run still held is let go (resumable at once)."""
+    """Queued metrics reach the store; a run still held is let go (resumable at once). Each
+    store call is tried once; a store that is gone (a deleted temporary folder, a server
+    stopped first) costs one line: a WARNING if metric values were lost, else DEBUG."""
     for manager in list(_live_managers):
+        manager._remote.single_attempt()
+        run_id, queued = manager.current_run_id, len(manager._runs.metrics)
         try:
             manager.flush_metrics()
-        except Exception:
-            log.exception("could not flush metrics of %r at exit", manager)
-        with contextlib.suppress(Exception):
-            manager._runs.release()
+        except Exception as exc:
+            log.warning(
+                "%d metric value(s) of run %s could not be sent at exit: %s",
+                *(queued, run_id, _one_line(exc)),
+            )
+        try:
+            manager._runs.release(at_exit=True)
+        except Exception as exc:
+            log.debug("could not let go of run %s at exit: %s", run_id, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _check_storage_uri(uri: str) -> None:

@@ -480,10 +480,11 @@ class RunTracker:
         self.release()
         return None
 
-    def release(self) -> None:
+    def release(self, *, at_exit: bool = False) -> None:
         """Let go of the run without ending it (it stays RUNNING): its lease is released so
         another worker, or this one later, resumes it at once. Queued metrics are dropped
-        (flush first to keep them)."""
+        (flush first to keep them). A failure is logged (at DEBUG ``at_exit``): the lease
+        then expires on its own."""
         run, epoch, heartbeat = self.run, self._epoch, self._heartbeat
         self.forget()
         if run is None or heartbeat is None or epoch == 0:
@@ -492,7 +493,9 @@ class RunTracker:
             tag = leases.release_tag(epoch, self.owner)
             self._remote.track("lease", self._remote.tracking.set_tags, run.run_id, tag)
         except Exception as exc:  # the lease then expires on its own
-            log.warning("could not release the lease of run %s: %s", run.run_id, exc)
+            level = logging.DEBUG if at_exit else logging.WARNING
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.log(level, "could not release the lease of run %s: %s", run.run_id, text)
 
     def forget(self) -> None:
         """Drop the current run as a crash would: no status change, no release."""

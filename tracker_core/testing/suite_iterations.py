@@ -159,8 +159,10 @@ def test_delete_previous_iteration_removes_models_and_frees_name(mgr: Experiment
     assert mgr.artifacts.exists(model_uri)
     mgr.set_iteration(iteration(mgr, "2"))
     run_with_quality(mgr, Params(lr=0.1), 0.6)  # the current iteration holds a model
+    location = mgr.get_experiment(first).artifact_location  # type: ignore[union-attr]
     mgr.delete_previous_iteration()
     assert not mgr.artifacts.exists(model_uri)
+    assert not mgr.artifacts.exists(location)  # no empty folder left (local disk)
     gone = mgr.tracking.get_experiment(first)
     assert gone is None or gone.lifecycle_stage == "deleted"
     assert [e.name for e in mgr.get_experiments()] == [str(iteration(mgr, "2"))]

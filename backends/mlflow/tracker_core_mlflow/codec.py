@@ -117,7 +117,10 @@ class MlflowPytorchCodec(ModelCodec):
             kwargs["serialization_format"] = "pickle"
         _explain_once()
         try:
-            with quiet(mlflow_pytorch.__name__, _is_pickle_warning):
+            with (
+                quiet(mlflow_pytorch.__name__, _is_pickle_warning),
+                quiet(_REQUIREMENTS_LOGGER, _requirements_mismatch),
+            ):
                 mlflow_pytorch.save_model(model, str(directory), **kwargs)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -129,4 +132,26 @@ class MlflowPytorchCodec(ModelCodec):
         """Unpickle the model MLflow saved; ``model_factory`` is not needed and ignored."""
         if not (Path(directory) / "MLmodel").is_file():
             raise ModelNotFoundError(f"no MLflow model (MLmodel file) in {directory}")
-        return import_mlflow_pytorch().load_model(str(directory))
+        with quiet(_REQUIREMENTS_LOGGER, _requirements_mismatch):
+            return import_mlflow_pytorch().load_model(str(directory))
+
+
+#: where MLflow warns that a model's recorded requirements differ from this environment
+_REQUIREMENTS_LOGGER = "mlflow.utils.requirements_utils"
+_mismatches_seen: set[str] = set()
+_seen_lock = threading.Lock()
+
+
+def _requirements_mismatch(record: logging.LogRecord) -> bool:
+    """MLflow's 4-line WARNING, when a model is saved or loaded, that its ``requirements=``
+    differ from this environment: kept out of the user's output, and told once per
+    distinct text at DEBUG through tracker-core's logger."""
+    message = record.getMessage()
+    if not message.startswith("Detected one or more mismatches"):
+        return False
+    with _seen_lock:
+        first = message not in _mismatches_seen
+        _mismatches_seen.add(message)
+    if first:
+        log.debug("model requirements: %s", message)
+    return True

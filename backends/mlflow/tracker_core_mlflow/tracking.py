@@ -81,12 +81,21 @@ def _is_migration_chatter(record: logging.LogRecord) -> bool:
     return record.levelno < logging.WARNING
 
 
+def _is_caught_database_error(record: logging.LogRecord) -> bool:
+    """MLflow's ERROR (with a traceback) for a database error it then raises: the error
+    reaches tracker-core's caller anyway, typed and named, so the record only repeats it."""
+    return record.getMessage().startswith("SQLAlchemy database error")
+
+
 def _operation(fn: F) -> F:
     """Run the method inside :func:`tracking_errors`, named after the method."""
 
     @functools.wraps(fn)
     def wrapper(self: MlflowTrackingStore, *args: Any, **kwargs: Any) -> Any:
-        with tracking_errors(fn.__name__, self.display_uri, self._password):
+        with (
+            quiet("mlflow.store.db.utils", _is_caught_database_error),
+            tracking_errors(fn.__name__, self.display_uri, self._password),
+        ):
             return fn(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
