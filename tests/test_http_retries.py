@@ -12,9 +12,10 @@ import collections
 import hashlib
 import http.client
 import inspect
+import io
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils import rest_utils
 
 import tracker_core
+from tracker_core.cli import main
 from tracker_core.errors import MaxAttemptsReachedException, TransientError
 from tracker_core.retry import Retrier, RetryConfig, RetryParams
 from tracker_core.testing.servers import free_port
@@ -296,3 +298,72 @@ def test_set_terminated_prints_nothing_and_sends_one_request(
     assert dict(proxy.requests) == {("POST", "/api/2.0/mlflow/runs/update"): 1}
     ended = store.get_run(run.run_id)
     assert ended is not None and ended.status == RunStatus.FINISHED and ended.end_time_ms
+
+
+# -- issue 17, item 5: a tracking URI that is not an MLflow server -----------------------------
+
+
+class PlainWebServer:
+    """A web server that is not MLflow (Python's own: 404 pages for GET, 501 for POST), on
+    127.0.0.1, counting the requests it gets."""
+
+    def __init__(self, directory: Path) -> None:
+        self.requests = 0
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(directory), **kwargs)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def handle_one_request(self) -> None:
+                server.requests += 1
+                super().handle_one_request()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _cli(tracking_uri: str, tmp_path: Path) -> tuple[int, str]:
+    err = io.StringIO()
+    argv = ["--tracking-uri", tracking_uri, "--artifact-uri", str(tmp_path / "models")]
+    status = main(
+        [*argv, "--plugin", "p", "--metric", "q", "--retries", "3", "iterations"],
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+    return status, err.getvalue()
+
+
+def test_a_plain_web_server_is_named_as_not_mlflow_and_not_retried(tmp_path: Path) -> None:
+    """Its 501 (POST) is as final as its 404 (GET): one request, and the last line says what
+    was reached and what to check."""
+    web = PlainWebServer(tmp_path)
+    try:
+        status, err = _cli(web.url, tmp_path)
+        assert status == 1
+        last = err.strip().splitlines()[-1]
+        assert f"is {web.url} an MLflow tracking server?" in last, last
+        assert "HTTP 501" in last and "<html" not in err.lower()
+        assert web.requests == 1  # not retried: no retry turns a web page into MLflow
+        store = MlflowTrackingStore(web.url)
+        with pytest.raises(tracker_core.TrackingStoreError, match="an MLflow tracking server"):
+            store.get_experiment("1")  # its 404 names it the same way
+    finally:
+        web.close()
+
+
+def test_a_tracking_server_that_never_answers_is_named(tmp_path: Path) -> None:
+    status, err = _cli(f"http://127.0.0.1:{free_port()}", tmp_path)
+    assert status == 1
+    last = err.strip().splitlines()[-1]
+    assert "gave up after 3 attempt(s)" in last
+    assert "Connection refused" in last and "is an MLflow tracking server running there?" in last

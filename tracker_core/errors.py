@@ -168,8 +168,10 @@ class MaxAttemptsReachedException(TrackerError):
     The last transient error is chained as ``__cause__``.
     """
 
-    def __init__(self, operation: str, attempts: int) -> None:
-        super().__init__(f"{operation}: gave up after {attempts} attempt(s)")
+    def __init__(self, operation: str, attempts: int, last: BaseException | None = None) -> None:
+        text = str(last).strip().splitlines()[0] if last is not None and str(last).strip() else ""
+        tail = f"; the last error: {text}" if text else ""
+        super().__init__(f"{operation}: gave up after {attempts} attempt(s){tail}")
         self.operation = operation
         self.attempts = attempts
 

@@ -87,11 +87,14 @@ def classify_chain(exc: BaseException, classify_one: ErrorClassifier) -> bool | 
 
 
 def classify_http_status(status: object) -> bool | None:
-    """HTTP status -> transient (5xx, 408, 429), permanent (other 4xx), or no opinion."""
+    """HTTP status -> transient (5xx, 408, 429), permanent (other 4xx; 501 Not Implemented
+    and 505 HTTP Version Not Supported, which no retry changes), or no opinion."""
     try:
         code = int(status)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
+    if code in (501, 505):
+        return False
     if code >= 500 or code in (408, 429):
         return True
     if 400 <= code < 500:
@@ -151,7 +154,7 @@ class Retrier:
             return retrying(fn, *args, **kwargs)
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
-            raise MaxAttemptsReachedException(operation, params.max_attempts) from last
+            raise MaxAttemptsReachedException(operation, params.max_attempts, last) from last
 
     @staticmethod
     def _log_retry(operation: str) -> Callable[[tenacity.RetryCallState], None]:

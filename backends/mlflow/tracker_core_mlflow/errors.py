@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tracker_core.errors import TrackerError, TrackingStoreError, TransientError, redact
-from tracker_core.retry import classify_chain, exception_chain
+from tracker_core.retry import classify_chain, classify_http_status, exception_chain
 
 __all__ = [
     "PERMANENT_CODES",
@@ -48,7 +48,6 @@ PERMANENT_CODES = frozenset(
         "NOT_IMPLEMENTED",
     }
 )
-_RETRYABLE_STATUS = frozenset({408, 429})
 #: SQLite's answer to a write on a read-only file (MLflow reports it TEMPORARILY_UNAVAILABLE)
 _READ_ONLY = "attempt to write a readonly database"
 # "failed with error code 503 != 200" (non-JSON error body) and urllib3's
@@ -133,14 +132,14 @@ def _classify_one(exc: BaseException) -> bool | None:
         return True
     status = _http_status(exc)
     if status is not None:
-        return status >= 500 or status in _RETRYABLE_STATUS
+        return classify_http_status(status)
     if isinstance(exc, RestException) and code == "INTERNAL_ERROR":
         return True  # the server answered 500
     if code in PERMANENT_CODES:
         return False
     http = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
     if code != "INTERNAL_ERROR" and 400 <= http < 500:
-        return http in _RETRYABLE_STATUS
+        return classify_http_status(http)
     return None  # a local INTERNAL_ERROR: look at what caused it
 
 
@@ -192,6 +191,60 @@ def tracking_errors(operation: str, uri: str, *secrets: str | None) -> Iterator[
         scrub_chain(exc, *secrets)
         transient = classify_mlflow_error(exc)
         kind = TransientTrackingStoreError if transient else TrackingStoreError
-        detail = f"{type(exc).__name__}: {exc}"
+        detail = (
+            _not_an_mlflow_server(exc, uri)
+            or (_unreachable(exc, uri) if transient else None)
+            or f"{type(exc).__name__}: {exc}"
+        )
         message = redact(f"{operation} on tracking store {uri} failed: {detail}", *secrets)
         raise kind(message) from exc
+
+
+#: MLflow's message for an answer that is not 200: its status, and the body it read
+_ANSWER = re.compile(
+    r"endpoint (\S+) failed with error code (\d{3}) != 200\. Response body: '(.*)", re.S
+)
+#: why a connection failed, as urllib3 words it
+_REASON = re.compile(r"(\[Errno -?\d+\] [^'\")]+|Read timed out|timed out)")
+
+
+def _not_an_mlflow_server(exc: BaseException, uri: str) -> str | None:
+    """For an answer no MLflow server gives (an HTML page, a 404 or 501 without MLflow's
+    JSON error): a short text that says so, instead of the page."""
+    match = _ANSWER.search(str(exc))
+    if match is None:
+        return None
+    endpoint, status, body = match.group(1), int(match.group(2)), match.group(3).lstrip()
+    if body.startswith("{") and "error_code" in body:
+        return None  # MLflow's own error
+    if status not in (404, 405, 501) and not body.startswith("<"):
+        return None
+    return (
+        f"the server answered HTTP {status} to {endpoint} with a page that is not MLflow's: "
+        f"is {uri} an MLflow tracking server? (check the host, the port and any path prefix)"
+    )
+
+
+def _unreachable(exc: BaseException, uri: str) -> str | None:
+    """For a request to a server that never answered (refused, unresolved, timed out): a
+    short text that says so and what to check."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    text = " ".join(str(link) for link in exception_chain(exc))
+    never_answered = any(
+        isinstance(link, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+        for link in exception_chain(exc)
+    ) or any(marker in text for marker in ("NewConnectionError", "timed out", "Max retries"))
+    if not never_answered:
+        return None
+    reason = _REASON.search(text)
+    why = reason.group(1).strip() if reason else ""
+    if "timed out" in why:
+        return (
+            f"{uri} did not answer within the request timeout ({why}; "
+            "MLFLOW_HTTP_REQUEST_TIMEOUT): is an MLflow tracking server running there?"
+        )
+    why = f" ({why})" if why else ""
+    return f"could not reach {uri}{why}: is an MLflow tracking server running there?"
