@@ -71,6 +71,9 @@ def complete_iteration(
             "was kept"
         )
 
+    # every run has ended: what a worker killed between ending its run and pruning left
+    # (a model of a FAILED run, one below the `keep` best) goes now
+    manager.models.prune(experiment_id, manager.keep)
     best_run_id, _ = manager.get_best_current_run_id()
     best_uri = manager.get_current_model_url() if best_run_id else None
     best_metric = next((r.metric for r in runs if r.run_id == best_run_id), None)
