@@ -17,6 +17,9 @@ this process (the library has no test hooks):
 ``save_model.after_mark``                   model marked, before pruning
 ``save_model.prune_after_unmark``           a worse model unmarked, its files not deleted
 ``save_model.prune_after_delete``           a worse model's files deleted (more may follow)
+``finish_run.prune_after_unmark``           a run ended FINISHED, a worse model unmarked
+``finish_run.prune_after_delete``           a run ended, a worse (or its own FAILED) model's
+                                            files deleted
 ``<cleanup>.after_unmark``                  iteration cleanup: a model unmarked
 ``<cleanup>.after_delete_files``            iteration cleanup: a model's files deleted
 ``<cleanup>.before_delete_experiment``      iteration cleanup: models gone, experiment not
@@ -82,9 +85,13 @@ _COMMON_POINTS = (
     "save_model.after_mark",
     "save_model.prune_after_unmark",
     "save_model.prune_after_delete",
+    "finish_run.prune_after_unmark",
+    "finish_run.prune_after_delete",
     "driver.between_runs",
 )
 _CLEANUP_POINTS = ("after_unmark", "after_delete_files", "before_delete_experiment")
+#: the public methods that prune an iteration's models (their deletions are prune steps)
+_PRUNING_PHASES = ("save_model", "finish_run")
 #: the kill points of each shape
 KILL_POINTS = {
     "one": (*_COMMON_POINTS, *(f"delete_previous_iteration.{p}" for p in _CLEANUP_POINTS)),
@@ -163,7 +170,7 @@ class KillingTracking:
         if marking:
             self._killer.at("after_mark")
         if unmarking:
-            pruning = self._killer.phase == "save_model"
+            pruning = self._killer.phase in _PRUNING_PHASES
             self._killer.at("prune_after_unmark" if pruning else "after_unmark")
 
     def create_run(self, *args: Any, **kwargs: Any) -> Any:
@@ -236,7 +243,7 @@ class KillingArtifacts:
 
     def delete_tree(self, uri: str) -> bool:
         deleted: bool = self._store.delete_tree(uri)
-        pruning = self._killer.phase == "save_model"
+        pruning = self._killer.phase in _PRUNING_PHASES
         self._killer.at("prune_after_delete" if pruning else "after_delete_files")
         return deleted
 
@@ -308,6 +315,7 @@ def arm(manager: Any, killer: Killer, journal: Journal, cleanup: str) -> None:
     manager.artifacts = KillingArtifacts(manager.artifacts, killer, journal)
     _phased(manager, killer, "upload_initial_model", "upload_initial_model")
     _phased(manager, killer, "save_model", "save_model")
+    _phased(manager, killer, "finish_run", "finish_run")
     _phased(manager, killer, "delete_previous_iteration", cleanup)
     _phased(manager, killer, "delete_iteration", cleanup)
     _phased(manager, killer, "delete_pending_iterations", cleanup)

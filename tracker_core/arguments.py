@@ -22,6 +22,7 @@ __all__ = [
     "optional_callable",
     "optional_instance",
     "optional_mapping",
+    "optional_store",
     "optional_subclass",
     "optional_text",
     "positive_int",
@@ -129,6 +130,17 @@ def optional_instance(name: str, value: T | None, cls: type[Any], what: str) -> 
     """None, or an instance of ``cls`` (``what`` names it in the refusal)."""
     if value is not None and not isinstance(value, cls):
         refuse(name, value, f"None or {what}")
+    return value
+
+
+def optional_store(name: str, value: Any, abc: type[Any]) -> Any:
+    """None, or a store: an instance of ``abc``, or an object with every one of its abstract
+    methods (a wrapper that delegates to a store, as fault-injection tests use)."""
+    if value is None or isinstance(value, abc):
+        return value
+    missing = sorted(m for m in abc.__abstractmethods__ if not callable(getattr(value, m, None)))
+    if missing:
+        refuse(name, value, f"None or a {abc.__name__} (this lacks {', '.join(missing[:4])})")
     return value
 
 

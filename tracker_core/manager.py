@@ -189,12 +189,8 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
         lease_seconds = arguments.seconds(
             "lease_seconds", lease_seconds, maximum=arguments.MAX_LEASE_SECONDS
         )
-        arguments.optional_instance(
-            "tracking_store", tracking_store, TrackingStore, "a TrackingStore"
-        )
-        arguments.optional_instance(
-            "artifact_store", artifact_store, ArtifactStore, "an ArtifactStore"
-        )
+        arguments.optional_store("tracking_store", tracking_store, TrackingStore)
+        arguments.optional_store("artifact_store", artifact_store, ArtifactStore)
         artifact_uri = artifact_uri or DEFAULT_ARTIFACT_URI
         _check_storage_uri(artifact_uri)
         self._main_metric, self._plugin_name, self._is_loss = main_metric, plugin_name, is_loss

@@ -138,11 +138,14 @@ class IterationsAPI(ManagerState):
         its models, then the experiment. Refused, nothing deleted, while the current iteration
         holds no model of a FINISHED run (:class:`NoModelToKeepError`) or live workers hold
         runs of the previous one (:class:`IterationInUseError`); never the initial experiment
-        (see :mod:`tracker_core.iterations`)."""
+        (see :mod:`tracker_core.iterations`). The current iteration is pruned first (see
+        :meth:`~tracker_core.models.ModelKeeper.prune`)."""
         with self._lock:
             if self._experiment is None:
                 log.warning("delete_previous_iteration: no current iteration is set")
                 return
+            # what a worker killed between ending its run and pruning left in this one
+            self.models.prune(self._experiment.experiment_id, self.keep)
             self._iterations.delete_previous(self._experiment)
 
     def delete_iteration(self, experiment_id: str, *, defer: bool = False) -> bool:
