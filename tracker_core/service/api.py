@@ -14,9 +14,11 @@
 ``GET  /health``                              200 when the database answers, else 503
 ============================================  =================================================
 
-Bad input gets a 4xx that says what is wrong and writes nothing: malformed JSON (400), a body
-over 1 MiB (413), wrong types, unknown fields, an unknown method, a batch id that is not a
-valid name, metadata over 64 KiB (422).
+Bad input gets a 4xx that names the field and the rule, and writes nothing: a body over 1 MiB
+(413, counted as it streams in), malformed JSON (400), and text PostgreSQL cannot store,
+numbers out of range, nesting too deep, control characters in the URL
+(:mod:`tracker_core.service.limits`); wrong types, unknown fields, an unknown method, a batch
+id that is not a valid name, metadata over 64 KiB (422).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
     MAX_PARALLEL_RUNS,
@@ -53,7 +56,6 @@ __all__ = ["API_PREFIX", "MAX_BODY_BYTES", "create_app"]
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/fine-tuning"
-MAX_BODY_BYTES = 1024 * 1024
 
 
 # ---------------------------------------------------------------------- shapes (OpenAPI)
@@ -200,13 +202,7 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _error(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        return await call_next(request)
+    app.add_middleware(InputLimits, routes=lambda: app.routes)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
