@@ -19,6 +19,9 @@ Bad input gets a 4xx that names the field and the rule, and writes nothing: a bo
 numbers out of range, nesting too deep, control characters in the URL
 (:mod:`tracker_core.service.limits`); wrong types, unknown fields, an unknown method, a batch
 id that is not a valid name, metadata over 64 KiB (422).
+
+While the task database does not answer, every route that needs it answers 503 with
+``Retry-After`` (:mod:`tracker_core.service.gate`), and the API goes back to normal by itself.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from procrastinate.exceptions import ConnectorException
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.service.gate import DatabaseGate, DatabaseUnavailable
 from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
@@ -45,6 +51,7 @@ from tracker_core.service.models import (
     metadata_size,
     new_id,
 )
+from tracker_core.service.outage import Backoff, Outage, OutageRider, is_outage, probe
 from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import NewTask, TaskRepository
@@ -56,6 +63,8 @@ __all__ = ["API_PREFIX", "MAX_BODY_BYTES", "create_app"]
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/fine-tuning"
+#: how long a request waits for a database connection before it is answered 503
+POOL_TIMEOUT = 3.0
 
 
 # ---------------------------------------------------------------------- shapes (OpenAPI)
@@ -135,6 +144,14 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
+def _unavailable(exc: DatabaseUnavailable) -> JSONResponse:
+    return JSONResponse(
+        {"detail": str(exc), "status": "unavailable", "database": "down"},
+        status_code=503,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
 def _differences(task: Task, body: TaskCreate) -> list[str]:
     out = []
     if task.fine_tuning_method != body.fine_tuning_method:
@@ -183,17 +200,27 @@ def create_app(
 ) -> FastAPI:
     """The API of one service process, on the task database at ``conninfo``."""
     registry = registry or MethodRegistry(settings.methods)
-    queue_app = build_app(settings, conninfo, max_pool=20)
+    queue_app = build_app(settings, conninfo, max_pool=20, timeout=POOL_TIMEOUT)
     state: dict[str, TaskRepository] = {}
+    outage = Outage(settings.database_outage_seconds)
+    backoff = Backoff(first=0.5, cap=5.0)
+
+    async def recover() -> None:  # the database is back: drop the pool's dead connections
+        if state:
+            await queue_app.connector.pool.check()  # type: ignore[attr-defined]
+
+    gate = DatabaseGate(lambda: probe(conninfo, POOL_TIMEOUT), outage, backoff, recover=recover)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await OutageRider(outage, backoff).run(lambda: probe(conninfo, POOL_TIMEOUT))
         async with queue_app.open_async():
             await ensure_schema(queue_app)
             state["repo"] = TaskRepository(queue_app.connector.pool)  # type: ignore[attr-defined]
             yield
 
     def repo() -> TaskRepository:
+        gate.check()
         return state["repo"]
 
     app = FastAPI(
@@ -202,7 +229,22 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    #: the process running this app runs ``gate.watch()`` (it raises past the outage budget)
+    app.state.database_gate = gate
     app.add_middleware(InputLimits, routes=lambda: app.routes)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def on_unavailable(_request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return _unavailable(exc)
+
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        if is_outage(exc):
+            return _unavailable(gate.failed(exc))
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        return _error(500, f"the task database failed: {type(exc).__name__}")
+
+    app.add_exception_handler(psycopg.Error, on_database_error)
+    app.add_exception_handler(ConnectorException, on_database_error)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -326,13 +368,11 @@ def create_app(
         infos = await run_in_threadpool(registry.describe)
         return [i.as_json() for i in infos]
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {}})
     async def health() -> Any:
-        try:
-            async with queue_app.connector.pool.connection(timeout=5) as conn:  # type: ignore[attr-defined]
-                await conn.execute("SELECT 1")
-        except Exception as exc:
-            return _error(503, f"the task database does not answer: {type(exc).__name__}")
+        repo()  # 503 while the database is down
+        async with queue_app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            await conn.execute("SELECT 1")
         return {"status": "ok", "database": "ok"}
 
     return app

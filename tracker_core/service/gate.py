@@ -1,0 +1,110 @@
+"""The API's side of a database outage: 503 with ``Retry-After`` while the database is down,
+back to normal by itself when it answers again.
+
+:class:`DatabaseGate` keeps an :class:`~tracker_core.service.outage.Outage`. A request that
+fails because the database does not answer (:func:`~tracker_core.service.outage.is_outage`)
+takes the gate down; while it is down, requests that need the database are refused at once
+(:class:`DatabaseUnavailable`, a 503) instead of each waiting for the connection pool, and
+:meth:`DatabaseGate.watch` probes the database with backoff; the first probe that goes
+through opens the gate again (``recover`` first: drop the pool's dead connections). While up,
+``watch`` probes every ``every`` seconds, so an API nobody calls still notices an outage; one longer
+than the budget ends the process (:meth:`DatabaseGate.watch` raises
+:class:`~tracker_core.service.errors.DatabaseOutageError`).
+
+A request refused with 503 wrote nothing: a task is created in one transaction, and 201 is
+answered only once it committed, so a task is either created (201) or not (503); repeating
+the request with its ``idempotency_key`` is safe either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tracker_core.service.errors import ServiceUnavailableError
+from tracker_core.service.outage import Backoff, Outage, is_outage
+
+__all__ = ["DatabaseGate", "DatabaseUnavailable"]
+
+
+class DatabaseUnavailable(ServiceUnavailableError):
+    """The task database does not answer: the API answers 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DatabaseGate:
+    """Whether the API lets requests reach its database (see the module docstring)."""
+
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[None]],
+        outage: Outage,
+        backoff: Backoff,
+        *,
+        recover: Callable[[], Awaitable[None]] | None = None,
+        every: float = 5.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self._probe, self._recover = probe, recover
+        self.outage, self.backoff = outage, backoff
+        self.every, self._sleep = every, sleep
+        self._attempt = 0
+        self._woken = asyncio.Event()
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait before trying again (the next probe, at least 1)."""
+        return max(1, math.ceil(self.backoff.delay(self._attempt)))
+
+    def unavailable(self) -> DatabaseUnavailable:
+        return DatabaseUnavailable(
+            f"the task database does not answer (for {self.outage.down_for():.0f} s: "
+            f"{self.outage.cause}); try again later",
+            self.retry_after(),
+        )
+
+    def check(self) -> None:
+        """Raise :class:`DatabaseUnavailable` while the database is down."""
+        if self.outage.down:
+            raise self.unavailable()
+
+    def failed(self, exc: BaseException) -> DatabaseUnavailable:
+        """A request failed with ``exc``, an outage error: the gate is down; the 503."""
+        assert is_outage(exc)
+        if not self.outage.down:
+            self._attempt = 0
+        self.outage.failed(exc)
+        self._woken.set()  # probe now: a busy pool, not an outage, reopens the gate at once
+        return self.unavailable()
+
+    async def watch(self) -> None:
+        """Probe the database for ever (see the module docstring); raises
+        :class:`~tracker_core.service.errors.DatabaseOutageError` past the budget."""
+        while True:
+            self._woken.clear()
+            if self.outage.down:  # the backoff decides, whatever the requests do
+                await self._sleep(self.backoff.delay(self._attempt))
+            else:  # every `every` s, or at once when a request failed
+                sleeper = asyncio.ensure_future(self._sleep(self.every))
+                woken = asyncio.ensure_future(self._woken.wait())
+                await asyncio.wait([sleeper, woken], return_when=asyncio.FIRST_COMPLETED)
+                sleeper.cancel()
+                woken.cancel()
+            try:
+                await self._probe()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self.outage.failed(exc)
+                self._attempt += 1
+                if self.outage.over():
+                    raise self.outage.error() from exc
+                continue
+            if self.outage.down and self._recover is not None:
+                await self._recover()
+            self.outage.succeeded()
+            self._attempt = 0
