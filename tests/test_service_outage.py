@@ -1,22 +1,29 @@
-"""The task service rides out its database: real ``serve``/``worker`` processes on a
-PostgreSQL cluster that the test stops and starts again (``servers.postgres_cluster``).
+"""The task service rides out its database and its data folder: real ``serve``/``worker``
+processes on a PostgreSQL cluster that the test stops and starts again (``kill``-free:
+``servers.postgres_cluster``), and embedded ``serve`` processes whose data folder goes away.
 Nothing is mocked; no wall-clock asserts (the outages are waited out, never timed)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from _service_harness import TERMINAL, Stack, stack_on, tail
+from _service_harness import FAST_TIMINGS, TERMINAL, Stack, alive, descendants, stack_on, tail
 from _service_harness import wait_for as _wait_for
+from _service_methods import method_options
 
 from tracker_core.testing import servers
 
@@ -200,3 +207,70 @@ def _answers(url: str) -> bool:
         return request(url + "/health")[0] == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+# ---------------------------------------------------------------------- the embedded layout
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data folder outside pytest's tree (as root, the embedded PostgreSQL runs as another
+    account that must reach it)."""
+    path = Path(tempfile.mkdtemp(prefix="tracker-core-outage-"))
+    try:
+        yield path / "data"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def processes_on(data: Path) -> list[psutil.Process]:
+    """Processes whose command line names the data folder (its PostgreSQL)."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(data) in part for part in proc.info["cmdline"] or ()):
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return alive(out)
+
+
+def test_whatever_ends_an_embedded_serve_stops_its_postgres(tmp_path: Path, data_dir: Path) -> None:
+    """An API that cannot start, SIGTERM, and the data folder removed under a running
+    ``serve`` (which once left its PostgreSQL running) each end serve, with one line saying
+    why, and leave no process behind."""
+    stack = Stack(database="", work=tmp_path, tracking_uri="", artifact_uri="")
+
+    def serve(port: int) -> subprocess.Popen[bytes]:
+        args = ["serve", "--data-dir", str(data_dir), "--port", str(port), "--allow-root"]
+        return stack.spawn([*args, *method_options(), *FAST_TIMINGS], "serve")
+
+    def ended(proc: subprocess.Popen[bytes], family: list[psutil.Process]) -> int:
+        code = proc.wait(timeout=120)
+        wait_for(lambda: not alive(family) and not processes_on(data_dir), "no process left", 60)
+        return code
+
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            proc = serve(taken.getsockname()[1])
+            assert ended(proc, []) == 1
+        assert "could not start" in tail(proc, 1), tail(proc)
+
+        port = servers.free_port()
+        stack.url = f"http://127.0.0.1:{port}"
+        proc = serve(port)
+        stack.wait_healthy(proc)
+        family = [*descendants(proc.pid), *processes_on(data_dir)]
+        proc.send_signal(signal.SIGTERM)
+        assert ended(proc, family) == 0, tail(proc)
+
+        proc = serve(port)
+        stack.wait_healthy(proc)
+        family = [*descendants(proc.pid), *processes_on(data_dir)]
+        assert processes_on(data_dir), "the embedded PostgreSQL runs"
+        while data_dir.exists():  # the service may remove files meanwhile, as it stops
+            shutil.rmtree(data_dir, ignore_errors=True)
+        assert ended(proc, family) == 1, tail(proc)
+        assert f"the data folder {data_dir} was removed" in tail(proc, 1), tail(proc)
+    finally:
+        stack.stop_all()

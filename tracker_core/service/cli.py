@@ -146,7 +146,7 @@ def cmd_worker(args: argparse.Namespace, out: Output) -> int:
     else:
         conninfo = settings.database_url
     try:
-        asyncio.run(work(settings, conninfo))
+        asyncio.run(work(settings, conninfo, embedded))
     finally:
         if embedded is not None:
             embedded.stop()

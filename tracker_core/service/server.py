@@ -8,9 +8,10 @@ and go back to ``pending``, and the embedded PostgreSQL is stopped last, so no p
 left behind. A second Ctrl-C skips the grace periods.
 
 They also stop, the same way but with exit status 1 and one line saying why, when a part
-fails: the API cannot start (its port is taken), or the task database did not answer for
+fails: the API cannot start (its port is taken), the task database did not answer for
 ``database_outage_seconds`` (a shorter outage is ridden out:
-:mod:`tracker_core.service.outage`).
+:mod:`tracker_core.service.outage`), or the embedded layout's data folder was removed.
+Whatever ends them, the embedded PostgreSQL they started is stopped.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracker_core.service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from tracker_core.service.embedded import EmbeddedPostgres
 
 __all__ = ["serve", "work"]
 
@@ -89,16 +93,21 @@ async def _until_first_ends(
 
 
 #: parts that only watch (they end by raising), cancelled once the service stops
-_WATCHERS = ("database",)
+_WATCHERS = ("database", "data folder")
 
 
-async def work(settings: ServiceSettings, conninfo: str) -> None:
-    """A worker process until SIGINT/SIGTERM (or until it fails: see the module docstring)."""
+async def work(
+    settings: ServiceSettings, conninfo: str, embedded: EmbeddedPostgres | None = None
+) -> None:
+    """A worker process until SIGINT/SIGTERM (or until a part fails: see the module
+    docstring); ``embedded``: the embedded PostgreSQL it runs on, watched."""
     from tracker_core.service.worker import run_worker
 
     stop = asyncio.Event()
     with _stop_on_signals(stop, _kill_children):
         parts = [asyncio.create_task(run_worker(settings, conninfo, stop), name="worker")]
+        if embedded is not None:
+            parts.append(asyncio.create_task(embedded.watch(), name="data folder"))
         await _until_first_ends(stop, parts)
 
 
@@ -157,6 +166,8 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
                 asyncio.create_task(api(), name="api"),
                 asyncio.create_task(app.state.database_gate.watch(), name="database"),
             ]
+            if embedded is not None:
+                parts.append(asyncio.create_task(embedded.watch(), name="data folder"))
             if with_worker:
                 parts.append(
                     asyncio.create_task(
