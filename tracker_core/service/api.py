@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
 from tracker_core.service.gate import DatabaseGate, DatabaseUnavailable
-from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits
+from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits, shown
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
     MAX_PARALLEL_RUNS,
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1/fine-tuning"
 #: how long a request waits for a database connection before it is answered 503
 POOL_TIMEOUT = 3.0
+#: PostgreSQL's OFFSET is a bigint
+_MAX_OFFSET = 2**63 - 1
 
 
 # ---------------------------------------------------------------------- shapes (OpenAPI)
@@ -186,11 +188,12 @@ def _for_key(task: Task, body: TaskCreate) -> JSONResponse:
     return JSONResponse(task.as_json(), status_code=200)
 
 
+def _field(err: dict[str, Any]) -> str:
+    return ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    parts = [f"{_field(err)}: {err.get('msg', 'invalid')}" for err in exc.errors()]
     return "; ".join(parts) or "invalid request"
 
 
@@ -240,6 +243,10 @@ def create_app(
     async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
         if is_outage(exc):
             return _unavailable(gate.failed(exc))
+        if isinstance(exc, psycopg.DataError):  # a value the rules above let through
+            log.warning("%s %s: the database refused a value: %s", request.method,
+                        request.url.path, exc)  # fmt: skip
+            return _error(422, f"a value the task database cannot take: {exc}")
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
         return _error(500, f"the task database failed: {type(exc).__name__}")
 
@@ -247,12 +254,25 @@ def create_app(
     app.add_exception_handler(ConnectorException, on_database_error)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             first = next(e for e in exc.errors() if e.get("type") == "json_invalid")
             reason = (first.get("ctx") or {}).get("error", "not valid JSON")
             return _error(400, f"the request body is not valid JSON: {reason}")
-        return _error(422, _describe_validation(exc), errors=jsonable_errors(exc))
+        log.info(
+            "refused %s %s: 422 %s",
+            request.method,
+            shown(request.url.path),
+            shown(_describe_validation(exc)),
+        )
+        first = exc.errors()[0] if exc.errors() else {}
+        return _error(
+            422,
+            _describe_validation(exc),
+            field=_field(first),
+            rule=first.get("msg", "invalid"),
+            errors=jsonable_errors(exc),
+        )
 
     @app.post(
         f"{API_PREFIX}/task",
@@ -262,18 +282,18 @@ def create_app(
     )
     async def create_task(body: TaskCreate) -> Any:
         if body.fine_tuning_method not in registry:
-            return _error(422, registry.unknown_message(body.fine_tuning_method))
+            rule = registry.unknown_message(body.fine_tuning_method)
+            return _error(422, rule, field="fine_tuning_method", rule=rule)
         if body.batch_id is not None:
             try:
                 check_batch_id(body.batch_id)
             except ConfigurationError as exc:
-                return _error(422, str(exc))
+                return _error(422, str(exc), field="batch_id", rule=str(exc))
         metadata = body.metadata or {}
         size = metadata_size(metadata)
         if size > MAX_METADATA_BYTES:
-            return _error(
-                422, f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
-            )
+            rule = f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+            return _error(422, rule, field="metadata", rule=rule)
         if body.idempotency_key is not None:
             existing = await repo().get_by_key(body.idempotency_key)
             if existing is not None:
@@ -332,7 +352,7 @@ def create_app(
         status: TaskStatus | None = None,
         fine_tuning_method: str | None = None,
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=_MAX_OFFSET),
     ) -> Any:
         tasks, total = await repo().list(
             status=status, method=fine_tuning_method, limit=limit, offset=offset

@@ -35,6 +35,7 @@ __all__ = [
     "Refusal",
     "check_json",
     "check_text",
+    "shown",
 ]
 
 log = logging.getLogger(__name__)
