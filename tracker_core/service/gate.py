@@ -11,9 +11,10 @@ through opens the gate again (``recover`` first: drop the pool's dead connection
 than the budget ends the process (:meth:`DatabaseGate.watch` raises
 :class:`~tracker_core.service.errors.DatabaseOutageError`).
 
-A request refused with 503 wrote nothing: a task is created in one transaction, and 201 is
-answered only once it committed, so a task is either created (201) or not (503); repeating
-the request with its ``idempotency_key`` is safe either way.
+A task is created in one transaction with its job, and 201 is answered only once it
+committed: a POST lands (201) or is refused (503), and a 201 task is never lost. (If the
+connection dies just as the transaction commits, the answer is 503 for a task that exists:
+repeating the request with its ``idempotency_key`` returns it.)
 """
 
 from __future__ import annotations

@@ -330,5 +330,11 @@ async def run_worker(
                 log.error("%s failed: %s", task.get_name(), result, exc_info=result)
         if rider.given_up.is_set() and not stop.is_set():
             raise rider.outage.error()
+        if rider.given_up.is_set():
+            log.warning(
+                "%s; the jobs this worker was running go back to the queue once the database "
+                "answers (as a dead worker's)",
+                rider.outage.error(),
+            )
         if not stop.is_set():  # a worker ended by itself
             raise RuntimeError(f"worker stopped unexpectedly: {done}")
