@@ -320,6 +320,10 @@ def test_a_body_over_the_limit_is_refused_while_it_streams_whatever_its_framing(
     assert "the limit is 1048576" in answer["rule"]
     grown = psutil.Process(api.pid).memory_info().rss - rss
     assert grown < 64 * 1024 * 1024, f"the API grew by {grown >> 20} MiB"
+    # a client that sends a whole (moderately) oversized body still reads its 413
+    for _ in range(3):
+        status, answer = raw(stack, "POST", f"{API}/task", b" " * (3 * 1024 * 1024))
+        assert status == 413 and answer["rule"] == "is 3145728 bytes; the limit is 1048576"
     assert stack.count_tasks() == before
     assert stack.client.health()["status"] == "ok"
 

@@ -31,16 +31,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from procrastinate.exceptions import ConnectorException
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
-from tracker_core.service.gate import DatabaseGate, DatabaseUnavailable
+from tracker_core.service.gate import DatabaseGate
 from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits, shown
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
@@ -51,7 +49,7 @@ from tracker_core.service.models import (
     metadata_size,
     new_id,
 )
-from tracker_core.service.outage import Backoff, Outage, OutageRider, is_outage, probe
+from tracker_core.service.outage import Backoff, Outage, OutageRider, probe
 from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import NewTask, TaskRepository
@@ -146,14 +144,6 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
-def _unavailable(exc: DatabaseUnavailable) -> JSONResponse:
-    return JSONResponse(
-        {"detail": str(exc), "status": "unavailable", "database": "down"},
-        status_code=503,
-        headers={"Retry-After": str(exc.retry_after)},
-    )
-
-
 def _differences(task: Task, body: TaskCreate) -> list[str]:
     out = []
     if task.fine_tuning_method != body.fine_tuning_method:
@@ -234,24 +224,8 @@ def create_app(
     )
     #: the process running this app runs ``gate.watch()`` (it raises past the outage budget)
     app.state.database_gate = gate
+    gate.answer_errors(app)
     app.add_middleware(InputLimits, routes=lambda: app.routes)
-
-    @app.exception_handler(DatabaseUnavailable)
-    async def on_unavailable(_request: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        return _unavailable(exc)
-
-    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
-        if is_outage(exc):
-            return _unavailable(gate.failed(exc))
-        if isinstance(exc, psycopg.DataError):  # a value the rules above let through
-            log.warning("%s %s: the database refused a value: %s", request.method,
-                        request.url.path, exc)  # fmt: skip
-            return _error(422, f"a value the task database cannot take: {exc}")
-        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
-        return _error(500, f"the task database failed: {type(exc).__name__}")
-
-    app.add_exception_handler(psycopg.Error, on_database_error)
-    app.add_exception_handler(ConnectorException, on_database_error)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,7 @@ through opens the gate again (``recover`` first: drop the pool's dead connection
 ``watch`` probes every ``every`` seconds, so an API nobody calls still notices an outage; one longer
 than the budget ends the process (:meth:`DatabaseGate.watch` raises
 :class:`~tracker_core.service.errors.DatabaseOutageError`).
+:meth:`DatabaseGate.answer_errors` installs the answers in the FastAPI app.
 
 A task is created in one transaction with its job, and 201 is answered only once it
 committed: a POST lands (201) or is refused (503), and a 201 task is never lost. (If the
@@ -20,14 +21,21 @@ repeating the request with its ``idempotency_key`` returns it.)
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracker_core.service.errors import ServiceUnavailableError
 from tracker_core.service.outage import Backoff, Outage, is_outage
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
 __all__ = ["DatabaseGate", "DatabaseUnavailable"]
+
+log = logging.getLogger(__name__)
 
 
 class DatabaseUnavailable(ServiceUnavailableError):
@@ -81,6 +89,41 @@ class DatabaseGate:
         self.outage.failed(exc)
         self._woken.set()  # probe now: a busy pool, not an outage, reopens the gate at once
         return self.unavailable()
+
+    def answer_errors(self, app: FastAPI) -> None:
+        """Make ``app`` answer :class:`DatabaseUnavailable` and outage errors 503 with
+        ``Retry-After`` (an outage error takes the gate down), a value the database refused
+        422 (the input rules missed it: one warning line), and other database errors 500."""
+        import psycopg
+        from fastapi.responses import JSONResponse
+        from procrastinate.exceptions import ConnectorException
+
+        def unavailable(exc: DatabaseUnavailable) -> JSONResponse:
+            return JSONResponse(
+                {"detail": str(exc), "status": "unavailable", "database": "down"},
+                status_code=503,
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+
+        async def on_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+            assert isinstance(exc, DatabaseUnavailable)
+            return unavailable(exc)
+
+        async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+            what = f"{request.method} {request.url.path}"
+            if is_outage(exc):
+                return unavailable(self.failed(exc))
+            if isinstance(exc, psycopg.DataError):
+                log.warning("%s: the task database refused a value: %s", what, exc)
+                detail = f"a value the task database cannot take: {exc}"
+                return JSONResponse({"detail": detail}, status_code=422)
+            log.error("%s failed: %s", what, exc, exc_info=exc)
+            detail = f"the task database failed: {type(exc).__name__}"
+            return JSONResponse({"detail": detail}, status_code=500)
+
+        app.add_exception_handler(DatabaseUnavailable, on_unavailable)
+        app.add_exception_handler(psycopg.Error, on_database_error)
+        app.add_exception_handler(ConnectorException, on_database_error)
 
     async def watch(self) -> None:
         """Probe the database for ever (see the module docstring); raises

@@ -5,8 +5,9 @@ field and the rule (``"metadata.a: text must not contain NUL (U+0000)"``), also 
 ``field`` and ``rule``, and one log line. The rules:
 
 - a request body is at most :data:`MAX_BODY_BYTES`, counted while it streams in, whatever its
-  framing: a ``Content-Length`` over the limit is refused unread, a chunked body once the
-  limit is passed (413), so a client cannot make the API hold more than the limit;
+  framing (413), and never held past the limit: the rest is read and dropped, up to
+  :data:`DRAIN_BYTES` (so that a client still sending gets its 413; past that, or with a
+  larger ``Content-Length``, the 413 is sent at once and the connection closed);
 - a JSON body (:func:`check_json`) is UTF-8 JSON (400), without ``NaN``/``Infinity`` (400),
   nests at most :data:`MAX_JSON_DEPTH` levels, has integers of at most :data:`MAX_INT_DIGITS`
   digits and finite numbers, and its text (keys too) is valid Unicode without NUL, which
@@ -28,6 +29,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "DRAIN_BYTES",
     "MAX_BODY_BYTES",
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: the largest request body, in bytes
 MAX_BODY_BYTES = 1024 * 1024
+#: how much of a body over the limit is read (and dropped) before the connection is closed
+DRAIN_BYTES = 8 * MAX_BODY_BYTES
 #: the deepest nesting of a JSON body (the body itself is level 1)
 MAX_JSON_DEPTH = 32
 #: the most digits of a JSON integer
@@ -209,15 +213,16 @@ class InputLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        ended = [False]  # whether the whole body was received
         try:
+            body = await self._read(scope, receive, ended)
             self._check_url(scope)
-            body = await self._read(scope, receive)
             if body and _is_json(scope):
                 from starlette.concurrency import run_in_threadpool
 
                 await run_in_threadpool(check_json, body)
         except Refusal as refusal:
-            await self._refuse(scope, send, refusal)
+            await self._refuse(scope, send, refusal, close=not ended[0])
             return
         replayed = False
 
@@ -254,28 +259,36 @@ class InputLimits:
                         return value, f"path parameter {name}"
         return path, "the URL path"
 
-    async def _read(self, scope: Scope, receive: Receive) -> bytes:
-        """The whole body, refused as soon as it passes the limit (413)."""
+    async def _read(self, scope: Scope, receive: Receive, ended: list[bool]) -> bytes:
+        """The whole body; over the limit, a 413 once the rest is dropped (see the module
+        docstring). ``ended[0]`` tells whether the body was received to its end."""
         limit = self.max_body_bytes
+        declared = None
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise Refusal(413, "body", f"is {int(value)} bytes; the limit is {limit}")
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+        over = f"is {declared} bytes" if declared is not None else f"is over {limit} bytes"
+        too_large = Refusal(413, "body", f"{over}; the limit is {limit}")
+        if declared is not None and declared > DRAIN_BYTES:
+            raise too_large
         chunks: list[bytes] = []
         size = 0
-        while True:
+        while size <= DRAIN_BYTES:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise Refusal(413, "body", f"is over {limit} bytes; the limit is {limit}")
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
             if not message.get("more_body", False):
+                ended[0] = True
                 break
+        if size > limit:
+            raise too_large
         return b"".join(chunks)
 
-    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal, *, close: bool) -> None:
         from starlette.responses import JSONResponse
 
         log.info(
@@ -286,7 +299,7 @@ class InputLimits:
             refusal.detail,
         )
         response = JSONResponse(refusal.as_json(), status_code=refusal.status)
-        if refusal.status == 413:  # the rest of the body is not read: the connection ends
+        if close:  # the rest of the body is not read: the connection ends
             response.headers["Connection"] = "close"
         await response(scope, _no_receive, send)
 
