@@ -139,14 +139,20 @@ class EmbeddedPostgres:
         """Whether the server's data folder is still there."""
         return (self.pgdata / "PG_VERSION").is_file()
 
+    def check_folder(self) -> None:
+        """Raise :class:`ServiceUnavailableError` if the data folder is gone."""
+        if not self.folder_exists:
+            raise ServiceUnavailableError(
+                f"the data folder {self.settings.data_dir} was removed while the service ran "
+                "(its database with it): stopping"
+            )
+
     async def watch(self, every: float = 1.0) -> None:
-        """Return never; raise :class:`ServiceUnavailableError` once the data folder is gone."""
-        while self.folder_exists:
+        """Return never; raise :class:`ServiceUnavailableError` once the data folder is gone
+        (checked every ``every`` seconds)."""
+        while True:
+            self.check_folder()
             await asyncio.sleep(every)
-        raise ServiceUnavailableError(
-            f"the data folder {self.settings.data_dir} was removed while the service ran "
-            "(its database with it): stopping"
-        )
 
     def stop(self) -> None:
         """Stop the server (unless another live process of ours still uses it and its data

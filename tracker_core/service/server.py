@@ -65,10 +65,14 @@ def _kill_children() -> None:
 
 
 async def _until_first_ends(
-    stop: asyncio.Event, parts: list[asyncio.Task[Any]], on_stop: Callable[[], None] | None = None
+    stop: asyncio.Event,
+    parts: list[asyncio.Task[Any]],
+    on_stop: Callable[[], None] | None = None,
+    embedded: EmbeddedPostgres | None = None,
 ) -> None:
     """Wait for ``stop`` or for a part to end, then stop the others (``stop`` is set, then
-    ``on_stop`` called, and the watchers cancelled) and raise the first failure."""
+    ``on_stop`` called, and the watchers cancelled) and raise the first failure; a data
+    folder found gone is said instead (whatever failed first was a consequence)."""
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
@@ -89,6 +93,8 @@ async def _until_first_ends(
         if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
     ]
     if failure is not None or failures:
+        if embedded is not None:
+            embedded.check_folder()
         raise failure or failures[0]
 
 
@@ -108,7 +114,7 @@ async def work(
         parts = [asyncio.create_task(run_worker(settings, conninfo, stop), name="worker")]
         if embedded is not None:
             parts.append(asyncio.create_task(embedded.watch(), name="data folder"))
-        await _until_first_ends(stop, parts)
+        await _until_first_ends(stop, parts, embedded=embedded)
 
 
 async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
@@ -184,7 +190,7 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
                 settings.resolved_tracking_uri,
                 settings.resolved_artifact_uri,
             )
-            await _until_first_ends(stop, parts, on_stop=server.request_exit)
+            await _until_first_ends(stop, parts, on_stop=server.request_exit, embedded=embedded)
         finally:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)

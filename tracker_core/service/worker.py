@@ -63,6 +63,7 @@ from procrastinate import App, JobContext
 from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Status
 
+from tracker_core.service.errors import ServiceError
 from tracker_core.service.executions import JobExecutions, _Stop
 from tracker_core.service.models import TaskStatus
 from tracker_core.service.outage import (
@@ -336,5 +337,8 @@ async def run_worker(
                 "answers (as a dead worker's)",
                 rider.outage.error(),
             )
-        if not stop.is_set():  # a worker ended by itself
-            raise RuntimeError(f"worker stopped unexpectedly: {done}")
+        if not stop.is_set():  # a worker ended by itself (its error is logged above)
+            ended = next(t for t in workers if t in done)
+            result = results[workers.index(ended)]
+            why = describe(result) if isinstance(result, BaseException) else "no error"
+            raise ServiceError(f"the {ended.get_name()} stopped unexpectedly: {why}")
