@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -99,8 +100,9 @@ log = logging.getLogger(__name__)
 
 class WorkerRuntime(JobExecutions):
     """What the jobs of one worker process share: settings, the task table, the methods,
-    the queue (to defer and cancel jobs inside the task table's transactions), and the
-    database as this worker sees it (``outage``)."""
+    the queue (to defer and cancel jobs inside the task table's transactions), and how it
+    rides out an outage of its database (``rider``, whose ``outage`` is the database as this
+    worker sees it)."""
 
     def __init__(
         self,
@@ -109,10 +111,11 @@ class WorkerRuntime(JobExecutions):
         registry: MethodRegistry,
         jobs: QueueJobs,
         *,
-        outage: Outage | None = None,
+        rider: OutageRider | None = None,
     ) -> None:
         super().__init__(settings, repo, registry, jobs)
-        self.outage = outage or Outage(settings.database_outage_seconds)
+        self.rider = rider or OutageRider(Outage(settings.database_outage_seconds), Backoff())
+        self.outage = self.rider.outage
 
     # ------------------------------------------------------------------ job bodies
     async def _guard(
@@ -217,18 +220,25 @@ class WorkerRuntime(JobExecutions):
                     job.id,
                 )
             if status == Status.TODO:
-                async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                    await notify_retried(conn, job.id)
+                await self.rider.run(functools.partial(self._notify, app, job.id))
+
+    async def _notify(self, app: App, job_id: int) -> None:
+        async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            await notify_retried(conn, job_id)
 
     async def _heartbeats_are_evidence(self, app: App) -> bool:
-        """Whether every live worker has had ``stall_seconds`` of database to beat in: this
-        worker has not seen the database down for that long, and the server has been up
-        that long (a restarted one lost nothing, but has seen no heartbeat yet)."""
+        """Whether every live worker has had ``stall_seconds`` of database to beat in: the
+        server has been up that long (a restarted one lost nothing, but has seen no
+        heartbeat yet), and this worker has not seen it down for that long (asked after
+        the query, which waits through an outage)."""
+
+        async def uptime() -> float:
+            async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+                return await database_age(conn)
+
         window = self.settings.stall_seconds
-        if not self.outage.settled(window):
-            return False
-        async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-            return await database_age(conn) >= window
+        up_for = await self.rider.run(uptime)
+        return up_for >= window and self.outage.settled(window)
 
 
 def _quiet_procrastinate() -> None:
@@ -269,7 +279,7 @@ async def run_worker(
     async with app.open_async():
         await rider.run(lambda: ensure_schema(app))
         repo = riding(TaskRepository(app.connector.pool), rider)  # type: ignore[attr-defined]
-        runtime = WorkerRuntime(settings, repo, registry, QueueJobs(app), outage=rider.outage)
+        runtime = WorkerRuntime(settings, repo, registry, QueueJobs(app), rider=rider)
         common: dict[str, Any] = {
             "install_signal_handlers": False,
             "update_heartbeat_interval": settings.heartbeat_seconds,
