@@ -21,7 +21,16 @@ from typing import Any
 
 import psutil
 import pytest
-from _service_harness import FAST_TIMINGS, TERMINAL, Stack, alive, descendants, stack_on, tail
+from _service_harness import (
+    FAST_TIMINGS,
+    TERMINAL,
+    Stack,
+    alive,
+    create_database,
+    descendants,
+    stack_on,
+    tail,
+)
 from _service_harness import wait_for as _wait_for
 from _service_methods import method_options
 
@@ -96,19 +105,17 @@ def outage_round(
     *,
     seconds: float,
     mode: str,
-    before: Callable[[], None] = lambda: None,
     during: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """A two-run task whose runs train on the two workers while the database is stopped for
     ``seconds`` (and until both runs ended: their ends are written once it is back).
-    ``before`` runs once both runs train, ``during`` once the database is stopped."""
+    ``during`` runs once the database is stopped."""
     since = len(stack.train_events("svc-outage"))
     task = stack.client.create("svc-outage", batch_id=batch)
     wait_for(
         lambda: len([e for e in started_runs(stack, since) if e[0] == "start"]) == 2,
         "both runs to train",
     )
-    before()
     cluster.stop(mode)
     stopped = time.monotonic()
     key = f"{batch}-during"
@@ -148,9 +155,10 @@ def test_a_distributed_setup_rides_out_a_10_s_and_a_60_s_database_outage(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """An API and two workers on a PostgreSQL stopped twice while a task's two runs train
-    (the second time as a crash, and long enough that processes with a 5 s
-    ``--database-outage-seconds`` give up): the runs go on, their ends are written when it
-    is back, the task ends done, nothing is trained twice, no process exits but those."""
+    (the second time as a crash): the runs go on, their ends are written when it is back,
+    the task ends done, nothing is trained twice, no process exits. A worker and an API with
+    a 5 s ``--database-outage-seconds`` (on another database of the same server, so that
+    they take none of these jobs) give up in the first outage, with one line each."""
     work = tmp_path_factory.mktemp("outage")
     with (
         servers.postgres_cluster(work / "pg", durable=True) as cluster,
@@ -158,27 +166,23 @@ def test_a_distributed_setup_rides_out_a_10_s_and_a_60_s_database_outage(
     ):
         workers = [stack.start_worker(), stack.start_worker()]
         api = stack.start_api()
-        for worker in workers:
+        budget = ["--database-outage-seconds", "5"]
+        elsewhere = create_database(cluster.url, "short")
+        port = servers.free_port()
+        short = [
+            stack.spawn(
+                ["worker", "--database", elsewhere, *stack.common(), *FAST_TIMINGS, *budget],
+                "worker-short",
+            ),
+            stack.spawn(
+                ["serve", "--no-worker", "--database", elsewhere, "--port", str(port),
+                 *stack.common(), *budget],
+                "api-short",
+            ),
+        ]  # fmt: skip
+        for worker in [*workers, short[0]]:
             stack.wait_worker_ready(worker)
-        outage_round(stack, cluster, "out-10", seconds=10, mode="fast")
-
-        short: list[subprocess.Popen[bytes]] = []
-
-        def start_short() -> None:
-            """A worker and an API that wait 5 s at most (started once the runs train, so
-            the worker has no job to leave behind)."""
-            budget = ["--database-outage-seconds", "5"]
-            short.append(stack.start_worker(*budget))
-            port = servers.free_port()
-            short.append(
-                stack.spawn(
-                    ["serve", "--no-worker", "--database", stack.database, "--port", str(port),
-                     *stack.common(), *budget],
-                    "api-short",
-                )
-            )  # fmt: skip
-            stack.wait_worker_ready(short[0])
-            wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), "the second API to answer")
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), "the second API to answer")
 
         def short_ones_give_up() -> None:
             for proc in short:
@@ -188,15 +192,8 @@ def test_a_distributed_setup_rides_out_a_10_s_and_a_60_s_database_outage(
                 assert "the task database did not answer for" in line, line
                 assert "(--database-outage-seconds 5)" in line and "Traceback" not in log, log
 
-        outage_round(
-            stack,
-            cluster,
-            "out-60",
-            seconds=60,
-            mode="immediate",
-            before=start_short,
-            during=short_ones_give_up,
-        )
+        outage_round(stack, cluster, "out-10", seconds=10, mode="fast", during=short_ones_give_up)
+        outage_round(stack, cluster, "out-60", seconds=60, mode="immediate")
         assert [p.poll() for p in [*workers, api]] == [None, None, None], [
             tail(p) for p in [*workers, api]
         ]
