@@ -169,6 +169,14 @@ class Bench(_Base):
     qualities = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
 
 
+class Outage(_Base):
+    """Two runs long enough to end while the task database is stopped."""
+
+    name = "svc-outage"
+    sleep = 5.0
+    qualities = (0.5, 0.7)
+
+
 class Barrier(_Base):
     """Two runs that wait for each other and then end together."""
 
@@ -204,6 +212,7 @@ METHODS = {
     "svc-cpar": "CancelParallel",
     "svc-capped": "Capped",
     "svc-barrier": "Barrier",
+    "svc-outage": "Outage",
     "svc-bench": "Bench",
 }
 

@@ -45,7 +45,13 @@ SHARED_STACK_MODULES = frozenset(
 
 
 #: the longest modules, started first so that none of them is left running alone at the end
-LONGEST_FIRST = ("test_third_party_backend", "test_parallel", "test_chaos", "test_service")
+LONGEST_FIRST = (
+    "test_third_party_backend",
+    "test_parallel",
+    "test_chaos",
+    "test_service",
+    "test_service_outage",
+)
 
 
 def _module(item: pytest.Item) -> str:

@@ -5,11 +5,14 @@ fast methods of ``_service_methods``. Nothing is mocked; no wall-clock asserts."
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -215,6 +218,114 @@ def test_bad_input_gets_a_clear_4xx_and_writes_nothing(
     assert stack.count_tasks() == before
     assert stack.sql(count_jobs) == jobs_before
     assert stack.client.get(done_task["id"])["status"] == "done"
+
+
+def _api_log(stack: Stack) -> Path:
+    (api,) = [p for p in stack.procs if "serve" in p.args]  # type: ignore[operator]
+    return Path(api.log_path)  # type: ignore[attr-defined]
+
+
+def test_input_the_database_cannot_take_is_a_4xx_naming_the_field_and_the_rule(
+    stack: Stack, done_task: dict[str, Any]
+) -> None:
+    """Text with NUL or a lone surrogate, NaN, deep nesting, huge integers, and NUL in the
+    URL once reached psycopg or the JSON parser: a bare 500 and a traceback, or "There was an
+    error parsing the body". Each is a 4xx naming the field and the rule, writes nothing, and
+    logs one line."""
+    before = stack.count_tasks()
+    count_jobs = "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = 'tracker-core-tasks'"
+    jobs_before = stack.sql(count_jobs)
+    task = f"{API}/task"
+    ok = b'"fine_tuning_method": "svc-fast", "batch_id": "rules-1"'
+
+    def body(extra: bytes) -> bytes:
+        return b"{" + ok + b", " + extra + b"}"
+
+    deep = b'"metadata": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1000
+    cases: list[tuple[str, str, bytes | None, int, str, str]] = [
+        ("POST", task, body(b'"metadata": {"a\\u0000": 1}'), 422, "metadata.a\\u0000", "NUL"),
+        ("POST", task, body(b'"metadata": {"a": "x\\u0000"}'), 422, "metadata.a", "NUL"),
+        ("POST", task, body(b'"idempotency_key": "k\\u0000"'), 422, "idempotency_key", "NUL"),
+        ("POST", task, body(b'"metadata": {"a": ["\\ud800"]}'), 422, "metadata.a[0]", "surrogate"),
+        ("POST", task, body(b'"idempotency_key": "\\udfff"'), 422, "idempotency_key", "surrogate"),
+        ("POST", task, body(b'"metadata": {"a": NaN}'), 400, "metadata.a", "NaN"),
+        ("POST", task, body(b'"metadata": {"a": -Infinity}'), 400, "metadata.a", "Infinity"),
+        ("POST", task, body(b'"metadata": {"a": 1e999}'), 422, "metadata.a", "out of range"),
+        ("POST", task, body(deep), 422, "metadata", "nested deeper than 32 levels"),
+        ("POST", task, body(b'"metadata": {"a": ' + b"9" * 5000 + b"}"), 422, "metadata.a",
+         "5000 digits; the limit is 64"),
+        ("POST", task, b"{\xff}", 400, "body", "UTF-8"),
+        ("GET", f"{task}/ab%00c", None, 422, "path parameter task_id", "control characters"),
+        ("POST", f"{task}/ab%00c/cancel", None, 422, "path parameter task_id", "control"),
+        ("GET", f"{task}?fine_tuning_method=a%00b", None, 422,
+         "query parameter fine_tuning_method", "control characters"),
+        ("GET", f"{task}?status=done&limit=5%0A", None, 422, "query parameter limit", "control"),
+        ("GET", f"{task}?offset=99999999999999999999", None, 422, "query.offset",
+         "less than or equal to 9223372036854775807"),
+    ]  # fmt: skip
+    log = _api_log(stack)
+    logged = len(log.read_text().splitlines())
+    for method, path, data, expected, field, rule in cases:
+        status, answer = raw(stack, method, path, data)
+        assert status == expected, (method, path, (data or b"")[:80], status, answer)
+        assert answer["field"] == field and rule in answer["rule"], (path, answer)
+        assert answer["detail"] == f"{answer['field']}: {answer['rule']}"
+    assert stack.count_tasks() == before
+    assert stack.sql(count_jobs) == jobs_before
+    lines = log.read_text().splitlines()[logged:]
+    refused = [line for line in lines if ": refused " in line]
+    assert len(refused) == len(cases) and not any("Traceback" in line for line in lines), lines
+    # a task's JSON still round-trips what the rules let through
+    status, fine = post(stack, {**json.loads(b"{" + ok + b"}"), "metadata": {"t": "a\tb\u00e9"}})
+    assert status == 201 and fine["metadata"] == {"t": "a\tb\u00e9"}
+    stack.client.cancel(fine["id"])
+
+
+def _send_chunked(url: str, path: str, total: int) -> tuple[int, Any]:
+    """POST ``total`` bytes of chunked body (never held in memory) until the server answers;
+    ``(status, decoded JSON)`` of its answer."""
+    host, port = url.removeprefix("http://").split(":")
+    chunk = b"x" * 65536
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(frame)
+                sent += len(chunk)
+            sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                answer += data
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert sent < total, "the server read the whole body"
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_a_body_over_the_limit_is_refused_while_it_streams_whatever_its_framing(
+    stack: Stack,
+) -> None:
+    """The 1 MiB limit once read only Content-Length: a 200 MiB chunked body was read and
+    parsed whole (the API's memory grew by 800 MiB)."""
+    (api,) = [p for p in stack.procs if "serve" in p.args]  # type: ignore[operator]
+    before = stack.count_tasks()
+    rss = psutil.Process(api.pid).memory_info().rss
+    status, answer = _send_chunked(stack.url, f"{API}/task", 200 * 1024 * 1024)
+    assert status == 413 and answer["field"] == "body", answer
+    assert "the limit is 1048576" in answer["rule"]
+    grown = psutil.Process(api.pid).memory_info().rss - rss
+    assert grown < 64 * 1024 * 1024, f"the API grew by {grown >> 20} MiB"
+    # a client that sends a whole (moderately) oversized body still reads its 413
+    for _ in range(3):
+        status, answer = raw(stack, "POST", f"{API}/task", b" " * (3 * 1024 * 1024))
+        assert status == 413 and answer["rule"] == "is 3145728 bytes; the limit is 1048576"
+    assert stack.count_tasks() == before
+    assert stack.client.health()["status"] == "ok"
 
 
 def test_methods_health_list_and_openapi(stack: Stack, done_task: dict[str, Any]) -> None:

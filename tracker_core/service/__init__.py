@@ -18,6 +18,9 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.worker`: a worker process (the task queue + maintenance);
 - :mod:`~tracker_core.service.executions`: one execution of each kind of job, and how it ends;
 - :mod:`~tracker_core.service.api`: the FastAPI application;
+- :mod:`~tracker_core.service.limits`: what the API accepts (body size, JSON and URL rules);
+- :mod:`~tracker_core.service.outage`: riding out an outage of the task database (what counts
+  as one, backoff, giving up), for workers; :mod:`~tracker_core.service.gate`: the API's 503s;
 - :mod:`~tracker_core.service.embedded`: the private PostgreSQL of the embedded layout;
 - :mod:`~tracker_core.service.server`: ``tracker-core serve`` (API, optional worker, database);
 - :mod:`~tracker_core.service.client`: a small HTTP client of the API (CLI, tests);

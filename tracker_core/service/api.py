@@ -14,9 +14,14 @@
 ``GET  /health``                              200 when the database answers, else 503
 ============================================  =================================================
 
-Bad input gets a 4xx that says what is wrong and writes nothing: malformed JSON (400), a body
-over 1 MiB (413), wrong types, unknown fields, an unknown method, a batch id that is not a
-valid name, metadata over 64 KiB (422).
+Bad input gets a 4xx that names the field and the rule, and writes nothing: a body over 1 MiB
+(413, counted as it streams in), malformed JSON (400), and text PostgreSQL cannot store,
+numbers out of range, nesting too deep, control characters in the URL
+(:mod:`tracker_core.service.limits`); wrong types, unknown fields, an unknown method, a batch
+id that is not a valid name, metadata over 64 KiB (422).
+
+While the task database does not answer, every route that needs it answers 503 with
+``Retry-After`` (:mod:`tracker_core.service.gate`), and the API goes back to normal by itself.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.service.gate import DatabaseGate
+from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits, shown
 from tracker_core.service.models import (
     MAX_METADATA_BYTES,
     MAX_PARALLEL_RUNS,
@@ -42,6 +49,7 @@ from tracker_core.service.models import (
     metadata_size,
     new_id,
 )
+from tracker_core.service.outage import Backoff, Outage, OutageRider, probe
 from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import NewTask, TaskRepository
@@ -53,7 +61,10 @@ __all__ = ["API_PREFIX", "MAX_BODY_BYTES", "create_app"]
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/fine-tuning"
-MAX_BODY_BYTES = 1024 * 1024
+#: how long a request waits for a database connection before it is answered 503
+POOL_TIMEOUT = 3.0
+#: PostgreSQL's OFFSET is a bigint
+_MAX_OFFSET = 2**63 - 1
 
 
 # ---------------------------------------------------------------------- shapes (OpenAPI)
@@ -167,11 +178,12 @@ def _for_key(task: Task, body: TaskCreate) -> JSONResponse:
     return JSONResponse(task.as_json(), status_code=200)
 
 
+def _field(err: dict[str, Any]) -> str:
+    return ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    parts = [f"{_field(err)}: {err.get('msg', 'invalid')}" for err in exc.errors()]
     return "; ".join(parts) or "invalid request"
 
 
@@ -181,17 +193,27 @@ def create_app(
 ) -> FastAPI:
     """The API of one service process, on the task database at ``conninfo``."""
     registry = registry or MethodRegistry(settings.methods)
-    queue_app = build_app(settings, conninfo, max_pool=20)
+    queue_app = build_app(settings, conninfo, max_pool=20, timeout=POOL_TIMEOUT)
     state: dict[str, TaskRepository] = {}
+    outage = Outage(settings.database_outage_seconds)
+    backoff = Backoff(first=0.5, cap=5.0)
+
+    async def recover() -> None:  # the database is back: drop the pool's dead connections
+        if state:
+            await queue_app.connector.pool.check()  # type: ignore[attr-defined]
+
+    gate = DatabaseGate(lambda: probe(conninfo, POOL_TIMEOUT), outage, backoff, recover=recover)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await OutageRider(outage, backoff).run(lambda: probe(conninfo, POOL_TIMEOUT))
         async with queue_app.open_async():
             await ensure_schema(queue_app)
             state["repo"] = TaskRepository(queue_app.connector.pool)  # type: ignore[attr-defined]
             yield
 
     def repo() -> TaskRepository:
+        gate.check()
         return state["repo"]
 
     app = FastAPI(
@@ -200,21 +222,31 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _error(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        return await call_next(request)
+    #: the process running this app runs ``gate.watch()`` (it raises past the outage budget)
+    app.state.database_gate = gate
+    gate.answer_errors(app)
+    app.add_middleware(InputLimits, routes=lambda: app.routes)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             first = next(e for e in exc.errors() if e.get("type") == "json_invalid")
             reason = (first.get("ctx") or {}).get("error", "not valid JSON")
             return _error(400, f"the request body is not valid JSON: {reason}")
-        return _error(422, _describe_validation(exc), errors=jsonable_errors(exc))
+        log.info(
+            "refused %s %s: 422 %s",
+            request.method,
+            shown(request.url.path),
+            shown(_describe_validation(exc)),
+        )
+        first = exc.errors()[0] if exc.errors() else {}
+        return _error(
+            422,
+            _describe_validation(exc),
+            field=_field(first),
+            rule=first.get("msg", "invalid"),
+            errors=jsonable_errors(exc),
+        )
 
     @app.post(
         f"{API_PREFIX}/task",
@@ -224,18 +256,18 @@ def create_app(
     )
     async def create_task(body: TaskCreate) -> Any:
         if body.fine_tuning_method not in registry:
-            return _error(422, registry.unknown_message(body.fine_tuning_method))
+            rule = registry.unknown_message(body.fine_tuning_method)
+            return _error(422, rule, field="fine_tuning_method", rule=rule)
         if body.batch_id is not None:
             try:
                 check_batch_id(body.batch_id)
             except ConfigurationError as exc:
-                return _error(422, str(exc))
+                return _error(422, str(exc), field="batch_id", rule=str(exc))
         metadata = body.metadata or {}
         size = metadata_size(metadata)
         if size > MAX_METADATA_BYTES:
-            return _error(
-                422, f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
-            )
+            rule = f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+            return _error(422, rule, field="metadata", rule=rule)
         if body.idempotency_key is not None:
             existing = await repo().get_by_key(body.idempotency_key)
             if existing is not None:
@@ -294,7 +326,7 @@ def create_app(
         status: TaskStatus | None = None,
         fine_tuning_method: str | None = None,
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=_MAX_OFFSET),
     ) -> Any:
         tasks, total = await repo().list(
             status=status, method=fine_tuning_method, limit=limit, offset=offset
@@ -330,13 +362,11 @@ def create_app(
         infos = await run_in_threadpool(registry.describe)
         return [i.as_json() for i in infos]
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {}})
     async def health() -> Any:
-        try:
-            async with queue_app.connector.pool.connection(timeout=5) as conn:  # type: ignore[attr-defined]
-                await conn.execute("SELECT 1")
-        except Exception as exc:
-            return _error(503, f"the task database does not answer: {type(exc).__name__}")
+        repo()  # 503 while the database is down
+        async with queue_app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            await conn.execute("SELECT 1")
         return {"status": "ok", "database": "ok"}
 
     return app

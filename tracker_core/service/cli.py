@@ -75,6 +75,7 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
         "max_attempts": args.max_attempts,
         "retry_wait_seconds": args.retry_wait_seconds,
         "keep_jobs_hours": args.keep_jobs_hours,
+        "database_outage_seconds": args.database_outage_seconds,
         "allow_root": args.allow_root,
     }
     if serve:
@@ -96,6 +97,9 @@ def _service_logging(args: argparse.Namespace) -> None:
         if getattr(handler, "_tracker_cli", False):
             handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logging.getLogger("procrastinate").setLevel(logging.WARNING if not args.verbose else level)
+    # a database outage is said once, when it starts and when it ends (tracker_core.service.
+    # outage), not by each of the pool's connection attempts
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR if not args.verbose else level)
 
 
 def _import_service() -> None:
@@ -142,7 +146,7 @@ def cmd_worker(args: argparse.Namespace, out: Output) -> int:
     else:
         conninfo = settings.database_url
     try:
-        asyncio.run(work(settings, conninfo))
+        asyncio.run(work(settings, conninfo, embedded))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -272,6 +276,13 @@ def _process_args(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--retry-wait-seconds", type=_positive_float, default=10.0,
                    help="wait before a retry, doubled each time (default %(default)s)")  # fmt: skip
+    t.add_argument(
+        "--database-outage-seconds",
+        type=_positive_float,
+        default=300.0,
+        help="how long to wait for the task database when it does not answer (requests get "
+        "503 meanwhile, training goes on) before exiting with status 1 (default %(default)s)",
+    )
     p.add_argument(
         "--keep-jobs-hours",
         type=_hours,

@@ -116,10 +116,16 @@ class ServiceClient:
         self, task_id: str, *, poll: float = 1.0, timeout: float | None = None
     ) -> dict[str, Any]:
         """Poll until the task ends (done, error or canceled); the final task. Raises
-        ``TimeoutError`` after ``timeout`` seconds."""
+        ``TimeoutError`` after ``timeout`` seconds. A 503 (the service's database does not
+        answer) is waited out like a task still running."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            task = self.get(task_id)
+            try:
+                task = self.get(task_id)
+            except ServiceRequestError as exc:
+                if exc.status != 503:  # 503: its database does not answer now; it will
+                    raise
+                task = {"status": "unknown (the task database does not answer)"}
             if task.get("status") in _TERMINAL:
                 return task
             if deadline is not None and time.monotonic() >= deadline:

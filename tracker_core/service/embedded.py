@@ -3,9 +3,12 @@
 ``EmbeddedPostgres(settings).start()`` starts (or reuses) a PostgreSQL server whose data lives
 in ``<data_dir>/postgres`` and which listens on a unix socket only (no TCP port), creates the
 database ``tracker_core`` in it, and returns its psycopg URL. ``stop()`` stops the server
-unless another process of ours still uses it. The server is a daemon (``pg_ctl start``): a
-``serve`` killed with ``kill -9`` leaves it running, and the next ``serve`` on the same data
-folder reuses it.
+unless another process of ours still uses it, and stops it whatever uses it once its data
+folder is gone (nothing can use it then). :meth:`EmbeddedPostgres.watch` raises once the
+data folder is removed, so that ``serve`` stops (and stops the server) instead of running on
+a database that lost its files. The server is a daemon (``pg_ctl start``): a ``serve``
+killed with ``kill -9`` leaves it running, and the next ``serve`` on the same data folder
+reuses it.
 
 Running as root: PostgreSQL refuses to run as root, so the wheel then runs it as a system
 account ``pgserver``, which it creates (``useradd``) if missing, and it adds ``g+rx,o+rx`` to
@@ -19,9 +22,11 @@ it a PostgreSQL with ``--database``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import signal
 import stat
 import warnings
 from pathlib import Path
@@ -77,6 +82,8 @@ class EmbeddedPostgres:
         self.settings = settings
         self.pgdata = (settings.data_dir / "postgres").resolve()
         self._server: Any = None
+        #: the postmaster we run on: its pid and start time (a pid alone may be reused)
+        self._postmaster: tuple[int, float] | None = None
 
     def start(self) -> str:
         """Start or reuse the server; the psycopg URL of the ``tracker_core`` database."""
@@ -108,6 +115,7 @@ class EmbeddedPostgres:
                     f"the embedded PostgreSQL in {self.pgdata} did not start: "
                     f"{type(exc).__name__}: {exc} (its log: {self.pgdata / 'log'})"
                 ) from exc
+        self._postmaster = _identify(self._server.get_pid())
         admin = self._server.get_uri()
         self._create_database(admin)
         url = self._server.get_uri(database=DATABASE)
@@ -126,12 +134,66 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         return None if self._server is None else self._server.get_pid()
 
+    @property
+    def folder_exists(self) -> bool:
+        """Whether the server's data folder is still there."""
+        return (self.pgdata / "PG_VERSION").is_file()
+
+    def check_folder(self) -> None:
+        """Raise :class:`ServiceUnavailableError` if the data folder is gone."""
+        if not self.folder_exists:
+            raise ServiceUnavailableError(
+                f"the data folder {self.settings.data_dir} was removed while the service ran "
+                "(its database with it): stopping"
+            )
+
+    async def watch(self, every: float = 1.0) -> None:
+        """Return never; raise :class:`ServiceUnavailableError` once the data folder is gone
+        (checked every ``every`` seconds)."""
+        while True:
+            self.check_folder()
+            await asyncio.sleep(every)
+
     def stop(self) -> None:
-        """Stop the server (unless another live process of ours still uses it)."""
+        """Stop the server (unless another live process of ours still uses it and its data
+        folder is still there)."""
         if self._server is None:
             return
         server, self._server = self._server, None
+        if not self.folder_exists and self._postmaster is not None:
+            _terminate(*self._postmaster)  # pg_ctl cannot: it needs the folder
         try:
             server.cleanup()
         except Exception:
             log.warning("could not stop the embedded PostgreSQL in %s", self.pgdata, exc_info=True)
+
+
+def _identify(pid: int | None) -> tuple[int, float] | None:
+    import psutil
+
+    try:
+        return (pid, psutil.Process(pid).create_time()) if pid else None
+    except psutil.Error:
+        return None
+
+
+def _terminate(pid: int, created: float, grace: float = 10.0) -> None:
+    """Stop the postmaster ``pid`` (if it is still the one started at ``created``): an
+    immediate shutdown (SIGQUIT; its files are gone, nothing is left to save), then SIGKILL."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.create_time() != created:
+            return
+        log.warning("stopping the embedded PostgreSQL (pid %d): its data folder is gone", pid)
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(grace)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(grace)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.Error:
+        log.warning("could not stop the embedded PostgreSQL (pid %d)", pid, exc_info=True)

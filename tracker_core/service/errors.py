@@ -7,6 +7,7 @@ from typing import Any
 from tracker_core.errors import ConfigurationError, TrackerError
 
 __all__ = [
+    "DatabaseOutageError",
     "ServiceConfigurationError",
     "ServiceError",
     "ServiceRequestError",
@@ -26,6 +27,11 @@ class ServiceConfigurationError(ServiceError, ConfigurationError):
 
 class ServiceUnavailableError(ServiceError):
     """The service (its API, or its database) cannot be reached."""
+
+
+class DatabaseOutageError(ServiceUnavailableError):
+    """The task database did not answer for longer than a process may wait for it
+    (``--database-outage-seconds``), or while the process was stopping."""
 
 
 class ServiceRequestError(ServiceError):

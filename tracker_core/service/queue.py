@@ -51,6 +51,7 @@ from procrastinate import jobs as jobs_module
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
 if TYPE_CHECKING:
+    from tracker_core.service.outage import OutageRider
     from tracker_core.service.settings import ServiceSettings
 
 __all__ = [
@@ -120,14 +121,31 @@ class _RetryOnRequest(BaseRetryStrategy):
         return None
 
 
-def build_app(settings: ServiceSettings, conninfo: str, *, max_pool: int = 10) -> App:
-    """The Procrastinate app of a service process (not opened yet)."""
-    connector = PsycopgConnector(
-        conninfo=conninfo,
-        min_size=1,
-        max_size=max_pool,
-        kwargs={"application_name": "tracker-core-service"},
-    )
+def build_app(
+    settings: ServiceSettings,
+    conninfo: str,
+    *,
+    max_pool: int = 10,
+    timeout: float = 30.0,
+    rider: OutageRider | None = None,
+) -> App:
+    """The Procrastinate app of a service process (not opened yet). ``timeout``: how long
+    its pool waits for a connection, and keeps trying to open one; ``rider``: ride out
+    database outages (:class:`~tracker_core.service.outage.RidingConnector`)."""
+    options: dict[str, Any] = {
+        "conninfo": conninfo,
+        "min_size": 1,
+        "max_size": max_pool,
+        "timeout": timeout,
+        "reconnect_timeout": timeout,
+        "kwargs": {"application_name": "tracker-core-service"},
+    }
+    if rider is None:
+        connector = PsycopgConnector(**options)
+    else:
+        from tracker_core.service.outage import RidingConnector
+
+        connector = RidingConnector(rider=rider, **options)
     app = App(connector=connector)
 
     @app.task(

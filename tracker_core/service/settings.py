@@ -16,6 +16,9 @@ Timings, and what they decide:
 - ``poll_seconds``: how often an idle worker polls for tasks, as a fallback to LISTEN/NOTIFY;
 - ``cancel_grace_seconds``: how long a canceled task may take to reach a safe point before its
   training process is terminated; ``shutdown_grace_seconds`` the same when a worker stops;
+- ``database_outage_seconds``: how long an API or a worker waits for its task database to
+  answer again (an outage: PostgreSQL stopped, restarted, unreachable) before it gives up
+  and exits (see :mod:`tracker_core.service.outage`);
 - ``lease_seconds``: the run lease of the managers the training processes use (see
   :mod:`tracker_core.leases`): a killed worker's run can be resumed this long after it died.
 """
@@ -116,6 +119,7 @@ class ServiceSettings:
     cancel_grace_seconds: float = attrs.field(default=30.0, validator=_positive)
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_positive)
     lease_seconds: float = attrs.field(default=DEFAULT_LEASE_SECONDS, validator=_positive)
+    database_outage_seconds: float = attrs.field(default=300.0, validator=_positive)
     #: jobs that ended are deleted from the queue's tables this many hours later (their
     #: tasks stay: the task table is the record)
     keep_jobs_hours: int = attrs.field(default=24, validator=attrs.validators.ge(0))

@@ -37,6 +37,14 @@ How a job ends, by what its child reports:
 - the worker killed (``kill -9``): its children exit (their control pipe closes), its heartbeat
   stops, and after ``stall_seconds`` another worker's maintenance puts its jobs back; a run
   resumes once the dead worker's run lease expired.
+- the task database does not answer (stopped, restarted, unreachable): every database call
+  of the worker (Procrastinate's and the task table's) waits for it with backoff
+  (:mod:`tracker_core.service.outage`) while the children keep training; a job that ended
+  meanwhile is written when the database answers again. Dead workers are judged only once
+  the database has been up for ``stall_seconds`` (as this worker saw it, and as the server's
+  start time says), so no live worker's job is taken for a stalled one because the outage
+  kept its heartbeat from landing. An outage longer than ``database_outage_seconds`` ends the
+  process (:class:`~tracker_core.service.errors.DatabaseOutageError`).
 
 What each kind of job does once it runs, and how it ends, is in
 :mod:`tracker_core.service.executions`; this module wires the stops, the maintenance and the
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -55,8 +64,19 @@ from procrastinate import App, JobContext
 from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Status
 
+from tracker_core.service.errors import ServiceError
 from tracker_core.service.executions import JobExecutions, _Stop
 from tracker_core.service.models import TaskStatus
+from tracker_core.service.outage import (
+    Backoff,
+    Outage,
+    OutageRider,
+    database_age,
+    describe,
+    is_outage,
+    probe,
+    riding,
+)
 from tracker_core.service.queue import (
     COMPLETE,
     MAINTENANCE_QUEUE,
@@ -80,7 +100,22 @@ log = logging.getLogger(__name__)
 
 class WorkerRuntime(JobExecutions):
     """What the jobs of one worker process share: settings, the task table, the methods,
-    and the queue (to defer and cancel jobs inside the task table's transactions)."""
+    the queue (to defer and cancel jobs inside the task table's transactions), and how it
+    rides out an outage of its database (``rider``, whose ``outage`` is the database as this
+    worker sees it)."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        repo: TaskRepository,
+        registry: MethodRegistry,
+        jobs: QueueJobs,
+        *,
+        rider: OutageRider | None = None,
+    ) -> None:
+        super().__init__(settings, repo, registry, jobs)
+        self.rider = rider or OutageRider(Outage(settings.database_outage_seconds), Backoff())
+        self.outage = self.rider.outage
 
     # ------------------------------------------------------------------ job bodies
     async def _guard(
@@ -134,7 +169,12 @@ class WorkerRuntime(JobExecutions):
     async def retry_stalled_jobs(self, app: App) -> None:
         """Put the jobs of dead workers back in the queue: a task's own job (its task back
         to ``pending``), a run job (its run back to ``queued``) or a completion job (its task
-        held by no execution); a task whose cancel was waiting for them is canceled."""
+        held by no execution); a task whose cancel was waiting for them is canceled. Not
+        until the database has been up for ``stall_seconds``: a silent heartbeat is no
+        evidence of death before that."""
+        if not await self._heartbeats_are_evidence(app):
+            log.debug("stalled jobs not looked for: the task database came back recently")
+            return
         stalled = await app.job_manager.get_stalled_jobs(
             queue=TASK_QUEUE, seconds_since_heartbeat=self.settings.stall_seconds
         )
@@ -180,8 +220,31 @@ class WorkerRuntime(JobExecutions):
                     job.id,
                 )
             if status == Status.TODO:
-                async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                    await notify_retried(conn, job.id)
+                await self.rider.run(functools.partial(self._notify, app, job.id))
+
+    async def _notify(self, app: App, job_id: int) -> None:
+        async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            await notify_retried(conn, job_id)
+
+    async def _heartbeats_are_evidence(self, app: App) -> bool:
+        """Whether every live worker has had ``stall_seconds`` of database to beat in: the
+        server has been up that long (a restarted one lost nothing, but has seen no
+        heartbeat yet), and this worker has not seen it down for that long (asked after
+        the query, which waits through an outage)."""
+
+        async def uptime() -> float:
+            async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+                return await database_age(conn)
+
+        window = self.settings.stall_seconds
+        up_for = await self.rider.run(uptime)
+        return up_for >= window and self.outage.settled(window)
+
+
+def _quiet_procrastinate() -> None:
+    """Once this worker gives up on its database, what Procrastinate says as its workers
+    fail (a traceback per query) is the consequence, said once by the caller instead."""
+    logging.getLogger("procrastinate").setLevel(logging.CRITICAL)
 
 
 async def run_worker(
@@ -192,19 +255,37 @@ async def run_worker(
     registry: MethodRegistry | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Run a worker process's two Procrastinate workers until ``stop`` is set."""
+    """Run a worker process's two Procrastinate workers until ``stop`` is set; raises
+    :class:`~tracker_core.service.errors.DatabaseOutageError` if the task database does not
+    answer for ``database_outage_seconds``."""
     registry = registry or MethodRegistry(settings.methods)
-    app = build_app(settings, conninfo, max_pool=settings.concurrency + 4)
+    # a call waits at most a heartbeat for a connection, and retries at least every half
+    # heartbeat: once the database is back, every heartbeat lands well within stall_seconds
+    rider = OutageRider(
+        Outage(settings.database_outage_seconds),
+        Backoff(first=min(0.1, settings.heartbeat_seconds / 2), cap=settings.heartbeat_seconds / 2),
+        on_give_up=_quiet_procrastinate,
+    )
+    app = build_app(
+        settings,
+        conninfo,
+        max_pool=settings.concurrency + 4,
+        timeout=settings.heartbeat_seconds,
+        rider=rider,
+    )
     preload(stores_to_preload(settings.resolved_tracking_uri, settings.resolved_artifact_uri))
     warming = asyncio.create_task(asyncio.to_thread(warm_up), name="forkserver warm-up")
+    await rider.run(lambda: probe(conninfo, settings.heartbeat_seconds + 5))
     async with app.open_async():
-        await ensure_schema(app)
-        repo = TaskRepository(app.connector.pool)  # type: ignore[attr-defined]
-        runtime = WorkerRuntime(settings, repo, registry, QueueJobs(app))
+        await rider.run(lambda: ensure_schema(app))
+        repo = riding(TaskRepository(app.connector.pool), rider)  # type: ignore[attr-defined]
+        runtime = WorkerRuntime(settings, repo, registry, QueueJobs(app), rider=rider)
         common: dict[str, Any] = {
             "install_signal_handlers": False,
             "update_heartbeat_interval": settings.heartbeat_seconds,
-            "stalled_worker_timeout": settings.stall_seconds,
+            # only when a worker starts: forget worker rows silent for longer than any live
+            # worker can be (a worker riding out an outage is alive)
+            "stalled_worker_timeout": settings.stall_seconds + settings.database_outage_seconds,
             "fetch_job_polling_interval": settings.poll_seconds,
             "abort_job_polling_interval": settings.poll_seconds,
             "shutdown_graceful_timeout": 0.0,
@@ -235,15 +316,39 @@ async def run_worker(
         if ready is not None:
             ready.set()
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *workers], return_when=asyncio.FIRST_COMPLETED)
+        given_up = asyncio.create_task(rider.given_up.wait())
+        done, _ = await asyncio.wait(
+            [stopper, given_up, *workers], return_when=asyncio.FIRST_COMPLETED
+        )
+        # stopping while the database does not answer: wait for it a grace period at most
+        rider.outage.stopping(settings.shutdown_grace_seconds)
         for task in workers:
             task.cancel()
         stopper.cancel()
+        given_up.cancel()
         results = await asyncio.gather(*workers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await warming
+        stopped_first = stopper in done  # errors while stopping are said in a line each
         for task, result in zip(workers, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            if not isinstance(result, BaseException) or isinstance(result, asyncio.CancelledError):
+                continue
+            if rider.given_up.is_set():  # said once, by the caller
+                continue
+            if stopped_first or is_outage(result):
+                log.warning("%s stopped: %s", task.get_name(), describe(result))
+            else:
                 log.error("%s failed: %s", task.get_name(), result, exc_info=result)
-        if not stop.is_set():  # a worker ended by itself (its database went away)
-            raise RuntimeError(f"worker stopped unexpectedly: {done}")
+        if rider.given_up.is_set() and not stop.is_set():
+            raise rider.outage.error()
+        if rider.given_up.is_set():
+            log.warning(
+                "%s; the jobs this worker was running go back to the queue once the database "
+                "answers (as a dead worker's)",
+                rider.outage.error(),
+            )
+        if not stop.is_set():  # a worker ended by itself (its error is logged above)
+            ended = next(t for t in workers if t in done)
+            result = results[workers.index(ended)]
+            why = describe(result) if isinstance(result, BaseException) else "no error"
+            raise ServiceError(f"the {ended.get_name()} stopped unexpectedly: {why}")

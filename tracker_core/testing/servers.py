@@ -31,12 +31,14 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "PostgresCluster",
     "ServerStartError",
     "free_port",
     "gcs_emulator",
     "mlflow_server",
     "moto_server",
     "postgres",
+    "postgres_cluster",
     "postgres_installed",
 ]
 
@@ -363,11 +365,95 @@ def postgres(workdir: Path, *, timeout: float = DEFAULT_TIMEOUT) -> Iterator[str
     """A private PostgreSQL cluster on 127.0.0.1 with an empty database for MLflow.
 
     Yields ``postgresql+psycopg://tracker@127.0.0.1:PORT/mlflow`` (trust auth, psycopg 3),
-    usable as MLflow's ``--backend-store-uri`` and by SQLAlchemy.
+    usable as MLflow's ``--backend-store-uri`` and by SQLAlchemy. See :func:`postgres_cluster`
+    for where it lives (and for a cluster a test can stop and start again).
+    """
+    with postgres_cluster(workdir, timeout=timeout) as cluster:
+        yield cluster.url
 
-    The cluster lives in ``<workdir>/pgdata``. As root, PostgreSQL runs as the ``postgres`` (or
-    ``nobody``) account, and the cluster goes to a fresh directory under the system temp dir
-    owned by that account (pytest's tmp dirs are mode 0700 root), removed on exit.
+
+class PostgresCluster:
+    """A private PostgreSQL cluster that a test can stop (as an outage) and start again on
+    the same port; made by :func:`postgres_cluster`. ``url`` stays valid across restarts."""
+
+    def __init__(
+        self, bindir: Path, base: Path, log_dir: Path, env: Mapping[str, str], user: str | None
+    ) -> None:
+        self.bindir, self.base, self.log_dir, self.env, self.user = bindir, base, log_dir, env, user
+        self.datadir = base / "pgdata"
+        self.sockdir = base / "sock"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: fsync stays off (a test machine does not lose power), commits are still durable
+        #: across a PostgreSQL crash: ``stop("immediate")`` loses no acknowledged commit
+        self.durable = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://{_PG_SUPERUSER}@{HOST}:{self.port}/{_PG_DATABASE}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _cmd(self, port: int) -> list[str]:
+        sockets = str(self.sockdir) if len(str(self.sockdir)) <= _UNIX_SOCKET_MAX else ""
+        return [
+            str(self.bindir / "postgres"), "-D", str(self.datadir),
+            "-c", f"listen_addresses={HOST}",
+            "-c", f"port={port}",
+            "-c", f"unix_socket_directories={sockets}",
+            "-c", "fsync=off",
+            "-c", f"synchronous_commit={'on' if self.durable else 'off'}",
+            "-c", "full_page_writes=off",
+            "-c", "max_connections=200",
+        ]  # fmt: skip
+
+    def _probe(self, port: int) -> Callable[[], bool]:
+        isready = [str(self.bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(port)]
+        isready += ["-U", _PG_SUPERUSER, "-d", "postgres"]
+        return lambda: subprocess.call(isready, env=dict(self.env), stdin=subprocess.DEVNULL) == 0
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Start the server (on a free port the first time, on the same port after)."""
+        assert not self.running, "already running"
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = self.port or free_port()
+            log_path = self.log_dir / f"postgres-{port}.log"
+            proc = _spawn(self._cmd(port), log_path, env=self.env, cwd=self.base, user=self.user)
+            try:
+                _wait_ready(proc, "postgres", log_path, self._probe(port), timeout)
+            except ServerStartError:
+                _stop(proc, "postgres", signal.SIGINT)
+                lost_race = any(s in _tail(log_path).lower() for s in _ADDR_IN_USE)
+                if lost_race and not self.port and attempt < _PORT_ATTEMPTS:
+                    continue
+                raise
+            except BaseException:
+                _stop(proc, "postgres", signal.SIGINT)
+                raise
+            self.port, self.proc = port, proc
+            return
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` (SIGINT: clients are disconnected, a clean shutdown) or
+        ``immediate`` (SIGQUIT: as a crash, recovered at the next start)."""
+        if self.proc is not None:
+            sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+            _stop(self.proc, "postgres", sig)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def postgres_cluster(
+    workdir: Path, *, timeout: float = DEFAULT_TIMEOUT, durable: bool = False
+) -> Iterator[PostgresCluster]:
+    """A started :class:`PostgresCluster` on 127.0.0.1 with an empty database ``mlflow``,
+    stopped (if running) and removed on exit. ``durable``: ``synchronous_commit=on``.
+
+    The cluster lives in ``<workdir>/pg/pgdata``. As root, PostgreSQL runs as the ``postgres``
+    (or ``nobody``) account, and the cluster goes to a fresh directory under the system temp
+    dir owned by that account (pytest's tmp dirs are mode 0700 root).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -382,8 +468,6 @@ def postgres(workdir: Path, *, timeout: float = DEFAULT_TIMEOUT) -> Iterator[str
         entry = pwd.getpwnam(user)
         os.chown(private, entry.pw_uid, entry.pw_gid)
         base = private
-    datadir = base / "pgdata"
-    sockdir = base / "sock"
     env = {
         **os.environ,
         "LC_ALL": "C",
@@ -393,52 +477,35 @@ def postgres(workdir: Path, *, timeout: float = DEFAULT_TIMEOUT) -> Iterator[str
     }
     for var in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGDATA"):
         env.pop(var, None)
+    cluster = PostgresCluster(bindir, base, workdir, env, user)
+    cluster.durable = durable
     try:
         init_log = workdir / "initdb.log"
         if user is not None:
-            _run(["install", "-d", "-o", user, "-m", "0700", str(datadir), str(sockdir)], init_log)
+            dirs = [str(cluster.datadir), str(cluster.sockdir)]
+            _run(["install", "-d", "-o", user, "-m", "0700", *dirs], init_log)
         else:
-            sockdir.mkdir(exist_ok=True)
+            cluster.sockdir.mkdir(exist_ok=True)
         _run(
             [
-                str(bindir / "initdb"), "-D", str(datadir),
+                str(bindir / "initdb"), "-D", str(cluster.datadir),
                 "--username", _PG_SUPERUSER, "--auth", "trust",
                 "--encoding", "UTF8", "--no-locale", "--no-sync",
             ],
             init_log, env=env, cwd=base, user=user,
         )  # fmt: skip
-        sockets = str(sockdir) if len(str(sockdir)) <= _UNIX_SOCKET_MAX else ""
-
-        def cmd(port: int) -> list[str]:
-            return [
-                str(bindir / "postgres"), "-D", str(datadir),
-                "-c", f"listen_addresses={HOST}",
-                "-c", f"port={port}",
-                "-c", f"unix_socket_directories={sockets}",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
-                "-c", "max_connections=200",
-            ]  # fmt: skip
-
-        def probe(port: int) -> Callable[[], bool]:
-            isready = [str(bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(port)]
-            isready += ["-U", _PG_SUPERUSER, "-d", "postgres"]
-            return lambda: subprocess.call(isready, env=env, stdin=subprocess.DEVNULL) == 0
-
-        with _serve(
-            "postgres", cmd, probe, workdir,
-            timeout=timeout, env=env, cwd=base, user=user,
-            stop_signal=signal.SIGINT,  # "fast" shutdown: do not wait for clients
-        ) as port:  # fmt: skip
+        cluster.start(timeout)
+        try:
             _run(
                 [
-                    str(bindir / "createdb"), "-h", HOST, "-p", str(port),
+                    str(bindir / "createdb"), "-h", HOST, "-p", str(cluster.port),
                     "-U", _PG_SUPERUSER, _PG_DATABASE,
                 ],
-                workdir / f"postgres-{port}.log", env=env,
+                workdir / f"postgres-{cluster.port}.log", env=env,
             )  # fmt: skip
-            yield f"postgresql+psycopg://{_PG_SUPERUSER}@{HOST}:{port}/{_PG_DATABASE}"
+            yield cluster
+        finally:
+            cluster.stop()
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
