@@ -311,8 +311,8 @@ def connect(config: dict[str, Any], **kwargs: Any) -> tracker_core.ExperimentsMa
 
 
 def arm(manager: Any, killer: Killer, journal: Journal, cleanup: str) -> None:
-    manager.tracking = KillingTracking(manager.tracking, killer)
-    manager.artifacts = KillingArtifacts(manager.artifacts, killer, journal)
+    manager.tracking.wrap(lambda store: KillingTracking(store, killer))
+    manager.artifacts.wrap(lambda store: KillingArtifacts(store, killer, journal))
     _phased(manager, killer, "upload_initial_model", "upload_initial_model")
     _phased(manager, killer, "save_model", "save_model")
     _phased(manager, killer, "finish_run", "finish_run")

@@ -46,7 +46,7 @@ def test_exactly_the_best_keep_models_exist(
         mgr.set_run(Params(lr=float(i)))
         mgr.save_metric(MetricValue("q", value))
         mgr.save_model(tiny_model(i))
-        finished.append(mgr._get_run(mgr.current_run_id or ""))
+        finished.append(mgr.tracker.runs.get_existing(mgr.current_run_id or ""))
         mgr.finish_run()
         expected = {r.run_id for r in sorted(finished, key=mgr.ranking.key)[:keep]}
         assert stored_models(mgr, eid) == expected

@@ -254,7 +254,7 @@ def test_workers_deleting_the_previous_iteration_at_once_all_succeed(tmp_path: P
     second.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
     previous = second.get_previous_iteration_id()
     assert previous is not None
-    store = second.tracking
+    store = second.tracking.inner
     raced = []
 
     class OtherWorkerFirst:
@@ -272,7 +272,7 @@ def test_workers_deleting_the_previous_iteration_at_once_all_succeed(tmp_path: P
                 first.delete_previous_iteration()
             store.log_batch(run_id, metrics, params, tags)
 
-    second.tracking = OtherWorkerFirst()  # type: ignore[assignment]
+    second.tracking.wrap(lambda _: OtherWorkerFirst())
     second.delete_previous_iteration()
     assert raced
     gone = second.get_experiment(previous)
@@ -308,9 +308,8 @@ def test_a_lost_create_run_answer_leaves_no_run_without_its_params(tmp_path: Pat
 
     manager = _manager(tmp_path)
     manager.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
-    faulty = FaultyProxy(manager.tracking)
+    faulty = manager.tracking.wrap(FaultyProxy)
     faulty.fail("create_run", error=TransientError("answer lost"), after_call=True)
-    manager.tracking = faulty  # type: ignore[assignment]
     params = _Params(lr=0.3)
     with manager.run(params, wait=30):
         manager.save_metric(MetricValue("score", 0.3))
@@ -340,8 +339,10 @@ def test_a_lease_claimed_slowly_is_renewed_before_it_expires() -> None:
     over. The holder failed with LeaseLostError."""
     import time
 
-    from tracker_core.leases import Heartbeat, now_ms
+    from tracker_core.clock import SYSTEM_CLOCK
+    from tracker_core.lease import Heartbeat
 
+    now_ms = SYSTEM_CLOCK.now_ms
     ttl = 1.5
     expires = now_ms() + 200  # the claim's retries used all but 0.2 s of the lease
     renewals: list[bool] = []
@@ -420,7 +421,7 @@ def test_download_last_model_while_another_worker_deletes_that_iteration(tmp_pat
     previous = first.get_previous_iteration_id()
     assert previous is not None
     second.set_iteration(FineTuningIteration(plugin_name="soak-regression", batch_id="b1"))
-    store = second.artifacts
+    store = second.artifacts.inner
 
     class CleanedUpMeanwhile:
         """The second worker's artifact store: the first worker deletes the previous
@@ -434,7 +435,7 @@ def test_download_last_model_while_another_worker_deletes_that_iteration(tmp_pat
                 first.delete_iteration(previous)
             return store.download_dir(*args, **kwargs)
 
-    second.artifacts = CleanedUpMeanwhile()  # type: ignore[assignment]
+    second.artifacts.wrap(lambda _: CleanedUpMeanwhile())
     model = second.download_last_model()
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in initial.state_dict().items())
@@ -473,10 +474,9 @@ def test_two_workers_logging_the_same_missing_params_at_once_both_go_on(tmp_path
     experiment_id = manager.current_experiment_id or ""
     params = _Params(lr=0.6)
     manager.tracking.create_run(experiment_id, params.id, {"tracker.plugin": "soak-regression"})
-    faulty = FaultyProxy(manager.tracking)
+    faulty = manager.tracking.wrap(FaultyProxy)
     duplicate = TrackingStoreError('BAD_REQUEST: duplicate key value violates "param_pk"')
     faulty.fail("log_batch", error=duplicate, after_call=True)  # the other worker's insert won
-    manager.tracking = faulty  # type: ignore[assignment]
     with manager.run(params, wait=30):
         manager.save_metric(MetricValue("score", 0.6))
     (run,) = manager.get_runs(experiment_id)

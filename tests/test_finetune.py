@@ -294,18 +294,19 @@ def test_completion_defers_deleting_an_iteration_still_in_use(
 
 
 class _IterationMadeMeanwhile(FaultyProxy):
-    """A tracking store where, just before this worker's ``call``-th listing of iterations,
-    ``meanwhile`` runs: another worker doing its work between two of this worker's reads."""
+    """A tracking store where, just before this worker's ``call``-th listing of iterations (a
+    page of them), ``meanwhile`` runs: another worker doing its work between two of this
+    worker's reads."""
 
     def __init__(self, target: Any, call: int, meanwhile: Any) -> None:
         super().__init__(target)
         self.listings, self.call, self.meanwhile = 0, call, meanwhile
 
-    def iter_experiments(self, *args: Any, **kwargs: Any) -> Any:
+    def search_experiments(self, *args: Any, **kwargs: Any) -> Any:
         self.listings += 1
         if self.listings == self.call:
             self.meanwhile()
-        return self._target.iter_experiments(*args, **kwargs)
+        return self._target.search_experiments(*args, **kwargs)
 
 
 def test_a_batch_iteration_made_while_planning_it_is_joined(
@@ -320,10 +321,11 @@ def test_a_batch_iteration_made_while_planning_it_is_joined(
     managers.extend([fast, slow])
     first = run_iteration(method, fast, "batch-1")
     done: list[Any] = []
-    proxy = _IterationMadeMeanwhile(
-        slow.tracking, 2, lambda: done.append(run_iteration(method, fast, "batch-2"))
+    proxy = slow.tracking.wrap(
+        lambda store: _IterationMadeMeanwhile(
+            store, 2, lambda: done.append(run_iteration(method, fast, "batch-2"))
+        )
     )
-    slow.tracking = proxy  # type: ignore[assignment]
     joined = run_iteration(method, slow, "batch-2")
     (second,) = done
     assert proxy.listings >= 2 and second.start_run_id == first.best_run_id

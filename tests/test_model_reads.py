@@ -51,8 +51,7 @@ def test_downloads_of_a_picked_model_read_no_run_record_again(
 ) -> None:
     previous = manager.get_previous_iteration_id()
     assert previous is not None
-    counted = FaultyProxy(manager.tracking)
-    manager.tracking = counted  # type: ignore[assignment]
+    counted = manager.tracking.wrap(FaultyProxy)
 
     assert _same(manager.download_best_model(previous), tiny_model(1))
     assert _same(manager.download_last_model(), tiny_model(1))

@@ -7,11 +7,13 @@ from typing import Any
 
 from tracker_core import arguments
 from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.codecs import ModelFactory
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
 from tracker_core.retry import RetryConfig
+from tracker_core.stores import ArtifactStore, TrackingStore
 
 __all__ = ["connect"]
 
@@ -33,6 +35,9 @@ def connect(
     params_type: type[FineTuningParams] | None = None,
     requirements: Sequence[str] | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    tracking_store: TrackingStore | None = None,
+    artifact_store: ArtifactStore | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> ExperimentsManager:
     """A manager keeping models at ``artifact_uri`` and tracking runs at ``tracking_uri``.
 
@@ -43,6 +48,11 @@ def connect(
     that stopped renewing its lease (it died); the run is resumable after that. Raises
     :class:`~tracker_core.errors.UnknownSchemeError` (listing the installed schemes) for a
     scheme no installed backend serves.
+
+    ``tracking_store`` / ``artifact_store``: stores to use instead of those the backend
+    makes (wrappers for fault injection, third-party setups; see
+    :func:`~tracker_core.opening.open_stores`); ``clock``: what leases and waits read the
+    time from (tests step it).
     """
     arguments.text("artifact_uri", artifact_uri)
     arguments.optional_instance("retry", retry, RetryConfig, "a RetryConfig")
@@ -62,4 +72,7 @@ def connect(
         model_factory=model_factory,
         params_type=params_type,
         lease_seconds=lease_seconds,
+        tracking_store=tracking_store,
+        artifact_store=artifact_store,
+        clock=clock,
     )

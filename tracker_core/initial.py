@@ -19,8 +19,8 @@ from tracker_core import tags as T
 from tracker_core.errors import ModelNotFoundError
 from tracker_core.iterations import Iterations
 from tracker_core.models import ModelKeeper, is_marked
-from tracker_core.remote import Remote
 from tracker_core.runs import RunTracker, looked_up_again
+from tracker_core.stores import TrackingStore
 from tracker_core.values import INITIAL_RUN_NAME, ExperimentRecord, RunRecord, RunStatus
 
 __all__ = ["InitialModel"]
@@ -32,9 +32,9 @@ class InitialModel:
     """The initial model of ``iterations.plugin_name``. Caches nothing of its own."""
 
     def __init__(
-        self, remote: Remote, iterations: Iterations, runs: RunTracker, models: ModelKeeper
+        self, tracking: TrackingStore, iterations: Iterations, runs: RunTracker, models: ModelKeeper
     ) -> None:
-        self._remote = remote
+        self._tracking = tracking
         self._iterations = iterations
         self._runs = runs
         self._models = models
@@ -96,7 +96,7 @@ class InitialModel:
             self._runs.start(run, None, created=created, wait=math.inf, hold_terminal=True)
             return run
 
-        run = looked_up_again(take, "the initial model")
+        run = looked_up_again(take, "the initial model", self._runs.leases.clock)
         if run is None:
             return False
         try:
@@ -104,10 +104,7 @@ class InitialModel:
             if self.exists(run):
                 return False  # another worker uploaded it while this one waited
             self._models.write_and_mark(run, model, model_format, requirements)
-            tracking = self._remote.tracking
-            self._remote.track(
-                "finish_run", tracking.set_terminated, run.run_id, RunStatus.FINISHED
-            )
+            self._tracking.set_terminated(run.run_id, RunStatus.FINISHED)
         finally:
             self._runs.release()
         log.info("uploaded initial model of %r (run %s)", self.plugin_name, run.run_id)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from tracker_core import leases
@@ -28,8 +28,9 @@ from tracker_core.errors import (
     NoModelToKeepError,
     TrackerError,
 )
+from tracker_core.lease import Leases
 from tracker_core.models import ModelKeeper
-from tracker_core.remote import Remote
+from tracker_core.retrying import Stores
 from tracker_core.stores import ExperimentQuery, RunQuery
 from tracker_core.values import INITIAL_EXPERIMENT_NAME, ExperimentRecord, RunRecord, RunStatus
 
@@ -47,15 +48,14 @@ class Iterations:
     def __init__(
         self,
         plugin_name: str,
-        remote: Remote,
+        stores: Stores,
         models: ModelKeeper,
-        *,
-        lease_ttl_ms: Callable[[], int],
+        leases: Leases,
     ) -> None:
         self.plugin_name = plugin_name
-        self._remote = remote
+        self._tracking, self._artifacts = stores.tracking, stores.artifacts
         self._models = models
-        self._lease_ttl_ms = lease_ttl_ms
+        self._leases = leases
         self._initial: ExperimentRecord | None = None
 
     # ------------------------------------------------------------------ naming and creation
@@ -69,9 +69,8 @@ class Iterations:
         existing = self.by_name(name)
         if existing is not None:
             return existing
-        tracking, artifacts = self._remote.tracking, self._remote.artifacts
-        location = artifacts.experiment_location(name, uuid.uuid4().hex[:12])
-        created = self._remote.track("create", tracking.create_experiment, name, location, tags)
+        location = self._artifacts.experiment_location(name, uuid.uuid4().hex[:12])
+        created = self._tracking.create_experiment(name, location, tags)
         log.info("created experiment %r (%s) at %s", name, created.experiment_id, location)
         return created
 
@@ -97,10 +96,10 @@ class Iterations:
 
     # ------------------------------------------------------------------ lookups
     def get(self, experiment_id: str) -> ExperimentRecord | None:
-        return self._remote.track("search", self._remote.tracking.get_experiment, experiment_id)
+        return self._tracking.get_experiment(experiment_id)
 
     def by_name(self, name: str) -> ExperimentRecord | None:
-        return self._remote.track("search", self._remote.tracking.get_experiment_by_name, name)
+        return self._tracking.get_experiment_by_name(name)
 
     def query(self, exclude: ExperimentRecord | None = None, **extra: Any) -> ExperimentQuery:
         names = (exclude.name,) if exclude is not None else ()
@@ -108,12 +107,10 @@ class Iterations:
 
     def all(self) -> list[ExperimentRecord]:
         """Every iteration of the plugin, newest first (the initial experiment excluded)."""
-        query = self.query()
-        tracking = self._remote.tracking
-        return self._remote.track("search", lambda: list(tracking.iter_experiments(query)))
+        return list(self._tracking.iter_experiments(self.query()))
 
     def latest(self, query: ExperimentQuery) -> ExperimentRecord | None:
-        page, _ = self._remote.track("search", self._remote.tracking.search_experiments, query, 1)
+        page, _ = self._tracking.search_experiments(query, 1)
         return page[0] if page else None
 
     def previous(self, current: ExperimentRecord) -> ExperimentRecord | None:
@@ -123,16 +120,12 @@ class Iterations:
     def last_finished(self, exclude: ExperimentRecord | None) -> str | None:
         """The newest iteration other than ``exclude`` that has runs, all ended. One cheap
         query per iteration checked, newest first."""
-        tracking = self._remote.tracking
-
-        def find() -> str | None:
-            for experiment in tracking.iter_experiments(self.query(exclude), page_size=5):
-                eid = experiment.experiment_id
-                if tracking.has_runs(eid, ()) and not tracking.has_runs(eid, _UNFINISHED):
-                    return eid
-            return None
-
-        return self._remote.track("search", find)
+        tracking = self._tracking
+        for experiment in tracking.iter_experiments(self.query(exclude), page_size=5):
+            eid = experiment.experiment_id
+            if tracking.has_runs(eid, ()) and not tracking.has_runs(eid, _UNFINISHED):
+                return eid
+        return None
 
     def newest_with_model(
         self, before: ExperimentRecord | None
@@ -146,33 +139,26 @@ class Iterations:
             query = self.query()
         else:
             query = self.query(before, created_before_ms=before.creation_time_ms + 1)
-        tracking = self._remote.tracking
-
-        def find() -> tuple[ExperimentRecord, RunRecord] | None:
-            for experiment in tracking.iter_experiments(query, page_size=5):
-                best = self._models.find_best(tracking, experiment.experiment_id)
-                if best is not None:
-                    return experiment, best
-                log.debug("iteration %r holds no model of a FINISHED run", experiment.name)
-            return None
-
-        return self._remote.track("search", find)
+        for experiment in self._tracking.iter_experiments(query, page_size=5):
+            best = self._models.best_run(experiment.experiment_id)
+            if best is not None:
+                return experiment, best
+            log.debug("iteration %r holds no model of a FINISHED run", experiment.name)
+        return None
 
     def runs(
         self, experiment_id: str, statuses: tuple[RunStatus, ...] = (), **query: Any
     ) -> list[RunRecord]:
         run_query = RunQuery((experiment_id,), statuses=statuses, **query)
-        return self._remote.track("search", self._remote.tracking.search_runs, run_query)
+        return self._tracking.search_runs(run_query)
 
     def has_unfinished_runs(self, experiment_id: str) -> bool:
         """Whether any run of the experiment is still RUNNING or SCHEDULED (one query)."""
-        tracking = self._remote.tracking
-        return self._remote.track("search", tracking.has_runs, experiment_id, _UNFINISHED)
+        return self._tracking.has_runs(experiment_id, _UNFINISHED)
 
     def live_runs(self, experiment_id: str) -> list[RunRecord]:
         """Unfinished runs that a live worker holds (see :mod:`tracker_core.leases`)."""
-        ttl, now = self._lease_ttl_ms(), leases.now_ms()
-        return [r for r in self.runs(experiment_id, _UNFINISHED) if leases.run_is_live(r, ttl, now)]
+        return [r for r in self.runs(experiment_id, _UNFINISHED) if self._leases.is_live(r)]
 
     # ------------------------------------------------------------------ deletion
     def delete(self, experiment_id: str, *, current_id: str | None) -> None:
@@ -189,7 +175,7 @@ class Iterations:
         live = self.live_runs(experiment_id)
         if live:
             holders = ", ".join(
-                f"{r.run_id} ({leases.lease_state(r, self._lease_ttl_ms()).owner or 'starting'})"
+                f"{r.run_id} ({leases.lease_state(r, self._leases.ttl_ms).owner or 'starting'})"
                 for r in live
             )
             raise IterationInUseError(
@@ -200,7 +186,7 @@ class Iterations:
         try:
             for run in self._models.marked_runs(experiment_id):
                 self._models.delete(run)
-            self._remote.track("delete", self._remote.tracking.delete_experiment, experiment_id)
+            self._tracking.delete_experiment(experiment_id)
         except TrackerError:
             # several workers finishing an iteration each delete the previous one: if another
             # deleted it meanwhile (its runs went with it, so unmarking one failed), it is done
@@ -214,7 +200,7 @@ class Iterations:
 
     def _remove_folder(self, experiment_id: str) -> None:
         """The deleted experiment's folder, once empty (stores with real folders only)."""
-        if not self._remote.artifacts.has_directories:
+        if not self._artifacts.has_directories:
             return
         found = self.get(experiment_id)
         if found is not None:
@@ -264,13 +250,9 @@ class Iterations:
 
     def mark_pending(self, experiment_id: str) -> None:
         """Tag the iteration for :meth:`delete_pending`."""
-        tracking = self._remote.tracking
-        self._remote.track(
-            "tag", tracking.set_experiment_tag, experiment_id, TAG_DELETE_PENDING, T.TRUE
-        )
+        self._tracking.set_experiment_tag(experiment_id, TAG_DELETE_PENDING, T.TRUE)
 
     def pending(self) -> list[ExperimentRecord]:
         """Iterations whose deletion was deferred, newest first."""
         query = ExperimentQuery(tags={**self.tags(T.KIND_ITERATION), TAG_DELETE_PENDING: T.TRUE})
-        tracking = self._remote.tracking
-        return self._remote.track("search", lambda: list(tracking.iter_experiments(query)))
+        return list(self._tracking.iter_experiments(query))

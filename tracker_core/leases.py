@@ -28,8 +28,11 @@ Twins: two workers creating a params set's run at once create two runs of one na
 of each is claimed separately, so the claim alone cannot stop both being trained. The run of a
 name is the one a worker *took* first (:func:`is_taken`: claimed or ended), and a worker that
 claims a run nobody took before looks for a taken twin after its claim landed: if there is
-one, its own run is a twin to delete (:class:`~tracker_core.runs.RunTracker`). Of two such
-claimants, the one that looks last sees both claims, so at most one of them trains.
+one, its own run is a twin to delete. Of two such claimants, the one that looks last sees both
+claims, so at most one of them trains.
+
+This module holds the rules, read from a run's record at a given time; taking, renewing and
+releasing a lease is :mod:`tracker_core.lease`.
 """
 
 from __future__ import annotations
@@ -37,27 +40,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
-import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import attrs
 
+from tracker_core.tags import LEASE_CLAIM_PREFIX, TAG_LEASE
 from tracker_core.values import RunRecord
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "LEASE_CLAIM_PREFIX",
     "TAG_LEASE",
-    "Heartbeat",
     "LeaseState",
     "claim_params",
     "is_abandoned",
     "is_taken",
     "lease_state",
     "new_owner_id",
-    "now_ms",
     "release_tag",
     "run_is_live",
 ]
@@ -66,13 +66,7 @@ log = logging.getLogger(__name__)
 
 #: default lease time to live: a killed worker's run can be resumed this long after its death
 DEFAULT_LEASE_SECONDS = 60.0
-LEASE_CLAIM_PREFIX = "tracker.lease."
-TAG_LEASE = "tracker.lease"
 _RELEASED = "released"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_owner_id() -> str:
@@ -137,17 +131,16 @@ def lease_state(run: RunRecord, ttl_ms: int) -> LeaseState:
     return LeaseState(epoch, owner, expires, released=False)
 
 
-def run_is_live(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
-    """Whether a live worker holds ``run``: it is not terminal and its lease has not expired.
-
-    ``ttl_ms`` only matters for a run whose lease was never claimed (a run being created).
-    """
+def run_is_live(run: RunRecord, ttl_ms: int, at_ms: int) -> bool:
+    """Whether a live worker holds ``run`` at ``at_ms``: it is not terminal and its lease has
+    not expired. ``ttl_ms`` only matters for a run whose lease was never claimed (a run being
+    created)."""
     if run.status.is_terminal:
         return False
-    return lease_state(run, ttl_ms).is_live(now_ms() if at_ms is None else at_ms)
+    return lease_state(run, ttl_ms).is_live(at_ms)
 
 
-def is_abandoned(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
+def is_abandoned(run: RunRecord, ttl_ms: int, at_ms: int) -> bool:
     """Whether ``run`` was created and left by its creator: not ended, never claimed (epoch
     0) and past its creation's grace. No worker trained it: it holds no model and no metric
     but its creation marker. What a creator killed after ``create_run`` leaves, or the twin
@@ -155,7 +148,7 @@ def is_abandoned(run: RunRecord, ttl_ms: int, at_ms: int | None = None) -> bool:
     if run.status.is_terminal:
         return False
     state = lease_state(run, ttl_ms)
-    return state.epoch == 0 and not state.is_live(now_ms() if at_ms is None else at_ms)
+    return state.epoch == 0 and not state.is_live(at_ms)
 
 
 def is_taken(run: RunRecord) -> bool:
@@ -174,79 +167,3 @@ def claim_params(epoch: int, owner: str, expires_ms: int) -> tuple[dict[str, str
 
 def release_tag(epoch: int, owner: str) -> dict[str, str]:
     return {TAG_LEASE: f"{epoch} {owner} {_RELEASED}"}
-
-
-class Heartbeat:
-    """Renews one lease every ``ttl / 3`` seconds in a daemon thread until stopped.
-
-    ``renew(expires_ms)`` writes the heartbeat and returns True, or False if the lease was lost
-    (a newer epoch exists), or None if there is nothing left to hold (the run ended, or its
-    manager is gone): the thread then stops quietly. Exceptions are logged and retried at the
-    next beat. If no renewal succeeded before the lease's expiry, the lease counts as lost too
-    (another worker may have taken the run over).
-    """
-
-    def __init__(
-        self,
-        renew: Callable[[int], bool | None],
-        ttl_seconds: float,
-        expires_ms: int,
-        *,
-        name: str = "tracker-core-lease",
-    ) -> None:
-        self._renew = renew
-        self._ttl = ttl_seconds
-        self._expires_ms = expires_ms
-        # the same expiry on this process's monotonic clock: `lost` is read on every call
-        self._deadline = time.monotonic() + (expires_ms - now_ms()) / 1000
-        self._stop = threading.Event()
-        self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def lost(self) -> bool:
-        if self._lost.is_set():
-            return True
-        if time.monotonic() >= self._deadline:
-            self._lost.set()
-            return True
-        return False
-
-    def _due(self, interval: float) -> float:
-        """Seconds until the next renewal: every ``interval``, and at once when less than
-        ``ttl - interval`` of the lease is left (a claim whose retries took most of the TTL)."""
-        left = (self._expires_ms - now_ms()) / 1000
-        return max(0.0, min(interval, left - (self._ttl - interval)))
-
-    def _loop(self) -> None:
-        interval = max(self._ttl / 3.0, 0.05)
-        delay = self._due(interval)
-        while not self._stop.wait(delay):
-            delay = min(interval, 1.0)  # after a failed beat: soon again, but no busy loop
-            expires = now_ms() + int(self._ttl * 1000)
-            try:
-                still_mine = self._renew(expires)
-            except Exception as exc:  # a failed beat is retried at the next one
-                log.warning("lease heartbeat failed (%s); retrying", type(exc).__name__)
-                if self.lost:
-                    return
-                continue
-            if still_mine is None:
-                log.debug("lease heartbeat stopped: nothing left to hold")
-                return
-            if not still_mine:
-                log.warning("lease lost: another worker took the run over")
-                self._lost.set()
-                return
-            self._expires_ms = expires
-            self._deadline = time.monotonic() + (expires - now_ms()) / 1000
-            delay = self._due(interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(self._ttl, 5.0))
-
-    def __repr__(self) -> str:
-        return f"<Heartbeat ttl={self._ttl}s lost={self.lost}>"

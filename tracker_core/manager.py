@@ -1,64 +1,57 @@
-"""ExperimentsManager: the seed's API, written once for every backend.
+"""``ExperimentsManager``: the seed's API (``seeds/experiments-manager-api.md``), every name of
+it, public and private, as one adapter over a :class:`~tracker_core.tracker.Tracker`.
 
-The manager is the public face: it checks arguments, holds the lock and the current iteration,
-and delegates each concept to the module that implements it. Its methods are grouped by
-concept in :mod:`tracker_core.facade` (iterations, runs and metrics, models, reconcile); this
-module builds the state they share and owns the manager's life (open, close, exit):
-
-- :mod:`tracker_core.iterations`: iteration experiments, lookups newest first, safe deletion;
-- :mod:`tracker_core.initial`: the initial model, uploaded once, never cleaned up;
-- :mod:`tracker_core.runs`: the current run, its lease, its metrics, how it ends;
-- :mod:`tracker_core.models`: writing, marking, pruning and serving models;
-- :mod:`tracker_core.reconcile`: what crashes leave (``tracker-core gc`` and ``verify``);
-- :mod:`tracker_core.ranking`: the one order of runs (best model, best quality, top params).
-
-Every store call goes through one retry policy (:mod:`tracker_core.remote`).
-
-Thread-safety: a manager tracks one iteration and one run at a time; its methods are
-serialised by a lock, so sharing one manager between threads is safe but runs their work one
-after another. For concurrent runs, use one manager per thread or process: managers share no
-state (no MLflow fluent API, no globals).
+The constructor checks every argument (:mod:`tracker_core.arguments`) before anything is
+written, opens the two stores of the backend that the artifact URI's scheme names, and builds
+the tracker. Each method is a delegation to the tracker or one of its services; the work, and
+its documentation, is there. At interpreter exit, every manager still open sends its queued
+metrics and lets go of its run (:meth:`~tracker_core.tracker.Tracker.at_exit`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
-import os
-import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from tracker_core import arguments, leases
+from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
-from tracker_core.codecs import ModelFactory, get_codec
-from tracker_core.errors import ConfigurationError
-from tracker_core.facade.iterations import IterationsAPI
-from tracker_core.facade.models import ModelsAPI
-from tracker_core.facade.reconcile import ReconcileAPI
-from tracker_core.facade.runs import ActiveRun, RunsAPI
-from tracker_core.initial import InitialModel
-from tracker_core.iterations import Iterations
-from tracker_core.models import ModelKeeper
-from tracker_core.params import FineTuningParams
-from tracker_core.ranking import Ranking, TopRuns
-from tracker_core.reconcile import (
-    OrphanedModel,
-    OrphanScan,
-    Reconciler,
+from tracker_core.clock import SYSTEM_CLOCK, Clock
+from tracker_core.codecs import ModelFactory
+from tracker_core.errors import (
+    ConfigurationError,
+    InvalidMetricError,
+    ModelFilesMissingError,
+    ModelNotFoundError,
+    TrackerError,
 )
-from tracker_core.registry import get_backend, scheme_of
-from tracker_core.remote import Remote
-from tracker_core.retry import Retrier, RetryConfig
-from tracker_core.runs import RunTracker
+from tracker_core.models import ModelKeeper, is_marked
+from tracker_core.opening import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, open_tracker
+from tracker_core.params import FineTuningParams
+from tracker_core.ranking import Ranking
+from tracker_core.reconcile import (
+    AbandonedTwin,
+    MissingModel,
+    MissingScan,
+    OrphanedModel,
+    OrphanedUpload,
+    OrphanScan,
+)
+from tracker_core.retry import RetryConfig
+from tracker_core.retrying import RetryingArtifactStore, RetryingTrackingStore
 from tracker_core.stores import ArtifactStore, TrackingStore
-from tracker_core.uris import has_secret_query, has_userinfo, redact_uri
+from tracker_core.tracker import ActiveRun, Settings, Tracker
 from tracker_core.values import (
     ExperimentRecord,
     FineTuningIteration,
-    validate_metric_name,
-    validate_name,
+    MetricValue,
+    RunRecord,
+    RunStatus,
 )
 
 __all__ = [
@@ -72,60 +65,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_ARTIFACT_URI = "mlartifacts"
+P = TypeVar("P", bound=FineTuningParams)
 
-_live_managers: weakref.WeakSet[ExperimentsManager] = weakref.WeakSet()
+_live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
 
 
 @atexit.register
 def _at_exit() -> None:
-    """Queued metrics reach the store; a run still held is let go (resumable at once). Each
-    store call is tried once; a store that is gone (a deleted temporary folder, a server
-    stopped first) costs one line: a WARNING if metric values were lost, else DEBUG."""
-    for manager in list(_live_managers):
-        manager._remote.single_attempt()
-        run_id, queued = manager.current_run_id, len(manager._runs.metrics)
-        try:
-            manager.flush_metrics()
-        except Exception as exc:
-            log.warning(
-                "%d metric value(s) of run %s could not be sent at exit: %s",
-                *(queued, run_id, _one_line(exc)),
-            )
-        try:
-            manager._runs.release(at_exit=True)
-        except Exception as exc:
-            log.debug("could not let go of run %s at exit: %s", run_id, _one_line(exc))
+    for tracker in list(_live_trackers):
+        tracker.at_exit()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _check_storage_uri(uri: str) -> None:
-    """Credentials never travel in a storage URI (they would end up in logs, ``repr`` and the
-    tracking database as the experiments' artifact locations). The refused URI is shown
-    redacted, never as given."""
-    if has_userinfo(uri) or has_secret_query(uri):
-        raise ConfigurationError(
-            f"the storage URI {redact_uri(uri, keep_user=False)} carries credentials: give them "
-            "through storage_options= (s3fs: key=/secret=, gcsfs: token=) or the standard "
-            "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, "
-            "GOOGLE_APPLICATION_CREDENTIALS)"
-        )
-
-
-class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
+class ExperimentsManager:
     """Fine-tuning experiment management over a tracking store and an artifact store.
 
     Every fine-tuning iteration is an experiment named after :class:`FineTuningIteration`;
     every params set tried in it is a run whose identity is the params' hash. Only the best
     ``keep`` models of an iteration are kept (ranked by the final value of ``main_metric``,
-    lower is better when ``is_loss``); the initial model lives in its own experiment and is
-    never removed by iteration cleanup. One worker trains a run at a time (a lease renewed by
-    a heartbeat; a dead worker's run is resumable ``lease_seconds`` after it died).
+    lower is better when ``is_loss``); a model is served once its run ended FINISHED; the
+    initial model lives in its own experiment and is never removed by iteration cleanup. One
+    worker trains a run at a time (a lease renewed by a heartbeat; a dead worker's run is
+    resumable ``lease_seconds`` after it died).
 
     Args:
         tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``, else
@@ -143,7 +103,9 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
         model_factory: builds an empty model, for formats that store weights only.
         params_type: the :class:`FineTuningParams` subclass :meth:`get_top_params` returns.
         lease_seconds: how long a run stays locked to a worker that stopped renewing it.
-        tracking_store / artifact_store: ready stores (tests, third-party setups).
+        tracking_store / artifact_store: ready stores (tests, third-party setups); the manager
+            calls them under its retry policy.
+        clock: what leases, heartbeats and waits read the time from (tests step it).
     """
 
     def __init__(
@@ -166,75 +128,29 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
         lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
         tracking_store: TrackingStore | None = None,
         artifact_store: ArtifactStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        validate_metric_name(main_metric, "main_metric")
-        validate_name(plugin_name, "plugin_name")
-        if tracking_uri is not None:
-            arguments.text("tracking_uri", tracking_uri)
-        accumulators = arguments.instances(
-            "accumulators", accumulators, MetricsAccumulator, "MetricsAccumulator instances"
+        self._tracker = open_tracker(
+            tracking_uri,
+            main_metric,
+            plugin_name,
+            accumulators,
+            is_loss,
+            n_top_runs,
+            requirements,
+            retry_config,
+            artifact_uri=artifact_uri,
+            storage_options=storage_options,
+            keep=keep,
+            model_format=model_format,
+            model_factory=model_factory,
+            params_type=params_type,
+            lease_seconds=lease_seconds,
+            tracking_store=tracking_store,
+            artifact_store=artifact_store,
+            clock=clock,
         )
-        is_loss = arguments.flag("is_loss", is_loss)
-        n_top_runs = arguments.positive_int("n_top_runs", n_top_runs)
-        requirements = arguments.string_list("requirements", requirements)
-        arguments.optional_instance("retry_config", retry_config, RetryConfig, "a RetryConfig")
-        if artifact_uri is not None:
-            arguments.text("artifact_uri", artifact_uri)
-        storage_options = arguments.optional_mapping("storage_options", storage_options)
-        keep = arguments.positive_int("keep", keep)
-        if model_format is not None:
-            arguments.text("model_format", model_format)
-        arguments.optional_callable("model_factory", model_factory, "an empty torch.nn.Module")
-        arguments.optional_subclass("params_type", params_type, FineTuningParams)
-        lease_seconds = arguments.seconds(
-            "lease_seconds", lease_seconds, maximum=arguments.MAX_LEASE_SECONDS
-        )
-        arguments.optional_store("tracking_store", tracking_store, TrackingStore)
-        arguments.optional_store("artifact_store", artifact_store, ArtifactStore)
-        artifact_uri = artifact_uri or DEFAULT_ARTIFACT_URI
-        _check_storage_uri(artifact_uri)
-        self._main_metric, self._plugin_name, self._is_loss = main_metric, plugin_name, is_loss
-        self.n_top_runs, self.keep = n_top_runs, keep
-        self.requirements = requirements or None
-        self.retry_config = retry_config or RetryConfig()
-        self.model_factory, self.params_type = model_factory, params_type
-
-        backend = None
-        if tracking_store is None or artifact_store is None:
-            backend = get_backend(scheme_of(artifact_uri))
-        retrier = Retrier(self.retry_config)
-        if artifact_store is None:
-            assert backend is not None
-            artifact_store = backend.artifact_store(
-                artifact_uri, storage_options=storage_options, retrier=retrier
-            )
-        if tracking_store is None:
-            assert backend is not None
-            resolved = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            tracking_store = backend.tracking_store(
-                resolved or DEFAULT_TRACKING_URI, retrier=retrier
-            )
-        self.tracking_uri = getattr(tracking_store, "uri", tracking_uri)
-        self.model_format = model_format or (
-            backend.default_model_format if backend is not None else "state_dict"
-        )
-        get_codec(self.model_format)  # unknown formats fail here, before anything is written
-        remote = self._remote = Remote(tracking_store, artifact_store, retrier)
-        self.ranking = Ranking(main_metric, bool(is_loss))
-        self.models = ModelKeeper(
-            tracking_store, artifact_store, self.ranking, track=remote.track, art=remote.art
-        )
-        self._runs = RunTracker(remote, main_metric, accumulators, lease_seconds=lease_seconds)
-        self._iterations = Iterations(
-            plugin_name, remote, self.models, lease_ttl_ms=lambda: self._runs.ttl_ms
-        )
-        self._initial = InitialModel(remote, self._iterations, self._runs, self.models)
-        self._reconcile = Reconciler(remote, self.models)
-        self._top = TopRuns(remote, self.ranking)
-        self._lock = threading.RLock()
-        self._iteration: FineTuningIteration | None = None
-        self._experiment: ExperimentRecord | None = None
-        _live_managers.add(self)
+        _live_trackers.add(self._tracker)
 
     @classmethod
     def from_wrapper(
@@ -269,22 +185,477 @@ class ExperimentsManager(RunsAPI, ModelsAPI, IterationsAPI, ReconcileAPI):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(plugin={self._plugin_name!r}, metric={self._main_metric!r}, "
-            f"is_loss={self._is_loss}, artifacts={self.artifacts.root!r})"
+            f"{type(self).__name__}(plugin={self.plugin_name!r}, metric={self.main_metric!r}, "
+            f"is_loss={self.is_loss}, artifacts={self.artifacts.root!r})"
         )
 
     def close(self) -> None:
         """End the current run implicitly (see :meth:`set_run`), flush, release the stores."""
-        try:
-            with self._lock:
-                self._end_run_implicitly()
-        finally:
-            self._runs.close()
-            self.tracking.close()
-            self.artifacts.close()
+        self._tracker.close()
 
     def __enter__(self) -> ExperimentsManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ what it is made of
+    @property
+    def tracker(self) -> Tracker:
+        """The composed core: stores, services and session (for tools and tests)."""
+        return self._tracker
+
+    @property
+    def tracking(self) -> RetryingTrackingStore:
+        """The tracking store (runs, params, metrics, tags), behind the retry policy."""
+        return self._tracker.stores.tracking
+
+    @property
+    def artifacts(self) -> RetryingArtifactStore:
+        """The artifact store (model files), behind the retry policy."""
+        return self._tracker.stores.artifacts
+
+    @property
+    def settings(self) -> Settings:
+        """What this manager was configured with."""
+        return self._tracker.settings
+
+    @property
+    def models(self) -> ModelKeeper:
+        return self._tracker.models
+
+    @property
+    def ranking(self) -> Ranking:
+        return self._tracker.ranking
+
+    @property
+    def is_loss(self) -> bool:
+        """True if the main metric is a loss (lower is better)."""
+        return self.settings.is_loss
+
+    @property
+    def main_metric(self) -> str:
+        return self.settings.main_metric
+
+    @property
+    def plugin_name(self) -> str:
+        return self.settings.plugin_name
+
+    @property
+    def keep(self) -> int:
+        return self.settings.keep
+
+    @property
+    def n_top_runs(self) -> int:
+        return self.settings.n_top_runs
+
+    @property
+    def model_format(self) -> str:
+        return self.settings.model_format
+
+    @property
+    def model_factory(self) -> ModelFactory | None:
+        return self.settings.model_factory
+
+    @property
+    def params_type(self) -> type[FineTuningParams] | None:
+        return self.settings.params_type
+
+    @property
+    def requirements(self) -> list[str] | None:
+        return list(self.settings.requirements) if self.settings.requirements else None
+
+    @property
+    def retry_config(self) -> RetryConfig:
+        return self.settings.retry
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return self.settings.tracking_uri
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def current_iteration(self) -> FineTuningIteration | None:
+        return self._tracker.iteration
+
+    @property
+    def current_experiment_id(self) -> str | None:
+        experiment = self._tracker.experiment
+        return experiment.experiment_id if experiment else None
+
+    @property
+    def current_run_id(self) -> str | None:
+        run = self._tracker.runs.run
+        return run.run_id if run else None
+
+    def _fix_name(self, name: str) -> str:
+        """Prefix a name with the plugin name: ``"<plugin> / <name>"``."""
+        return f"{self.plugin_name} / {name}"
+
+    # ------------------------------------------------------------------ initial model
+    def get_initial_run_id(self) -> str | None:
+        """The run id of the initial model's run, or None if it was never created."""
+        run = self._tracker.initial.run()
+        return run.run_id if run else None
+
+    def is_initial_run(self, run_id: str) -> bool:
+        """Whether ``run_id`` is the initial model's run."""
+        return run_id is not None and run_id == self.get_initial_run_id()
+
+    def has_initial_model(self) -> bool:
+        """Whether the initial model was uploaded completely (marked) and its files are there."""
+        return self._tracker.initial.exists()
+
+    def get_initial_model_run_id(self) -> str | None:
+        """The initial model's run id; None (and an error logged) if no initial model exists."""
+        run = self._tracker.initial.marked_run()
+        if run is None:
+            log.error("no initial model uploaded for plugin %r", self.plugin_name)
+        return run.run_id if run else None
+
+    def upload_initial_model(self, model: Any, model_format: str | None = None) -> bool:
+        """Upload the initial model once; False (nothing uploaded) if it exists (see
+        :mod:`tracker_core.initial`). Ends any current iteration first."""
+        return self._tracker.upload_initial_model(model, model_format)
+
+    def download_initial_model(self) -> Any:
+        """The initial model. Raises :class:`ModelNotFoundError` if it was never uploaded."""
+        return self._tracker.load(self._tracker.initial.require())
+
+    # ------------------------------------------------------------------ iterations
+    def set_iteration(self, iteration: FineTuningIteration) -> None:
+        """Start (or resume) the iteration; its experiment is created if it does not exist.
+        A current run is ended implicitly (see :meth:`set_run`)."""
+        self._tracker.enter(iteration)
+
+    def finish_iteration(self) -> None:
+        """End the current iteration (a current run ends implicitly, see :meth:`set_run`)."""
+        self._tracker.leave()
+
+    def abandon_iteration(self) -> None:
+        """Forget the current run and iteration *without* ending them, as after an interrupt:
+        the run stays RUNNING, its lease released (resumable at once)."""
+        self._tracker.abandon()
+
+    def _set_experiment_with_name(self, experiment_name: str) -> None:
+        """Make the experiment with that name (created if needed) the current iteration."""
+        iteration = self._tracker.iteration
+        batch = iteration.batch_id if iteration else ""
+        tags = self._tracker.iterations.tags(T.KIND_ITERATION, batch)
+        self._tracker.enter_experiment(
+            self._tracker.iterations.get_or_create(experiment_name, tags)
+        )
+
+    def _set_experiment_with_id(self, experiment_id: str) -> None:
+        """Make the experiment with that id the current iteration."""
+        experiment = self._tracker.iterations.get(experiment_id)
+        if experiment is None or experiment.lifecycle_stage != "active":
+            raise TrackerError(f"experiment {experiment_id} does not exist or is deleted")
+        self._tracker.enter_experiment(experiment)
+
+    def get_experiments(self) -> list[ExperimentRecord]:
+        """Every iteration experiment of this plugin, newest first (the initial one excluded)."""
+        return self._tracker.iterations.all()
+
+    def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        """The experiment with that id (active or deleted); None if there is none."""
+        return self._tracker.iterations.get(experiment_id)
+
+    def get_experiment_by_name(self, name: str) -> ExperimentRecord | None:
+        """The active experiment with that name; None if there is none."""
+        return self._tracker.iterations.by_name(name)
+
+    def get_previous_iteration_id(self) -> str | None:
+        """The newest iteration created before the current one; None without a current iteration."""
+        experiment = self._tracker.experiment
+        if experiment is None:
+            log.warning("get_previous_iteration_id: no current iteration is set")
+            return None
+        found = self._tracker.iterations.previous(experiment)
+        return found.experiment_id if found else None
+
+    def get_last_iteration_id(self) -> str | None:
+        """The newest iteration other than the current one."""
+        iterations = self._tracker.iterations
+        found = iterations.latest(iterations.query(self._tracker.experiment))
+        return found.experiment_id if found else None
+
+    def get_last_finished_iteration_id(self) -> str | None:
+        """The newest iteration, other than the current one, that has runs, all ended."""
+        return self._tracker.iterations.last_finished(self._tracker.experiment)
+
+    def get_last_model_run(self) -> RunRecord | None:
+        """The run holding the model the next iteration starts from: the best model of a
+        FINISHED run in the newest iteration (created before the current one, if any) that
+        holds one. :meth:`download_last_model`, :meth:`get_top_params` and
+        :meth:`delete_previous_iteration` use this iteration."""
+        found = self._tracker.last_model()
+        return found[1] if found else None
+
+    def delete_previous_iteration(self) -> None:
+        """Prune the current iteration, then delete the one it started from (see
+        :meth:`get_last_model_run`). Refused, nothing deleted, while the current iteration
+        holds no model of a FINISHED run (:class:`NoModelToKeepError`) or live workers hold
+        runs of the previous one (:class:`IterationInUseError`); never the initial one."""
+        self._tracker.delete_previous()
+
+    def delete_iteration(self, experiment_id: str, *, defer: bool = False) -> bool:
+        """Delete one iteration (never the initial or current one); True once deleted. While
+        live workers hold its runs: :class:`IterationInUseError`, or with ``defer`` marked for
+        :meth:`delete_pending_iterations` and False."""
+        return self._tracker.delete_iteration(experiment_id, defer=defer)
+
+    def delete_pending_iterations(self) -> list[str]:
+        """Delete the deferred iterations no live worker holds any more; their ids."""
+        return self._tracker.delete_pending()
+
+    def get_runs(
+        self, experiment_id: str, *, statuses: Sequence[RunStatus] = (), marked_only: bool = False
+    ) -> list[RunRecord]:
+        """Active runs of an experiment, optionally only those holding a marked model."""
+        tags = {T.TAG_MODEL_UPLOADED: T.TRUE} if marked_only else {}
+        return self._tracker.iterations.runs(experiment_id, tuple(statuses), tags=tags)
+
+    def has_unfinished_runs(self, experiment_id: str) -> bool:
+        """Whether any run of the experiment is still RUNNING or SCHEDULED."""
+        return self._tracker.iterations.has_unfinished_runs(experiment_id)
+
+    # ------------------------------------------------------------------ runs and metrics
+    def _start_run(self, params: FineTuningParams) -> tuple[RunRecord, bool]:
+        """Find or create the current iteration's run for ``params`` (True if created)."""
+        return self._tracker.find_or_create_run(params)
+
+    def _save_params(self) -> None:
+        """Log the iteration's and the current run's params again (idempotent)."""
+        run, params = self._tracker.runs.require(), self._tracker.runs.params
+        iteration = self._tracker.iteration
+        assert iteration is not None and params is not None
+        values = {**iteration.to_params(), **params.to_mlflow()}
+        self.tracking.log_batch(run.run_id, (), values)
+
+    def _set_run(self, params: FineTuningParams, wait: float = 0.0) -> bool:
+        """Start or resume the run of ``params``; True if it is new or unfinished (to train)."""
+        return not self._tracker.take_run(params, wait)
+
+    def set_run(self, params: FineTuningParams, *, wait: float = 0.0) -> bool:
+        """Start the run of ``params`` in the current iteration, or resume an unfinished one.
+
+        True if it already ended in an earlier attempt (skip it). A run held by another live
+        worker is waited for up to ``wait`` seconds (``math.inf``: until it ends or its worker
+        dies), then :class:`~tracker_core.errors.RunInUseError`. A current run is ended first:
+        FINISHED if it could be, else left resumable (see :mod:`tracker_core.runs`)."""
+        return self._tracker.take_run(params, wait)
+
+    def run(
+        self, params: FineTuningParams, *, wait: float = 0.0
+    ) -> contextlib.AbstractContextManager[ActiveRun]:
+        """``with manager.run(params) as run:`` - :meth:`set_run`, then the block, then the
+        end: FINISHED when the block completes, FAILED when it raises an ``Exception``
+        (re-raised), left resumable on an interrupt. ``run.finished``: skip the block."""
+        return self._tracker.run(params, wait=wait)
+
+    def finish_run(self, as_failed: bool = False) -> None:
+        """End the current run, FINISHED or (``as_failed``) FAILED, once its queued metrics
+        reached the store. FINISHED needs the main metric (:class:`InvalidMetricError`) and no
+        failed ``save_model`` since the last good one (:class:`ModelNotSavedError`). A FAILED
+        run's model is deleted; a FINISHED one's is served, and the iteration pruned."""
+        self._tracker.end_run(RunStatus.FAILED if as_failed else RunStatus.FINISHED)
+
+    def get_run_by_id(self, run_id: str, models_only: bool = False) -> RunRecord | None:
+        """The run with that id; with ``models_only``, None unless it holds a marked model."""
+        run = self._tracker.runs.get(run_id)
+        if run is None or (models_only and not is_marked(run)):
+            return None
+        return run
+
+    def save_metric(self, metric_value: MetricValue) -> None:
+        """Feed the value to the accumulators and queue what they yield; queued values are
+        sent in batches (see :mod:`tracker_core.metrics`)."""
+        if not isinstance(metric_value, MetricValue):
+            raise InvalidMetricError(f"expected a MetricValue, got {type(metric_value).__name__}")
+        with self._tracker.lock:
+            self._tracker.runs.add_metric(metric_value)
+
+    def flush_metrics(self) -> None:
+        """Send queued metric values now; a batch that cannot be sent stays queued."""
+        with self._tracker.lock:
+            self._tracker.runs.flush()
+
+    def get_quality(self) -> float:
+        """The current run's main metric, final value. Raises if there is no run or no value."""
+        with self._tracker.lock:
+            return self._tracker.runs.quality()
+
+    def _get_best_quality(self, experiment_id: str) -> tuple[str | None, float]:
+        """Best FINISHED run of the experiment by the main metric, and its quality."""
+        return self._tracker.top.best_quality(experiment_id, self.n_top_runs)
+
+    def get_best_quality(self) -> tuple[str | None, float]:
+        """Best finished run of the current iteration and its quality."""
+        return self._get_best_quality(self._tracker.require_iteration().experiment_id)
+
+    # ------------------------------------------------------------------ models
+    def _save_model(self, model: Any) -> str:
+        """Upload the current run's model and mark it; returns its URI."""
+        with self._tracker.lock:
+            return self._tracker.write_model(model)
+
+    def save_model(self, model: Any, best_only: bool = True) -> bool:
+        """Save the current run's model; True if it was written. With ``best_only``, only if
+        fewer than ``keep`` models of FINISHED runs are better, pruning after. Served once the
+        run ends FINISHED, deleted if it ends FAILED; a failed save blocks FINISHED until one
+        succeeds. :class:`~tracker_core.errors.LeaseLostError` if the run was taken over."""
+        return self._tracker.save_model(model, best_only)
+
+    def _set_model_as_deleted(self, run_id: str, experiment_id: str | None = None) -> None:
+        """Unmark the run's model (tags) and log the seed's marker metrics."""
+        self.models.unmark(run_id)
+
+    def _delete_model(self, run_id: str, experiment_id: str) -> bool:
+        """Delete the files of the run's model; True when none are left."""
+        return self.models.delete_files(self._tracker.runs.get_existing(run_id))
+
+    def delete_model(self, run_id: str, experiment_id: str | None = None) -> bool:
+        """Delete the model of a run (of the current iteration unless ``experiment_id``);
+        never the initial model. False, with a warning, when the run holds no model."""
+        experiment_id = experiment_id or self._tracker.require_iteration().experiment_id
+        if self._tracker.iterations.is_initial(experiment_id):
+            raise ConfigurationError("deleting the initial model is not allowed")
+        run = self.get_run_by_id(run_id)
+        if run is None or run.experiment_id != experiment_id or not is_marked(run):
+            log.warning("run %s of experiment %s holds no model", run_id, experiment_id)
+            return False
+        return self._tracker.delete_model(run)
+
+    def model_is_uploaded(self) -> bool:
+        """Whether the current run holds a marked model."""
+        runs = self._tracker.runs
+        return is_marked(runs.get_existing(runs.require().run_id))
+
+    def get_best_model_run(self, experiment_id: str) -> RunRecord | None:
+        """The run holding the best model of an experiment: a model of a FINISHED run."""
+        return self.models.best_run(experiment_id)
+
+    def _get_best_previous_run_id(self) -> tuple[str | None, bool]:
+        """The run of :meth:`get_last_model_run`; ``(None, True)`` when there is none."""
+        run = self.get_last_model_run()
+        return (run.run_id, False) if run else (None, True)
+
+    def get_best_current_run_id(self) -> tuple[str | None, bool]:
+        """Best model run of the current iteration; ``(None, True)`` without a current one."""
+        experiment = self._tracker.experiment
+        if experiment is None:
+            return None, True
+        best = self.models.best_run(experiment.experiment_id)
+        return (best.run_id if best else None), False
+
+    def get_last_model_url(self) -> str | None:
+        """Storage URL of the model the next iteration starts from; None if there is none."""
+        run = self.get_last_model_run()
+        return self.models.uri_of(run) if run else None
+
+    def get_current_model_url(self) -> str | None:
+        """Storage URL of the current iteration's best model; None if there is none."""
+        experiment = self._tracker.experiment
+        run = self.models.best_run(experiment.experiment_id) if experiment else None
+        if run is None:
+            log.info("no model in the current iteration")
+        return self.models.uri_of(run) if run else None
+
+    def download_model_files(
+        self, run_id: str, destination: Path, progress: bool | None = None
+    ) -> Path:
+        """Copy the run's marked model files into ``destination``; returns the model folder."""
+        run = self.get_run_by_id(run_id, models_only=True)
+        if run is None:
+            raise ModelNotFoundError(f"run {run_id} holds no model")
+        return self.models.download_files(run, Path(destination), progress)
+
+    def download_model_by_run_id(self, run_id: str) -> Any | None:
+        """The run's model; None if the run holds none (its files missing raise
+        :class:`ModelFilesMissingError`). Store failures raise."""
+        run = self.get_run_by_id(run_id, models_only=True)
+        try:
+            if run is None:
+                raise ModelNotFoundError(f"run {run_id} holds no model")
+            return self._tracker.load(run)
+        except ModelFilesMissingError:
+            raise
+        except ModelNotFoundError as exc:
+            log.info("no model to download: %s", exc)
+            return None
+
+    def download_model(self, experiment_name: str, run_name: str) -> Any | None:
+        """The model of the run named ``run_name`` in the experiment ``experiment_name``."""
+        experiment = self._tracker.iterations.by_name(experiment_name)
+        if experiment is None:
+            log.warning("no experiment named %r", experiment_name)
+            return None
+        run = self._tracker.runs.first(experiment.experiment_id, run_name=run_name)
+        if run is None:
+            log.warning("no run named %r in %r", run_name, experiment_name)
+            return None
+        return self.download_model_by_run_id(run.run_id)
+
+    def download_best_model(self, experiment_id: str) -> Any:
+        """The best model of an experiment; the initial model if it holds none."""
+
+        def pick() -> RunRecord | None:
+            best = self.models.best_run(experiment_id)
+            if best is None:
+                log.info("experiment %s holds no model; using the initial model", experiment_id)
+            return best
+
+        return self._tracker.load_best(pick)
+
+    def download_last_model(self) -> Any:
+        """The model the next iteration starts from (see :meth:`get_last_model_run`); else
+        the initial model."""
+        return self._tracker.load_best(self.get_last_model_run)
+
+    def get_top_params_by_experiment_id(
+        self, experiment_id: str, params_type: type[P] | None = None
+    ) -> list[P] | None:
+        """The params of the best ``n_top_runs`` FINISHED runs of an experiment that logged
+        the main metric, best first, typed; None if there are none or for the initial one."""
+        return self._tracker.top_params(experiment_id, params_type)  # type: ignore[return-value]
+
+    def get_top_params(self, params_type: type[P] | None = None) -> list[P] | None:
+        """Top params of the iteration the next one starts from (see
+        :meth:`get_last_model_run`); None if there is none."""
+        run = self.get_last_model_run()
+        if run is None:
+            return None
+        return self.get_top_params_by_experiment_id(run.experiment_id, params_type)
+
+    # ------------------------------------------------------------------ reconcile (gc, verify)
+    def find_orphaned_models(
+        self, *, include_running: bool = False, max_depth: int = 4
+    ) -> OrphanScan:
+        """Model folders no run marks and incomplete uploads whose writer is gone."""
+        return self._tracker.reconcile.find_orphans(
+            include_running=include_running, max_depth=max_depth, lease_seconds=self.lease_seconds
+        )
+
+    def delete_orphaned_model(self, orphan: OrphanedModel) -> bool:
+        """Delete one folder found by :meth:`find_orphaned_models`; True when it is gone."""
+        return self._tracker.reconcile.delete_orphan(orphan)
+
+    def abort_orphaned_upload(self, upload: OrphanedUpload) -> None:
+        """Abort one incomplete upload found by :meth:`find_orphaned_models`."""
+        self._tracker.reconcile.abort_upload(upload)
+
+    def delete_abandoned_twin(self, twin: AbandonedTwin) -> bool:
+        """Delete a run of :attr:`OrphanScan.twins` if it is still abandoned; True if deleted."""
+        return self._tracker.reconcile.delete_twin(twin, lease_seconds=self.lease_seconds)
+
+    def find_models_missing_files(self) -> MissingScan:
+        """Runs marked as holding a model whose files are gone (``tracker-core verify``)."""
+        return self._tracker.reconcile.find_missing_files(lease_seconds=self.lease_seconds)
+
+    def unmark_model_missing_files(self, model: MissingModel) -> bool:
+        """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
+        return self._tracker.reconcile.unmark_missing(model, lease_seconds=self.lease_seconds)

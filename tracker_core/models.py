@@ -37,7 +37,8 @@ from tracker_core.errors import (
 )
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
-from tracker_core.stores import ArtifactStore, RunQuery, TrackingStore
+from tracker_core.retrying import Stores
+from tracker_core.stores import RunQuery
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
 __all__ = ["ModelKeeper", "is_marked", "manifest_of", "model_run_id"]
@@ -50,8 +51,6 @@ _MAX_MANIFEST = 6000
 #: how often a download picks the best model again when it was deleted while read
 PICK_ATTEMPTS = 3
 
-#: ``call(operation, fn, *args)``: a store call under the manager's retry policy
-Call = Callable[..., Any]
 
 #: ended runs whose models are never served (deleted when the run ends, or by any prune)
 _NEVER_SERVED = (RunStatus.FAILED, RunStatus.KILLED)
@@ -94,26 +93,13 @@ def model_run_id(uri: str) -> str | None:
 
 
 class ModelKeeper:
-    """Writes, marks, ranks, serves and deletes models of runs.
+    """Writes, marks, ranks, serves and deletes models of runs, through ``stores`` (each call
+    under the retry policy). Holds no mutable state."""
 
-    ``track`` and ``art`` run a call on the tracking / artifact store under the manager's
-    retry policy. Holds no mutable state.
-    """
-
-    def __init__(
-        self,
-        tracking: TrackingStore,
-        artifacts: ArtifactStore,
-        ranking: Ranking,
-        *,
-        track: Call,
-        art: Call,
-    ) -> None:
-        self.tracking = tracking
-        self.artifacts = artifacts
+    def __init__(self, stores: Stores, ranking: Ranking) -> None:
+        self.tracking = stores.tracking
+        self.artifacts = stores.artifacts
         self.ranking = ranking
-        self._track = track
-        self._art = art
 
     # -- where and which -------------------------------------------------------------
     @staticmethod
@@ -123,28 +109,20 @@ class ModelKeeper:
 
     def files_exist(self, run: RunRecord) -> bool:
         """Whether the run's model folder holds any file (one request)."""
-        exists: bool = self._art("exists", self.artifacts.exists, self.uri_of(run))
-        return exists
+        return self.artifacts.exists(self.uri_of(run))
 
     def marked_runs(self, experiment_id: str) -> list[RunRecord]:
         """Runs of the experiment holding a written model, best first (one query)."""
         query = RunQuery((experiment_id,), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-        runs: list[RunRecord] = self._track("search", self.tracking.search_runs, query)
-        return self.ranking.best_first(runs)
+        return self.ranking.best_first(self.tracking.search_runs(query))
 
     def best_run(self, experiment_id: str) -> RunRecord | None:
         """The run holding the best servable model: a marked model of a FINISHED run (one
         query). A model of a run still training is not served: the run can still fail."""
-        best: RunRecord | None = self._track("search", self.find_best, self.tracking, experiment_id)
-        return best
-
-    def find_best(self, tracking: TrackingStore, experiment_id: str) -> RunRecord | None:
-        """:meth:`best_run` with one call to ``tracking``, not retried (for a caller that
-        retries a whole lookup)."""
         query = RunQuery(
             (experiment_id,), statuses=(RunStatus.FINISHED,), tags={T.TAG_MODEL_UPLOADED: T.TRUE}
         )
-        ranked = self.ranking.best_first(tracking.search_runs(query))
+        ranked = self.ranking.best_first(self.tracking.search_runs(query))
         return ranked[0] if ranked else None
 
     def better_kept(self, run: RunRecord) -> list[RunRecord]:
@@ -216,7 +194,7 @@ class ModelKeeper:
                 if p.is_file()
             }
             with transfer_progress(f"upload {run.run_id}") as progress:
-                self._art("upload_model", self.artifacts.upload_dir, staging, uri, progress)
+                self.artifacts.upload_dir(staging, uri, progress)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if before_mark is not None:
@@ -229,7 +207,7 @@ class ModelKeeper:
             **_manifest_tag(files),
         }
         marker = [MetricValue(T.METRIC_MODEL_UPLOADED, 1.0, step=1)]
-        self._track("log_metric", self.tracking.log_batch, run.run_id, marker, None, marks)
+        self.tracking.log_batch(run.run_id, marker, None, marks)
         log.info("model of run %s written to %s (%s)", run.run_id, uri, model_format)
         return uri
 
@@ -240,7 +218,7 @@ class ModelKeeper:
             MetricValue(T.METRIC_MODEL_DELETED, 1.0, step=2),
         ]
         tags = {T.TAG_MODEL_UPLOADED: T.FALSE, T.TAG_MODEL_DELETED: T.TRUE}
-        self._track("log_metric", self.tracking.log_batch, run_id, markers, None, tags)
+        self.tracking.log_batch(run_id, markers, None, tags)
 
     def delete(self, run: RunRecord) -> bool:
         """Delete the run's model: unmark it first (a crash between the two steps leaves an
@@ -257,7 +235,7 @@ class ModelKeeper:
         if not self.artifacts.owns(uri):
             log.error("model of run %s at %s lies outside this store; not deleted", run.run_id, uri)
             return False
-        deleted: bool = self._art("delete_model", self.artifacts.delete_tree, uri)
+        deleted = self.artifacts.delete_tree(uri)
         self.remove_empty_folders(uri)
         return deleted
 
@@ -283,14 +261,7 @@ class ModelKeeper:
         uri = self.uri_of(run)
         try:
             with transfer_progress(f"download {run.run_id}", enabled=progress) as callback:
-                self._art(
-                    "download_model",
-                    self.artifacts.download_dir,
-                    uri,
-                    destination,
-                    callback,
-                    files=manifest_of(run),
-                )
+                self.artifacts.download_dir(uri, destination, callback, files=manifest_of(run))
         except ModelFilesMissingError:
             raise
         except ModelNotFoundError as exc:

@@ -15,8 +15,7 @@ from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError
 from tracker_core.params import FineTuningParams
 from tracker_core.registry import import_object
-from tracker_core.remote import Remote
-from tracker_core.stores import RunQuery
+from tracker_core.stores import RunQuery, TrackingStore
 from tracker_core.values import RunRecord, RunStatus
 
 __all__ = ["Ranking", "TopRuns", "params_type_of"]
@@ -76,17 +75,14 @@ class TopRuns:
     """The best FINISHED runs of an experiment that logged the main metric (one query,
     ordered by the server, then by :class:`Ranking`), whether or not they still hold a model."""
 
-    def __init__(self, remote: Remote, ranking: Ranking) -> None:
-        self._remote = remote
+    def __init__(self, tracking: TrackingStore, ranking: Ranking) -> None:
+        self._tracking = tracking
         self.ranking = ranking
 
     def finished(self, experiment_id: str, limit: int) -> list[RunRecord]:
         """The best ``limit`` FINISHED runs that logged the main metric, best first."""
         query = self.ranking.finished_query(experiment_id, limit)
-        runs: list[RunRecord] = self._remote.track(
-            "search", self._remote.tracking.search_runs, query
-        )
-        return self.ranking.best_first(runs)
+        return self.ranking.best_first(self._tracking.search_runs(query))
 
     def best_quality(self, experiment_id: str, limit: int) -> tuple[str | None, float]:
         """The best run and its final value of the main metric; ``(None, worst value)``."""

@@ -22,10 +22,11 @@ import logging
 import attrs
 
 from tracker_core import tags as T
+from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.errors import ConfigurationError
-from tracker_core.leases import DEFAULT_LEASE_SECONDS, is_abandoned, now_ms, run_is_live
+from tracker_core.leases import DEFAULT_LEASE_SECONDS, is_abandoned, run_is_live
 from tracker_core.models import ModelKeeper, is_marked, model_run_id
-from tracker_core.remote import Remote
+from tracker_core.retrying import Stores
 from tracker_core.stores import (
     ArtifactStore,
     ExperimentQuery,
@@ -146,36 +147,29 @@ class Reconciler:
     """Finds and repairs orphaned folders, incomplete uploads and marked models whose files
     are gone, across every experiment of the tracking store. Holds no mutable state."""
 
-    def __init__(self, remote: Remote, models: ModelKeeper) -> None:
-        self._remote = remote
+    def __init__(self, stores: Stores, models: ModelKeeper, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.tracking: TrackingStore = stores.tracking
+        self.artifacts: ArtifactStore = stores.artifacts
         self._models = models
-        self._track = remote.track
-        self._art = remote.art
-
-    @property
-    def tracking(self) -> TrackingStore:
-        return self._remote.tracking
-
-    @property
-    def artifacts(self) -> ArtifactStore:
-        return self._remote.artifacts
+        self._clock = clock
 
     def _marked_everywhere(self) -> tuple[list[ExperimentRecord], list[RunRecord]]:
         """Every active experiment of the tracking store (whatever its plugin), and every run
         of them holding a marked model (one query per 50 experiments)."""
-        experiments: list[ExperimentRecord] = self._track(
-            "search", lambda: list(self.tracking.iter_experiments(ExperimentQuery()))
-        )
+        experiments = list(self.tracking.iter_experiments(ExperimentQuery()))
         ids = [e.experiment_id for e in experiments]
         runs: list[RunRecord] = []
         for start in range(0, len(ids), 50):
             query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_MODEL_UPLOADED: T.TRUE})
-            runs.extend(self._track("search", self.tracking.search_runs, query))
+            runs.extend(self.tracking.search_runs(query))
         return experiments, runs
+
+    def _live(self, run: RunRecord, ttl_ms: int) -> bool:
+        return run_is_live(run, ttl_ms, self._clock.now_ms())
 
     def _get_run(self, run_id: str, cache: dict[str, RunRecord | None]) -> RunRecord | None:
         if run_id not in cache:
-            cache[run_id] = self._track("search", self.tracking.get_run, run_id)
+            cache[run_id] = self.tracking.get_run(run_id)
         return cache[run_id]
 
     @staticmethod
@@ -203,14 +197,12 @@ class Reconciler:
         ``lease_seconds``. Raises :class:`~tracker_core.errors.ArtifactStoreError` if the
         root's bucket does not exist.
         """
-        self._art("check_root", self.artifacts.check_root)
+        self.artifacts.check_root()
         ttl_ms = int(lease_seconds * 1000)
         experiments, marked_runs = self._marked_everywhere()
         marked = {self._models.uri_of(r).rstrip("/"): r for r in marked_runs}
         root = self.artifacts.root
-        found: list[str] = self._art(
-            "find_models", self.artifacts.find_dirs, root, T.MODEL_DIR, max_depth
-        )
+        found = self.artifacts.find_dirs(root, T.MODEL_DIR, max_depth)
         present = {u.rstrip("/") for u in found}
         candidates = sorted(present - set(marked))
         # a folder inside another candidate is part of it (a model may hold a "model" folder)
@@ -223,7 +215,7 @@ class Reconciler:
                 continue
             run_id = model_run_id(uri)
             owner = self._get_run(run_id, runs) if run_id else None
-            if owner is not None and not include_running and run_is_live(owner, ttl_ms):
+            if owner is not None and not include_running and self._live(owner, ttl_ms):
                 skipped.append(OrphanedModel(uri, run_id, "its run is held by a live worker"))
                 continue
             reason = self._why_collectable(owner, "model not marked")
@@ -247,19 +239,19 @@ class Reconciler:
         run carries their name; of twins all left, the oldest is kept (the one ``set_run``
         resumes). One query per 50 experiments, one per name found."""
         ids = [e.experiment_id for e in experiments]
-        now = now_ms()
+        now = self._clock.now_ms()
         left: set[tuple[str, str]] = set()
         for start in range(0, len(ids), 50):
             query = RunQuery(
                 tuple(ids[start : start + 50]), statuses=(RunStatus.RUNNING, RunStatus.SCHEDULED)
             )
-            for run in self._track("search", self.tracking.search_runs, query):
+            for run in self.tracking.search_runs(query):
                 if T.TAG_PLUGIN in run.tags and is_abandoned(run, ttl_ms, now):
                     left.add((run.experiment_id, run.run_name))
         twins: list[AbandonedTwin] = []
         for experiment_id, name in sorted(left):
             query = RunQuery((experiment_id,), run_name=name)
-            same_name = self._track("search", self.tracking.search_runs, query)
+            same_name = self.tracking.search_runs(query)
             kept, *others = sorted(
                 same_name, key=lambda r: (is_abandoned(r, ttl_ms, now), r.start_time_ms, r.run_id)
             )
@@ -275,10 +267,10 @@ class Reconciler:
     ) -> bool:
         """Delete a run found in :attr:`OrphanScan.twins` if it is still abandoned (read
         again: a worker may have claimed it since the scan); True if deleted."""
-        run = self._track("search", self.tracking.get_run, twin.run_id)
-        if run is None or not is_abandoned(run, int(lease_seconds * 1000)):
+        run = self.tracking.get_run(twin.run_id)
+        if run is None or not is_abandoned(run, int(lease_seconds * 1000), self._clock.now_ms()):
             return False
-        self._track("delete", self.tracking.delete_run, run.run_id)
+        self.tracking.delete_run(run.run_id)
         log.info("deleted run %s, a twin of %s its creator left", run.run_id, twin.kept_run_id)
         return True
 
@@ -287,9 +279,7 @@ class Reconciler:
     ) -> tuple[list[OrphanedUpload], list[OrphanedUpload]]:
         """Incomplete uploads in model folders: to abort, and left alone (with why)."""
         root = self.artifacts.root
-        pending: list[IncompleteUpload] = self._art(
-            "list_uploads", self.artifacts.list_incomplete_uploads, root
-        )
+        pending = self.artifacts.list_incomplete_uploads(root)
         collect: list[OrphanedUpload] = []
         keep: list[OrphanedUpload] = []
         for upload in sorted(pending, key=lambda u: (u.uri, u.upload_id)):
@@ -301,12 +291,12 @@ class Reconciler:
             owner = self._get_run(run_id, runs)
             base = OrphanedUpload(upload.uri, upload.upload_id, None, "", upload.initiated_ms)
             if owner is None:
-                age = now_ms() - (upload.initiated_ms or 0)
+                age = self._clock.now_ms() - (upload.initiated_ms or 0)
                 if age < ttl_ms and not include_running:
                     keep.append(attrs.evolve(base, reason="no run, and started recently"))
                 else:
                     collect.append(attrs.evolve(base, reason="no run"))
-            elif not include_running and run_is_live(owner, ttl_ms):
+            elif not include_running and self._live(owner, ttl_ms):
                 keep.append(
                     attrs.evolve(base, run_id=run_id, reason="its run is held by a live worker")
                 )
@@ -326,13 +316,13 @@ class Reconciler:
             depth = len(uri[len(root) :].strip("/").split("/"))
             if uri in present or not self.artifacts.owns(uri) or depth > max_depth:
                 continue
-            fresh = self._track("search", self.tracking.get_run, run.run_id)
+            fresh = self.tracking.get_run(run.run_id)
             if (
                 fresh is not None
                 and is_marked(fresh)
                 and self._models.uri_of(fresh).rstrip("/") == uri
             ):
-                live = run_is_live(fresh, ttl_ms)
+                live = self._live(fresh, ttl_ms)
                 out.append(MissingModel(run.run_id, run.experiment_id, uri, live))
         return out
 
@@ -340,7 +330,7 @@ class Reconciler:
         """Delete one folder found by :meth:`find_orphans`; True when it is gone."""
         if not self.artifacts.owns(orphan.uri):
             raise ConfigurationError(f"{orphan.uri} lies outside {self.artifacts.root}")
-        deleted: bool = self._art("gc_delete", self.artifacts.delete_tree, orphan.uri)
+        deleted: bool = self.artifacts.delete_tree(orphan.uri)
         self._models.remove_empty_folders(orphan.uri)
         return deleted
 
@@ -348,7 +338,7 @@ class Reconciler:
         """Abort one upload found by :meth:`find_orphans`, freeing its parts."""
         if not self.artifacts.owns(upload.uri):
             raise ConfigurationError(f"{upload.uri} lies outside {self.artifacts.root}")
-        self._art("gc_delete", self.artifacts.abort_upload, upload.upload())
+        self.artifacts.abort_upload(upload.upload())
 
     def find_missing_files(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> MissingScan:
         """Runs marked as holding a model whose files are gone (one existence check per
@@ -357,7 +347,7 @@ class Reconciler:
         Raises :class:`~tracker_core.errors.ArtifactStoreError` if the root's bucket does not
         exist: a wrong bucket name must not make every model look lost.
         """
-        self._art("check_root", self.artifacts.check_root)
+        self.artifacts.check_root()
         ttl_ms = int(lease_seconds * 1000)
         _, marked_runs = self._marked_everywhere()
         missing: list[MissingModel] = []
@@ -369,12 +359,12 @@ class Reconciler:
                 outside.append(run.run_id)
                 continue
             checked += 1
-            if self._art("exists", self.artifacts.exists, uri):
+            if self.artifacts.exists(uri):
                 continue
-            fresh = self._track("search", self.tracking.get_run, run.run_id)
+            fresh = self.tracking.get_run(run.run_id)
             if fresh is None or not is_marked(fresh):
                 continue  # unmarked since we listed (pruned): nothing wrong
-            live = run_is_live(fresh, ttl_ms)
+            live = self._live(fresh, ttl_ms)
             missing.append(MissingModel(run.run_id, run.experiment_id, uri, live))
         missing.sort(key=lambda m: (m.experiment_id, m.run_id))
         return MissingScan(tuple(missing), checked, tuple(sorted(outside)))
@@ -386,10 +376,10 @@ class Reconciler:
         of a deletion, so it is no longer served. Only if it is still marked, its files are
         still gone, and no live worker holds it (which may be rewriting them); True if
         unmarked."""
-        run = self._track("search", self.tracking.get_run, model.run_id)
-        if run is None or not is_marked(run) or run_is_live(run, int(lease_seconds * 1000)):
+        run = self.tracking.get_run(model.run_id)
+        if run is None or not is_marked(run) or self._live(run, int(lease_seconds * 1000)):
             return False
-        if self._art("exists", self.artifacts.exists, self._models.uri_of(run)):
+        if self.artifacts.exists(self._models.uri_of(run)):
             return False
         self._models.unmark(run.run_id)
         log.info("unmarked run %s: its model files at %s are gone", run.run_id, model.uri)

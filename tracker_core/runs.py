@@ -1,7 +1,7 @@
 """The current run of a manager: find or create it, hold its lease, queue its metrics, end it.
 
 A run is found by name (the params' id) in its iteration, created if missing. Before training
-it, a worker claims its lease (:mod:`tracker_core.leases`): one worker trains a run at a time,
+it, a worker claims its lease (:mod:`tracker_core.lease`): one worker trains a run at a time,
 and a worker that died lets the run go when its lease expires. How a run ends:
 
 - :meth:`RunTracker.finish` (``finish_run``): its metrics reach the store first, then its
@@ -19,18 +19,14 @@ FINISHED one's iteration is pruned).
   released. A crash leaves it unfinished too, and its lease expires.
 
 Not thread-safe: the manager's lock guards it. The lease heartbeat runs in its own thread and
-touches only the stores.
+touches only the tracking store.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
-import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import attrs
@@ -38,20 +34,20 @@ import attrs
 from tracker_core import leases
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.errors import (
     InvalidMetricError,
     LeaseLostError,
     ModelNotSavedError,
     NoActiveRunError,
-    RunInUseError,
     RunNotFoundError,
     TrackerError,
     TrackingStoreError,
 )
+from tracker_core.lease import Lease, Leases
 from tracker_core.metrics import MetricsQueue
 from tracker_core.params import FineTuningParams
-from tracker_core.remote import Remote
-from tracker_core.stores import RunQuery
+from tracker_core.stores import RunQuery, TrackingStore
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
 __all__ = ["EndedRun", "RunTracker", "looked_up_again"]
@@ -64,7 +60,7 @@ _T = TypeVar("_T")
 LOOKUPS = 5
 
 
-def looked_up_again(take: Callable[[], _T], what: str) -> _T:
+def looked_up_again(take: Callable[[], _T], what: str, clock: Clock = SYSTEM_CLOCK) -> _T:
     """``take()`` (find a run and take it), again when the run it found was deleted meanwhile
     (:class:`RunNotFoundError`): a twin that its creator, or a worker that claimed it,
     deleted (:meth:`RunTracker.get_or_create`). Each new look waits a short random time, so
@@ -76,7 +72,7 @@ def looked_up_again(take: Callable[[], _T], what: str) -> _T:
             if attempt == LOOKUPS:
                 raise
             log.info("the run of %s was deleted as it was taken; looking again", what)
-            time.sleep(random.uniform(0.0, 0.1 * attempt))
+            clock.sleep(random.uniform(0.0, 0.1 * attempt))
     raise AssertionError("unreachable")
 
 
@@ -91,12 +87,6 @@ class EndedRun:
     ranked: bool
 
 
-def _when(ms: int | None) -> str:
-    if ms is None:
-        return "?"
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
-
-
 def _precedence(run: RunRecord) -> tuple[bool, int, str]:
     """Of runs of one name, the one that counts sorts first (see :meth:`RunTracker.first`)."""
     return (not leases.is_taken(run), run.start_time_ms, run.run_id)
@@ -107,34 +97,35 @@ class RunTracker:
 
     def __init__(
         self,
-        remote: Remote,
+        tracking: TrackingStore,
+        leases: Leases,
         main_metric: str,
         accumulators: Iterable[MetricsAccumulator] = (),
-        *,
-        lease_seconds: float = leases.DEFAULT_LEASE_SECONDS,
     ) -> None:
-        self._remote = remote
+        self._tracking = tracking
+        self.leases = leases
         self.main_metric = main_metric
-        self.lease_seconds = lease_seconds
-        self.owner = leases.new_owner_id()
         self.metrics = MetricsQueue(self._send_metrics, accumulators)
         self.run: RunRecord | None = None
         self.params: FineTuningParams | None = None
-        self._epoch = 0
-        self._heartbeat: leases.Heartbeat | None = None
+        self._lease: Lease | None = None
         self._has_main = False
         self._resumed = False
         self._model: tuple[bool, bool] = (False, False)  # (holds a model, ranked)
         self._save_failed: str | None = None
 
     @property
+    def lease_seconds(self) -> float:
+        return self.leases.lease_seconds
+
+    @property
     def ttl_ms(self) -> int:
-        return int(self.lease_seconds * 1000)
+        return self.leases.ttl_ms
 
     # ------------------------------------------------------------------ lookups
     def get(self, run_id: str) -> RunRecord | None:
         """The run with that id, or None."""
-        return self._remote.track("search", self._remote.tracking.get_run, run_id)
+        return self._tracking.get_run(run_id)
 
     def get_existing(self, run_id: str) -> RunRecord:
         run = self.get(run_id)
@@ -147,9 +138,7 @@ class RunTracker:
         counts: the oldest one a worker took (:func:`~tracker_core.leases.is_taken`), else
         the oldest. Creation times are the creating clients' clocks, and a create request
         can land after a younger twin was taken: "oldest" alone is not stable."""
-        runs = self._remote.track(
-            "search", self._remote.tracking.search_runs, RunQuery((experiment_id,), **query)
-        )
+        runs = self._tracking.search_runs(RunQuery((experiment_id,), **query))
         return min(runs, key=_precedence) if runs else None
 
     def get_or_create(
@@ -161,44 +150,24 @@ class RunTracker:
     ) -> tuple[RunRecord, bool]:
         """The run named ``run_name``, created if missing; True if this call created it. Two
         workers racing to create it agree on the one :meth:`first` names; the other is
-        deleted (by its creator here, or after its claim: :meth:`_yield_to_taken_twin`).
+        deleted (by its creator here, or after its claim: :meth:`Leases.claim`).
 
         A run found without its ``params`` gets them: its creator died between creating it
         and logging them, or it is the twin an earlier attempt of this call created (the
         answer to ``create_run`` was lost, so the retry created a second run)."""
         existing = self.first(experiment_id, run_name=run_name)
         if existing is not None:
-            self._drop_twins(existing)
+            self.leases.drop_abandoned_twins(existing)
             return self._with_params(existing, params), False
-        tracking = self._remote.tracking
-        created = self._remote.track("create", tracking.create_run, experiment_id, run_name, tags)
+        created = self._tracking.create_run(experiment_id, run_name, tags)
         winner = self.first(experiment_id, run_name=run_name) or created
         if winner.run_id != created.run_id:
             log.info("run %r was created concurrently; using %s", run_name, winner.run_id)
-            self._remote.track("delete", tracking.delete_run, created.run_id)
+            self._tracking.delete_run(created.run_id)
             return self._with_params(winner, params), False
         first_metric = [MetricValue(T.METRIC_MODEL_UPLOADED, 0.0, step=0)]
         self._log_params(created, params or {}, first_metric)
         return created, True
-
-    def _twins(self, run: RunRecord) -> list[RunRecord]:
-        """The other active runs of ``run``'s name in its iteration."""
-        query = RunQuery((run.experiment_id,), run_name=run.run_name)
-        runs = self._remote.track("search", self._remote.tracking.search_runs, query)
-        return [r for r in runs if r.run_id != run.run_id]
-
-    def _drop_twins(self, winner: RunRecord) -> None:
-        """Delete the other runs of ``winner``'s name that a creator left behind: it was
-        killed between creating its twin and deleting it (after a lost ``create_run`` answer,
-        or racing another creator). Only twins never claimed and past their creation's grace
-        (:mod:`tracker_core.leases`) go: within it, a live creator may still be about to
-        claim its run (creation times are the clients', so "oldest" can change meanwhile)."""
-        now = leases.now_ms()
-        for twin in self._twins(winner):
-            if not leases.is_abandoned(twin, self.ttl_ms, now):
-                continue
-            log.info("deleting run %s, a twin of %s its creator left", twin.run_id, winner.run_id)
-            self._remote.track("delete", self._remote.tracking.delete_run, twin.run_id)
 
     def _with_params(self, run: RunRecord, params: Mapping[str, str] | None) -> RunRecord:
         """``run``, with the ``params`` it lacks logged (the same values are accepted twice)."""
@@ -216,9 +185,8 @@ class RunTracker:
         resumes the run its creator left without them); MLflow on PostgreSQL then refuses the
         slower insert (``UniqueViolation`` on ``param_pk``): the params being there with these
         values is what counts."""
-        tracking = self._remote.tracking
         try:
-            self._remote.track("log_params", tracking.log_batch, run.run_id, metrics or (), params)
+            self._tracking.log_batch(run.run_id, metrics or (), params)
         except TrackingStoreError:
             fresh = self.get_existing(run.run_id)
             if not params or any(fresh.params.get(k) != v for k, v in params.items()):
@@ -236,17 +204,18 @@ class RunTracker:
         hold_terminal: bool = False,
     ) -> bool:
         """Make ``run`` the current run. Returns True if it had already ended (FINISHED,
-        FAILED or KILLED): there is nothing to train. Otherwise its lease is claimed first:
-        if a live worker holds it, wait up to ``wait`` seconds for it to end or let go, then
-        raise :class:`RunInUseError`. ``hold_terminal`` claims the lease of an ended run too
-        (to rewrite its model)."""
+        FAILED or KILLED): there is nothing to train. Otherwise its lease is claimed first
+        (:meth:`Leases.claim`: a live holder is waited for up to ``wait`` seconds, then
+        :class:`~tracker_core.errors.RunInUseError`). ``hold_terminal`` claims the lease of
+        an ended run too (to rewrite its model)."""
         if self.run is not None:
             raise TrackerError("a run is already current: end it first")
         if not run.status.is_terminal or hold_terminal:
-            acquired = self._acquire(run, created=created, wait=wait, hold=hold_terminal)
-            if acquired.status.is_terminal and not hold_terminal:
-                self._stop_heartbeat()
-            run = acquired
+            run, lease = self.leases.claim(run, created=created, wait=wait, hold=hold_terminal)
+            if lease is not None and run.status.is_terminal and not hold_terminal:
+                lease.stop()
+                lease = None
+            self._lease = lease
         self.run, self.params = run, params
         self._resumed = not created
         self.metrics.start(run.run_id)
@@ -255,115 +224,11 @@ class RunTracker:
         self._model = (marked, marked)
         return run.status.is_terminal
 
-    def _acquire(self, run: RunRecord, *, created: bool, wait: float, hold: bool) -> RunRecord:
-        tracking = self._remote.tracking
-        deadline = time.monotonic() + wait
-        poll = min(max(self.lease_seconds / 10, 0.05), 5.0)
-        while True:
-            state = leases.lease_state(run, self.ttl_ms)
-            mine = state.owner == self.owner
-            if not created and not mine and state.is_live(leases.now_ms()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RunInUseError(
-                        f"run {run.run_id} ({run.run_name}) is being trained by another worker "
-                        f"({state.owner or 'being created'}; its lease runs until "
-                        f"{_when(state.expires_ms)} unless renewed): skip it, or wait for it "
-                        "with set_run(params, wait=seconds)",
-                        run_id=run.run_id,
-                        owner=state.owner or "",
-                        expires_ms=state.expires_ms or 0,
-                    )
-                time.sleep(min(poll, remaining) if math.isfinite(remaining) else poll)
-                run = self.get_existing(run.run_id)
-                if run.status.is_terminal and not hold:
-                    return run  # its holder ended it: nothing left to train
-                continue
-            epoch = state.epoch if mine and not state.released else state.epoch + 1
-            expires = leases.now_ms() + self.ttl_ms
-            params, tags = leases.claim_params(epoch, self.owner, expires)
-            if epoch == state.epoch:
-                params = {}  # this manager's own claim: renew it
-            try:
-                self._remote.track("lease", tracking.log_batch, run.run_id, (), params, tags)
-            except TrackingStoreError:
-                # params are write-once: did another worker claim this epoch first?
-                key = f"{leases.LEASE_CLAIM_PREFIX}{epoch}"
-                fresh = self.get_existing(run.run_id)
-                if not params or key not in fresh.params:
-                    raise  # refused for another reason
-                if fresh.params[key] != params[key]:
-                    log.info("run %s was claimed by another worker first", run.run_id)
-                    run, created = fresh, False
-                    continue
-                # our claim landed; the error came after it
-            break
-        self._epoch = epoch
-        self._heartbeat = leases.Heartbeat(
-            self._renewer(run.run_id, epoch),
-            self.lease_seconds,
-            expires,
-            name=f"tracker-core-lease-{run.run_id[:8]}",
-        )
-        log.debug("run %s: lease %d held by %s", run.run_id, epoch, self.owner)
-        if epoch == 1 and not run.status.is_terminal:
-            self._yield_to_taken_twin(run)
-        if not created:
-            # the record the claim was decided on may be old (a search retried for longer
-            # than a lease): its holder may have ended the run and let go meanwhile, so
-            # that the claim of the next epoch landed. What to do is read after the claim.
-            try:
-                run = self.get_existing(run.run_id)
-            except RunNotFoundError:
-                self._stop_heartbeat()
-                raise
-        return run
-
-    def _yield_to_taken_twin(self, run: RunRecord) -> None:
-        """After the first claim of ``run``: if another run of its name was taken (see
-        :mod:`tracker_core.leases`, "Twins"), ``run`` is a twin nobody trained. Delete it
-        and raise :class:`RunNotFoundError`, so that the lookup is made again."""
-        taken = [t for t in self._twins(run) if leases.is_taken(t)]
-        if not taken:
-            return
-        self._stop_heartbeat()
-        log.info("run %s is a twin of %s, taken first; deleting it", run.run_id, taken[0].run_id)
-        self._remote.track("delete", self._remote.tracking.delete_run, run.run_id)
-        raise RunNotFoundError(f"run {run.run_id} was a twin of {taken[0].run_id}: deleted")
-
-    def _renewer(self, run_id: str, epoch: int) -> Callable[[int], bool | None]:
-        """The heartbeat's renewal; it holds the tracker weakly, so a forgotten manager's
-        heartbeat stops instead of keeping its run locked forever."""
-        ref = weakref.ref(self)
-
-        def renew(expires_ms: int) -> bool | None:
-            tracker = ref()
-            if tracker is None:
-                return None  # its manager is gone
-            remote, owner, ttl = tracker._remote, tracker.owner, tracker.ttl_ms
-            del tracker
-            fresh = remote.track("lease", remote.tracking.get_run, run_id)
-            if fresh is None or fresh.status.is_terminal:
-                return None  # deleted or ended: nothing left to hold
-            state = leases.lease_state(fresh, ttl)
-            if state.epoch != epoch or state.owner != owner or state.released:
-                return False
-            tag = {leases.TAG_LEASE: f"{epoch} {owner} {expires_ms}"}
-            remote.track("lease", remote.tracking.set_tags, run_id, tag)
-            return True
-
-        return renew
-
-    def _stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-
     def require(self) -> RunRecord:
         """The current run; raises if there is none or its lease was taken over."""
         if self.run is None:
             raise NoActiveRunError("no active run: call set_run(params) first")
-        if self._heartbeat is not None and self._heartbeat.lost:
+        if self._lease is not None and self._lease.lost:
             run_id = self.run.run_id
             self.forget()
             raise LeaseLostError(
@@ -374,15 +239,13 @@ class RunTracker:
 
     def check_lease(self, fresh: RunRecord) -> None:
         """Raise :class:`LeaseLostError` if ``fresh`` (just read) shows another holder."""
-        if self._epoch == 0:
+        if self._lease is None:
             return
-        state = leases.lease_state(fresh, self.ttl_ms)
-        if state.epoch != self._epoch or state.owner != self.owner:
+        try:
+            self._lease.check(fresh, self.ttl_ms)
+        except LeaseLostError:
             self.forget()
-            raise LeaseLostError(
-                f"run {fresh.run_id}: lease {self._epoch} was taken over by {state.owner} "
-                f"(lease {state.epoch})"
-            )
+            raise
 
     # ------------------------------------------------------------------ metrics
     def add_metric(self, value: MetricValue) -> None:
@@ -394,9 +257,10 @@ class RunTracker:
 
     def _send_metrics(self, run_id: str, values: Sequence[MetricValue]) -> None:
         """Send one batch (the queue's sender thread, or ``flush``)."""
-        if self._heartbeat is not None and self._heartbeat.lost:
+        lease = self._lease
+        if lease is not None and lease.lost:
             raise LeaseLostError(f"run {run_id}: the lease was lost; metrics not sent")
-        self._remote.track("log_metric", self._remote.tracking.log_batch, run_id, values)
+        self._tracking.log_batch(run_id, values)
 
     def flush(self) -> None:
         """Send every queued value now; on failure they stay queued (nothing is lost)."""
@@ -447,11 +311,12 @@ class RunTracker:
                 "save_model again, or end the run with finish_run(as_failed=True)"
             )
         ended = EndedRun(run, status, *self._model)
-        self._stop_heartbeat()
-        self._remote.track("finish_run", self._remote.tracking.set_terminated, run.run_id, status)
-        if self._resumed:  # its creator may have died leaving a twin (see _drop_twins)
+        if self._lease is not None:
+            self._lease.stop()
+        self._tracking.set_terminated(run.run_id, status)
+        if self._resumed:  # its creator may have died leaving a twin
             try:
-                self._drop_twins(run)
+                self.leases.drop_abandoned_twins(run)
             except TrackerError as exc:
                 log.warning("could not look for twins of run %s: %s", run.run_id, exc)
         self._reset()
@@ -485,21 +350,15 @@ class RunTracker:
         another worker, or this one later, resumes it at once. Queued metrics are dropped
         (flush first to keep them). A failure is logged (at DEBUG ``at_exit``): the lease
         then expires on its own."""
-        run, epoch, heartbeat = self.run, self._epoch, self._heartbeat
+        lease = self._lease
         self.forget()
-        if run is None or heartbeat is None or epoch == 0:
-            return
-        try:
-            tag = leases.release_tag(epoch, self.owner)
-            self._remote.track("lease", self._remote.tracking.set_tags, run.run_id, tag)
-        except Exception as exc:  # the lease then expires on its own
-            level = logging.DEBUG if at_exit else logging.WARNING
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.log(level, "could not release the lease of run %s: %s", run.run_id, text)
+        if lease is not None:
+            lease.release(at_exit=at_exit)
 
     def forget(self) -> None:
         """Drop the current run as a crash would: no status change, no release."""
-        self._stop_heartbeat()
+        if self._lease is not None:
+            self._lease.stop()
         self._reset()
 
     def close(self) -> None:
@@ -510,7 +369,7 @@ class RunTracker:
         self.metrics.reset()
         self.run = None
         self.params = None
-        self._epoch = 0
+        self._lease = None
         self._has_main = False
         self._resumed = False
         self._model = (False, False)

@@ -10,11 +10,13 @@ from __future__ import annotations
 __all__ = [
     "KIND_INITIAL",
     "KIND_ITERATION",
+    "LEASE_CLAIM_PREFIX",
     "METRIC_MODEL_DELETED",
     "METRIC_MODEL_UPLOADED",
     "MODEL_DIR",
     "TAG_BATCH",
     "TAG_KIND",
+    "TAG_LEASE",
     "TAG_MODEL_DELETED",
     "TAG_MODEL_FILES",
     "TAG_MODEL_FORMAT",
@@ -51,3 +53,8 @@ METRIC_MODEL_DELETED = "model_deleted"
 
 #: the model's folder below the run's artifact URI, as MLflow's ``runs:/<id>/model``
 MODEL_DIR = "model"
+
+#: a run's lease (see :mod:`tracker_core.leases`): the write-once claim param of each epoch
+#: is ``LEASE_CLAIM_PREFIX + str(epoch)``, the heartbeat is the tag ``TAG_LEASE``
+LEASE_CLAIM_PREFIX = "tracker.lease."
+TAG_LEASE = "tracker.lease"

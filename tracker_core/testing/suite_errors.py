@@ -63,8 +63,7 @@ def test_unsupported_params_rejected_before_writing(mgr: ExperimentsManager) -> 
 
 def test_transient_errors_retried_permanent_fail_at_once(backend: BackendUnderTest) -> None:
     mgr = backend.connect(retry=RetryConfig(RetryParams(max_attempts=3, wait_time_seconds=0)))
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
+    proxy = mgr.tracking.wrap(FaultyProxy)
     proxy.fail("get_experiment_by_name", error=TransientError("503"), times=2)
     mgr.set_iteration(iteration(mgr))  # two transient failures, then success
     assert proxy.calls["get_experiment_by_name"] == 3
@@ -75,7 +74,7 @@ def test_transient_errors_retried_permanent_fail_at_once(backend: BackendUnderTe
     calls = proxy.calls["search_runs"]
     proxy.fail("search_runs", error=ValueError("bad request"))
     with pytest.raises(ValueError):
-        mgr._marked_runs(mgr.current_experiment_id or "")
+        mgr.models.marked_runs(mgr.current_experiment_id or "")
     assert proxy.calls["search_runs"] == calls + 1  # no retry for a permanent error
 
 

@@ -74,10 +74,10 @@ def test_delete_model_refuses_initial_experiment(mgr: ExperimentsManager) -> Non
 
 def test_initial_name_reusable_after_deletion(mgr: ExperimentsManager) -> None:
     mgr.upload_initial_model(tiny_model(1))
-    initial = mgr._get_initial_experiment()
+    initial = mgr.tracker.initial.experiment()
     assert initial is not None
     mgr.tracking.delete_experiment(initial.experiment_id)
-    mgr._iterations.forget_initial()
+    mgr.tracker.iterations.forget_initial()
     assert not mgr.has_initial_model()
     assert mgr.upload_initial_model(tiny_model(2)) is True
     assert weights(mgr.download_initial_model()) == weights(tiny_model(2))
@@ -141,7 +141,7 @@ def test_last_finished_iteration_needs_every_run_ended(mgr: ExperimentsManager) 
     mgr.finish_run(as_failed=True)
     mgr.set_iteration(iteration(mgr, "2"))
     mgr.set_run(Params(lr=0.3))  # left RUNNING
-    mgr._forget_run()  # simulate a crash: the run stays RUNNING on the server
+    mgr.tracker.runs.forget()  # simulate a crash: the run stays RUNNING on the server
     mgr.finish_iteration()
     assert mgr.get_last_finished_iteration_id() == first
     mgr.set_iteration(iteration(mgr, "3"))  # current, excluded even with finished runs
@@ -155,7 +155,7 @@ def test_delete_previous_iteration_removes_models_and_frees_name(mgr: Experiment
     first = mgr.current_experiment_id
     assert first is not None
     run_id = run_with_quality(mgr, Params(lr=0.1), 0.5)
-    model_uri = mgr._model_uri(mgr._get_run(run_id))
+    model_uri = mgr.models.uri_of(mgr.tracker.runs.get_existing(run_id))
     assert mgr.artifacts.exists(model_uri)
     mgr.set_iteration(iteration(mgr, "2"))
     run_with_quality(mgr, Params(lr=0.1), 0.6)  # the current iteration holds a model
@@ -290,7 +290,7 @@ def test_after_an_iteration_where_every_run_failed_the_next_starts_from_the_last
     mgr.set_iteration(iteration(mgr, "1"))
     first = mgr.current_experiment_id or ""
     best = run_with_quality(mgr, Params(lr=0.1), 0.8, seed=3)
-    url = mgr._model_uri(mgr._get_run(best))
+    url = mgr.models.uri_of(mgr.tracker.runs.get_existing(best))
     mgr.set_iteration(iteration(mgr, "2"))
     with pytest.raises(RuntimeError), mgr.run(Params(lr=0.2)):
         mgr.save_metric(MetricValue("quality", 0.9))
@@ -357,7 +357,7 @@ def test_initial_model_files_gone_are_detected_and_reuploaded(mgr: ExperimentsMa
     mgr.upload_initial_model(tiny_model(1))
     run = mgr.get_run_by_id(mgr.get_initial_run_id() or "")
     assert run is not None
-    mgr.artifacts.delete_tree(mgr._model_uri(run))  # the bucket emptied behind our back
+    mgr.artifacts.delete_tree(mgr.models.uri_of(run))  # the bucket emptied behind our back
     assert not mgr.has_initial_model()
     with pytest.raises(ModelFilesMissingError):
         mgr.download_last_model()
@@ -371,7 +371,7 @@ def test_initial_model_files_gone_are_detected_and_reuploaded(mgr: ExperimentsMa
 def test_iteration_model_files_gone_raise_a_clear_error(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     run_id = run_with_quality(mgr, Params(lr=0.1), 0.5)
-    mgr.artifacts.delete_tree(mgr._model_uri(mgr._get_run(run_id)))
+    mgr.artifacts.delete_tree(mgr.models.uri_of(mgr.tracker.runs.get_existing(run_id)))
     with pytest.raises(ModelFilesMissingError, match="verify"):
         mgr.download_model_by_run_id(run_id)
     with pytest.raises(ModelFilesMissingError):

@@ -41,8 +41,7 @@ __all__ = ["mgr"]  # completed at the end
 def _run_behind_proxy(backend: BackendUnderTest) -> tuple[ExperimentsManager, FaultyProxy, str]:
     """A manager whose tracking store is wrapped in a :class:`FaultyProxy`, with a run set."""
     mgr = backend.connect(params_type=Params)
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
+    proxy = mgr.tracking.wrap(FaultyProxy)
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))
     return mgr, proxy, mgr.current_run_id or ""
@@ -194,7 +193,7 @@ def test_save_metric_never_waits_for_the_store(backend: BackendUnderTest) -> Non
 
 def test_full_metrics_queue_applies_back_pressure(backend: BackendUnderTest) -> None:
     mgr, proxy, run_id = _run_behind_proxy(backend)
-    queue = mgr._runs.metrics
+    queue = mgr.tracker.runs.metrics
     queue.max_pending = queue.batch_size  # a small bound, to reach it quickly
     gate = proxy.hold("log_batch")
     produced: list[int] = []

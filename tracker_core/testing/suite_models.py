@@ -75,8 +75,7 @@ def test_save_model_keep_two_and_best_only_false(backend: BackendUnderTest) -> N
 def test_a_run_whose_model_could_not_be_saved_never_ends_finished(mgr: ExperimentsManager) -> None:
     """Its main metric would stand with no model behind it: finish_run refuses, an implicit
     end leaves it resumable, and once a save succeeds it ends FINISHED and serves."""
-    proxy = FaultyProxy(mgr.artifacts)
-    mgr.artifacts = proxy  # type: ignore[assignment]
+    proxy = mgr.artifacts.wrap(FaultyProxy)
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))
     run_id = mgr.current_run_id or ""
@@ -179,8 +178,7 @@ def test_crash_between_write_and_mark_keeps_previous_best(backend: BackendUnderT
     mgr.set_iteration(iteration(mgr))
     eid = mgr.current_experiment_id or ""
     best = run_with_quality(mgr, Params(lr=0.1), 0.5, seed=1)
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
+    proxy = mgr.tracking.wrap(FaultyProxy)
     mgr.set_run(Params(lr=0.2))
     mgr.save_metric(MetricValue("quality", 0.9))
     mgr.flush_metrics()
@@ -188,7 +186,7 @@ def test_crash_between_write_and_mark_keeps_previous_best(backend: BackendUnderT
     proxy.fail("log_batch", error=KeyboardInterrupt())  # the mark never lands
     with pytest.raises(KeyboardInterrupt):
         mgr.save_model(tiny_model(2))
-    mgr._forget_run()  # the process is gone
+    mgr.tracker.runs.forget()  # the process is gone
     assert marked_models(mgr, eid) == {best}
     assert crashed in stored_models(mgr, eid)  # an orphan: written, unmarked
     assert mgr.get_best_current_run_id() == (best, False)
@@ -237,10 +235,10 @@ def test_unmarked_upload_is_never_served(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))
     mgr.save_metric(MetricValue("quality", 0.99))
-    run = mgr._get_run(mgr.current_run_id or "")
+    run = mgr.tracker.runs.get_existing(mgr.current_run_id or "")
     staging = Path(__import__("tempfile").mkdtemp())
     (staging / "state_dict.pt").write_bytes(b"half-written")
-    mgr.artifacts.upload_dir(staging, mgr._model_uri(run))  # written, never marked
+    mgr.artifacts.upload_dir(staging, mgr.models.uri_of(run))  # written, never marked
     mgr.finish_run()
     assert mgr.get_run_by_id(run.run_id, models_only=True) is None
     assert mgr.download_model_by_run_id(run.run_id) is None

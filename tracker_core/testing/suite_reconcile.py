@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from tracker_core import tags as T
-from tracker_core.leases import claim_params, lease_state, now_ms
+from tracker_core.clock import SYSTEM_CLOCK
+from tracker_core.leases import claim_params, lease_state
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
 from tracker_core.testing.harness import BackendUnderTest
@@ -58,7 +59,7 @@ def set_lease(mgr: ExperimentsManager, run_id: str, *, expires_in_ms: int) -> No
     assert run is not None
     epoch = lease_state(run, 60_000).epoch + 1
     params, tags = claim_params(
-        epoch, f"test-host:1:{uuid.uuid4().hex[:8]}", now_ms() + expires_in_ms
+        epoch, f"test-host:1:{uuid.uuid4().hex[:8]}", SYSTEM_CLOCK.now_ms() + expires_in_ms
     )
     mgr.tracking.log_batch(run_id, (), params, tags)
 

@@ -62,7 +62,7 @@ def test_set_run_resumes_same_params(mgr: ExperimentsManager) -> None:
     mgr.set_iteration(iteration(mgr))
     assert mgr.set_run(Params(lr=0.1)) is False  # new
     first = mgr.current_run_id
-    mgr._forget_run()  # crash: never finished
+    mgr.tracker.runs.forget()  # crash: never finished
     assert mgr.set_run(Params(lr=0.1)) is False  # unfinished: resumed, train again
     assert mgr.current_run_id == first
     mgr.save_metric(MetricValue("quality", 0.3))
@@ -165,8 +165,7 @@ def test_failed_metric_batch_keeps_values_and_run_open(backend: BackendUnderTest
     """A batch the store refuses for good stays queued, and the run is not ended: FINISHED
     without its metrics would be skipped forever by the same params."""
     mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}")
-    proxy = FaultyProxy(mgr.tracking)
-    mgr.tracking = proxy  # type: ignore[assignment]
+    proxy = mgr.tracking.wrap(FaultyProxy)
     mgr.set_iteration(iteration(mgr))
     mgr.set_run(Params(lr=0.1))
     run_id = mgr.current_run_id or ""
@@ -263,7 +262,7 @@ def test_a_live_run_is_not_handed_to_a_second_worker(backend: BackendUnderTest) 
     assert a.set_run(Params(lr=0.1)) is False
     with pytest.raises(RunInUseError) as info:
         b.set_run(Params(lr=0.1))
-    assert info.value.run_id == a.current_run_id and info.value.owner == a._runs.owner
+    assert info.value.run_id == a.current_run_id and info.value.owner == a.tracker.leases.owner
     assert b.current_run_id is None
     a.save_metric(MetricValue("quality", 0.5))
     a.finish_run()
@@ -321,7 +320,7 @@ def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
         time.sleep(1.5)  # past the lease the answer shows; a's heartbeat keeps it alive
         a.finish_run()
 
-    b.tracking = _HolderEndsAfterTheRead(b.tracking, a_ends_later)  # type: ignore[assignment]
+    b.tracking.wrap(lambda store: _HolderEndsAfterTheRead(store, a_ends_later))
     assert b.set_run(Params(lr=0.1)) is True  # ended: nothing to train
     assert b.current_run_id == run_id and _status(b, run_id or "") == RunStatus.FINISHED
 
@@ -335,7 +334,7 @@ def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -
     run_id = dead.current_run_id
     dead.save_metric(MetricValue("loss", 2.0))
     dead.flush_metrics()
-    dead._forget_run()  # the process dies: no release, the heartbeat stops
+    dead.tracker.runs.forget()  # the process dies: no release, the heartbeat stops
     heir = _connect(backend, plugin, lease_seconds=5.0)
     heir.set_iteration(it)
     assert heir.set_run(Params(lr=0.1), wait=30) is False
@@ -369,8 +368,7 @@ def test_taken_over_worker_is_told(backend: BackendUnderTest) -> None:
     stalled = _connect(backend, plugin, lease_seconds=1.0)
     stalled.set_iteration(it)
     stalled.set_run(Params(lr=0.1))
-    proxy = FaultyProxy(stalled.tracking)
-    stalled.tracking = proxy  # type: ignore[assignment]
+    proxy = stalled.tracking.wrap(FaultyProxy)
     proxy.fail("set_tags", error=TransientError("cut off"), times=10_000)  # no renewal lands
     heir = _connect(backend, plugin, lease_seconds=5.0)
     heir.set_iteration(it)
@@ -506,8 +504,7 @@ def test_run_deleted_as_it_is_taken_is_looked_up_again(backend: BackendUnderTest
     mgr.set_iteration(iteration(mgr))
     params = Params(lr=0.1)
     loser = mgr.tracking.create_run(mgr.current_experiment_id or "", params.id, {})
-    proxy = _TwinDeletedByItsCreator(mgr.tracking, loser.run_id)
-    mgr.tracking = proxy  # type: ignore[assignment]
+    proxy = mgr.tracking.wrap(lambda store: _TwinDeletedByItsCreator(store, loser.run_id))
     assert mgr.set_run(params, wait=30) is False
     assert proxy.heir and mgr.current_run_id == proxy.heir
     mgr.save_metric(MetricValue("quality", 0.5))
@@ -567,16 +564,14 @@ def test_a_twin_taken_first_is_the_run(backend: BackendUnderTest, moment: str) -
     first.set_iteration(iteration(first))
     second.set_iteration(iteration(second))
     params = Params(lr=0.1)
-    unseen = _Unseen(second.tracking)
-    second.tracking = unseen  # type: ignore[assignment]
+    unseen = second.tracking.wrap(_Unseen)
 
     def other(run_id: str) -> str:
         unseen.unseen.add(run_id)
         assert second.set_run(params) is False  # a new run, to train
         return second.current_run_id or ""
 
-    proxy = _TwinTakenMeanwhile(first.tracking, moment, other)
-    first.tracking = proxy  # type: ignore[assignment]
+    proxy = first.tracking.wrap(lambda store: _TwinTakenMeanwhile(store, moment, other))
     with pytest.raises(RunInUseError) as info:
         first.set_run(params)  # the second worker holds the run
     assert proxy.twin and info.value.run_id == proxy.twin
