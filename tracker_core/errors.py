@@ -11,6 +11,7 @@ import re
 from tracker_core.uris import redact_text
 
 __all__ = [
+    "RETRYABLE_ERRORS",
     "ArtifactStoreError",
     "BackendNotInstalledError",
     "CleanupRefusedError",
@@ -174,6 +175,21 @@ class MaxAttemptsReachedException(TrackerError):
         super().__init__(f"{operation}: gave up after {attempts} attempt(s){tail}")
         self.operation = operation
         self.attempts = attempts
+
+
+#: failures of the infrastructure, not of the work: the stores failing past their own retries,
+#: a model not readable yet, a run lease lost, an iteration still in use. They stop an
+#: iteration (its run is left resumable), and another attempt may succeed; the fine-tuning
+#: driver never counts them as a run's failure, and the task service retries them.
+RETRYABLE_ERRORS: tuple[type[TrackerError], ...] = (
+    TrackingStoreError,
+    ArtifactStoreError,
+    TransientError,
+    MaxAttemptsReachedException,
+    ModelNotFoundError,
+    LeaseLostError,
+    IterationInUseError,
+)
 
 
 _SECRET_PATTERNS = [

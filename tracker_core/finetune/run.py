@@ -25,14 +25,10 @@ from typing import Any
 from tracker_core import tags as T
 from tracker_core.codecs import get_codec
 from tracker_core.errors import (
-    ArtifactStoreError,
+    RETRYABLE_ERRORS,
     ConfigurationError,
-    LeaseLostError,
-    MaxAttemptsReachedException,
     ModelNotFoundError,
     RunInUseError,
-    TrackingStoreError,
-    TransientError,
 )
 from tracker_core.finetune.plan import IterationPlan, _enter
 from tracker_core.finetune.results import RunResult, _collect
@@ -45,16 +41,6 @@ from tracker_core.values import MetricValue
 __all__ = ["train_run"]
 
 log = logging.getLogger(__name__)
-
-#: failures of the infrastructure, not of the run: they stop the iteration (resumable)
-_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    LeaseLostError,
-    TrackingStoreError,
-    ArtifactStoreError,
-    TransientError,
-    MaxAttemptsReachedException,
-    ModelNotFoundError,
-)
 
 
 def train_run(
@@ -143,7 +129,7 @@ def _train_one(
         value = float(method.evaluate(tuned, p, manager))
         manager.save_metric(MetricValue(method.main_metric, value))
         saved = manager.save_model(tuned, best_only=True)
-    except _INFRASTRUCTURE_ERRORS:
+    except RETRYABLE_ERRORS:  # the infrastructure's, not the run's: it stops (resumable)
         raise
     except Exception as exc:
         log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)
