@@ -52,7 +52,7 @@ from tracker_core.service.models import (
 from tracker_core.service.outage import Backoff, Outage, OutageRider, probe
 from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
-from tracker_core.service.repository import NewTask, TaskRepository
+from tracker_core.service.repository import CancelAction, NewTask, TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
 
@@ -269,7 +269,7 @@ def create_app(
             rule = f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
             return _error(422, rule, field="metadata", rule=rule)
         if body.idempotency_key is not None:
-            existing = await repo().get_by_key(body.idempotency_key)
+            existing = await repo().tasks.get_by_key(body.idempotency_key)
             if existing is not None:
                 return _for_key(existing, body)
         batch_id = body.batch_id
@@ -304,7 +304,7 @@ def create_app(
                 batch_id=task.batch_id,
             )
 
-        task, created = await repo().create(new, defer)
+        task, created = await repo().tasks.create(new, defer)
         if not created:
             return _for_key(task, body)
         log.info("task %s created (%s, batch %s)", task.id, task.fine_tuning_method, batch_id)
@@ -316,7 +316,7 @@ def create_app(
 
     @app.get(f"{API_PREFIX}/task/{{task_id}}", response_model=TaskOut, responses={404: {}})
     async def get_task(task_id: str) -> Any:
-        task = await repo().get(task_id)
+        task = await repo().tasks.get(task_id)
         if task is None:
             return _error(404, f"no task with id {task_id!r}")
         return task.as_json()
@@ -328,7 +328,7 @@ def create_app(
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0, le=_MAX_OFFSET),
     ) -> Any:
-        tasks, total = await repo().list(
+        tasks, total = await repo().tasks.list(
             status=status, method=fine_tuning_method, limit=limit, offset=offset
         )
         return {
@@ -344,17 +344,17 @@ def create_app(
         responses={404: {}, 409: {}},
     )
     async def cancel_task(task_id: str) -> Any:
-        outcome = await repo().cancel(task_id, QueueJobs(queue_app))
+        outcome = await repo().tasks.cancel(task_id, QueueJobs(queue_app))
         if outcome is None:
             return _error(404, f"no task with id {task_id!r}")
-        if outcome.action == "finished":
+        if outcome.action == CancelAction.FINISHED:
             return _error(
                 409,
                 f"task {task_id} already ended ({outcome.task.status.value}); "
                 "there is nothing to cancel",
                 task=outcome.task.as_json(),
             )
-        log.info("task %s: %s", task_id, outcome.action)
+        log.info("task %s: %s", task_id, outcome.action.value)
         return outcome.task.as_json()
 
     @app.get(f"{API_PREFIX}/methods", response_model=list[MethodOut])
