@@ -7,11 +7,18 @@ Progress and stopping (for a supervisor such as the task service):
 
 - ``on_progress`` is called with an :class:`IterationProgress` once the params sets are known
   and after every run (trained, failed or skipped);
-- ``should_stop`` is polled before every run; when it returns True the driver raises
-  :class:`IterationStopped` there. A method can stop sooner from inside ``train`` by calling
-  :func:`check_stop` (or testing :func:`stop_requested`) at its own safe points. Either way
-  the current run is left unfinished, exactly as after a crash, so calling
-  :func:`run_iteration` again with the same batch resumes it.
+- ``should_stop`` is polled before every run (and while it waits for runs other workers
+  hold); when it returns True the driver raises :class:`IterationStopped` there. A method
+  can stop sooner from inside ``train`` by calling :func:`check_stop` (or testing
+  :func:`stop_requested`) at its own safe points. Either way the current run is left
+  unfinished, exactly as after a crash, so calling :func:`run_iteration` again with the same
+  batch resumes it.
+
+Several processes on one batch (a worker each, sharing the iteration through the runs'
+leases) spread over its params sets: each trains the params sets in order, skipping a run that
+another live worker holds and coming back to it at the end, where it waits for that run to end
+(skipped, as finished) or for its worker's lease to expire (then trained: its worker died).
+One worker trains a run at a time, and a run that ended is never trained again.
 
 Failure semantics:
 
@@ -28,6 +35,7 @@ Failure semantics:
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 import tempfile
@@ -35,10 +43,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tracker_core.errors import RunInUseError
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.plan import IterationPlan, _enter, prepare_iteration
 from tracker_core.finetune.results import IterationProgress, IterationResult
-from tracker_core.finetune.run import _StartModel, _train_one
+from tracker_core.finetune.run import LEASE_POLL_SECONDS, _StartModel, _train_taken
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
@@ -133,8 +142,12 @@ def _run_all(
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
-    """Steps 4-6 for every params set, in order: ``{params id: (trained, error)}``."""
+    """Steps 4-6 for every params set, in order, a run another live worker holds put back at
+    the end of the line (see the module docstring): ``{params id: (trained, error)}``."""
     done: dict[str, tuple[bool, str | None]] = {}
+    line = collections.deque(enumerate(params, 1))
+    #: runs found held one after another since the last run taken or skipped
+    held_in_a_row = 0
 
     def report() -> None:
         if on_progress is not None:
@@ -142,10 +155,27 @@ def _run_all(
             on_progress(IterationProgress(len(params), len(done), failed))
 
     report()
-    for index, p in enumerate(params, 1):
+    while line:
+        index, p = line.popleft()
+        label = f"{index}/{len(params)}"
         if should_stop is not None and should_stop():
-            log.info("stop requested: leaving the iteration before run %d/%d", index, len(params))
+            log.info("stop requested: leaving the iteration before run %s", label)
             raise IterationStopped(f"stopped before run {index} of {len(params)}")
-        done[p.id] = _train_one(method, manager, p, start, should_stop, f"{index}/{len(params)}")
+        # every run left is held by another worker: wait a while for this one
+        wait = LEASE_POLL_SECONDS if held_in_a_row > len(line) else 0.0
+        try:
+            ended = manager.set_run(p, wait=wait)
+        except RunInUseError:
+            if not held_in_a_row:
+                log.info("run %s is held by another worker; back to it later", label)
+            line.append((index, p))
+            held_in_a_row += 1
+            continue
+        held_in_a_row = 0
+        if ended:
+            log.info("run %s %r finished in an earlier attempt; skipped", label, p)
+            done[p.id] = (False, None)
+        else:
+            done[p.id] = _train_taken(method, manager, p, start, label)
         report()
     return done

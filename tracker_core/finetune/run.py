@@ -1,6 +1,6 @@
 """Steps 4-6 (and 8) for one params set: :func:`train_run`, what one run job of a parallel
 iteration does, in any process, at the same time as the others; the sequential driver
-(:mod:`.driver`) trains each params set with the same ``_train_one``.
+(:mod:`.driver`) trains each params set it takes with the same ``_train_taken``.
 
 One run starts or resumes the run of its params set (a run that ended in an earlier attempt is
 skipped; one another live worker holds is waited for), trains a fresh copy of the starting
@@ -69,14 +69,12 @@ def train_run(
         work = Path(tempfile.mkdtemp(prefix="tracker-core-run-", dir=work_dir))
         try:
             try:
-                trained, error = _train_one(
-                    method,
-                    manager,
-                    params,
-                    _StartModel(manager, plan.start_run_id, work / "model"),
-                    should_stop,
-                    label=params.id,
-                )
+                if _take_run(manager, params, should_stop):
+                    log.info("run %s %r finished in an earlier attempt; skipped", params.id, params)
+                    trained, error = False, None
+                else:
+                    start = _StartModel(manager, plan.start_run_id, work / "model")
+                    trained, error = _train_taken(method, manager, params, start, params.id)
             except BaseException:
                 manager.abandon_iteration()
                 raise
@@ -91,7 +89,7 @@ def train_run(
 
 
 #: how long one wait for a run another live worker holds lasts before the stop check
-_LEASE_POLL_SECONDS = 5.0
+LEASE_POLL_SECONDS = 5.0
 
 
 def _take_run(
@@ -102,26 +100,22 @@ def _take_run(
     the wait."""
     while True:
         try:
-            return manager.set_run(params, wait=_LEASE_POLL_SECONDS)
+            return manager.set_run(params, wait=LEASE_POLL_SECONDS)
         except RunInUseError:
             if should_stop is not None and should_stop():
                 raise IterationStopped("stopped while another worker held a run") from None
 
 
-def _train_one(
+def _train_taken(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
     p: FineTuningParams,
     start: _StartModel,
-    should_stop: Callable[[], bool] | None,
     label: str,
 ) -> tuple[bool, str | None]:
-    """Steps 4-6 for one params set: ``(trained, error)``. A run that ended in an earlier
-    attempt is skipped; an error of the method fails the run; store errors and interrupts
+    """Steps 4-6 for the params set whose run this worker just took (``set_run``):
+    ``(True, error)``. An error of the method fails the run; store errors and interrupts
     propagate (the run is left unfinished)."""
-    if _take_run(manager, p, should_stop):
-        log.info("run %s %r finished in an earlier attempt; skipped", label, p)
-        return False, None
     log.info("run %s (%s): %r", label, manager.current_run_id, p)
     model = start.fresh_copy()  # a failure here is the store's, not the run's: it stops
     try:
