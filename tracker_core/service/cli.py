@@ -39,7 +39,6 @@ __all__ = ["add_service_commands"]
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _EXTRA_MISSING = (
     "the task service needs the extra 'service': pip install 'tracker-core[service]' ({})"
 )
@@ -88,14 +87,12 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
 
 
 def _service_logging(args: argparse.Namespace) -> None:
-    """Servers log what they do: INFO for tracker-core (WARNING with --quiet)."""
+    """Servers log what they do: INFO for tracker-core (WARNING with --quiet), every line with
+    its time and level, no secret in any (:mod:`tracker_core.service.logs`)."""
+    from tracker_core.service.logs import configure_service_logging
+
     level = logging.WARNING if args.quiet else logging.INFO
-    root = logging.getLogger("tracker_core")
-    root.setLevel(level)
-    for handler in root.handlers:  # a server's log lines carry their time
-        if getattr(handler, "_tracker_cli", False):
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    logging.getLogger("procrastinate").setLevel(logging.WARNING if not args.verbose else level)
+    configure_service_logging(level, verbose=args.verbose)
 
 
 def _import_service() -> None:

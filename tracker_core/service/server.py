@@ -88,12 +88,14 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
         else:
             conninfo = settings.database_url
         try:
+            auth_level, auth_line = await startup_notice(settings, conninfo)
             registry = MethodRegistry(settings.methods)
             config = uvicorn.Config(
                 create_app(settings, conninfo, registry=registry),
                 host=settings.host,
                 port=settings.port,
                 log_level="warning",
+                log_config=None,  # uvicorn's loggers use ours (time, level, no secret)
                 access_log=False,
                 lifespan="on",
             )
