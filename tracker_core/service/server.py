@@ -35,7 +35,7 @@ def _stop_on_signals(stop: asyncio.Event, on_second: Any = None) -> Iterator[Non
             if on_second is not None:
                 on_second()
             return
-        log.warning("%s: stopping (Ctrl-C again to skip the grace periods)", sig.name)
+        log.info("%s: stopping (Ctrl-C again to skip the grace periods)", sig.name)
         stop.set()
 
     for sig in signals:
