@@ -18,11 +18,15 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.worker`: a worker process (the task queue + maintenance);
 - :mod:`~tracker_core.service.executions`: one execution of each kind of job, and how it ends;
 - :mod:`~tracker_core.service.api`: the FastAPI application;
+- :mod:`~tracker_core.service.auth`: who may call it, from where (tokens, scopes, hosts);
+- :mod:`~tracker_core.service.tokens`: API tokens, stored as hashes in the task database;
+- :mod:`~tracker_core.service.logs`: one log format for every logger, no secret in any line;
 - :mod:`~tracker_core.service.embedded`: the private PostgreSQL of the embedded layout;
 - :mod:`~tracker_core.service.server`: ``tracker-core serve`` (API, optional worker, database);
 - :mod:`~tracker_core.service.client`: a small HTTP client of the API (CLI, tests);
-- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker`` and ``task`` commands (the
-  ``task`` ones in :mod:`~tracker_core.service.cli_tasks`).
+- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker``, ``task`` and ``token``
+  commands (the ``task`` ones in :mod:`~tracker_core.service.cli_tasks`, the ``token`` ones
+  and where secrets come from in :mod:`~tracker_core.service.cli_tokens`).
 """
 
 from tracker_core.service.errors import (

@@ -60,6 +60,12 @@ async def work(settings: ServiceSettings, conninfo: str) -> None:
     from tracker_core.service.worker import run_worker
 
     stop = asyncio.Event()
+    log.info(
+        "tracker-core worker: database: %s, tracking: %s, models: %s",
+        settings.redacted_database_url(),
+        settings.redacted_tracking_uri(),
+        settings.resolved_artifact_uri,
+    )
     with _stop_on_signals(stop, _kill_children):
         await run_worker(settings, conninfo, stop)
 
@@ -69,6 +75,7 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
     import uvicorn
 
     from tracker_core.service.api import create_app
+    from tracker_core.service.auth import startup_notice
     from tracker_core.service.embedded import EmbeddedPostgres
     from tracker_core.service.registry import MethodRegistry
     from tracker_core.service.worker import run_worker
@@ -107,16 +114,17 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
                         run_worker(settings, conninfo, stop, registry=registry), name="worker"
                     )
                 )
-            log.warning(
+            log.info(
                 "tracker-core service: API on http://%s:%d (docs: /docs), %s, database: %s, "
                 "tracking: %s, models: %s",
                 settings.host,
                 settings.port,
                 f"worker with {settings.concurrency} slot(s)" if with_worker else "no worker",
                 settings.redacted_database_url(),
-                settings.resolved_tracking_uri,
+                settings.redacted_tracking_uri(),
                 settings.resolved_artifact_uri,
             )
+            log.log(auth_level, "%s", auth_line)
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
             stop.set()
@@ -133,4 +141,4 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
         finally:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
-    log.warning("tracker-core service stopped")
+    log.info("tracker-core service stopped")

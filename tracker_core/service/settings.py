@@ -142,6 +142,11 @@ class ServiceSettings:
     allow_root: bool = False
     #: temporary files of the training processes (None: the system's temporary folder)
     work_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    #: host names a request's ``Host`` header may name (empty: the bound address's names plus
+    #: localhost and 127.0.0.1; ``*``: any); see :mod:`tracker_core.service.auth`
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: run the API without authentication, on any address (a WARNING at start and on /health)
+    insecure_no_auth: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.stall_seconds <= 2 * self.heartbeat_seconds:
