@@ -30,9 +30,12 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tracker_core.errors import redact
+from tracker_core.service.logs import configure_child_logging
 from tracker_core.service.protocol import (
     ChildSettings,
     CompletionJob,
@@ -40,6 +43,7 @@ from tracker_core.service.protocol import (
     Error,
     Failed,
     Job,
+    Notice,
     Outcome,
     Planned,
     Progress,
@@ -69,8 +73,23 @@ def parallel_cap(task_cap: int | None, method_cap: int | None) -> int | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """How the task's ``error`` says what went wrong: one line, no URI's password in it."""
+    text = redact(" ".join(str(exc).split()))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact(text)
+
+
+def _relay(events: Connection) -> Callable[[str], None]:
+    """Hands a say-once notice to the worker (a small message is one atomic pipe write)."""
+
+    def relay(message: str) -> None:
+        with contextlib.suppress(OSError):
+            events.send(Notice(message))
+
+    return relay
 
 
 class _Control:
@@ -122,7 +141,9 @@ def child_main(settings: ChildSettings, job: Job, control: Connection, events: C
     current: Job | None = job
     try:
         while current is not None:
-            _configure_logging(settings, current)
+            configure_child_logging(
+                settings.log_level, f"{current.kind} {current.label}", _relay(events)
+            )
             outcome = session.answer(current, ctl, events)
             try:
                 events.send(outcome)
@@ -137,14 +158,6 @@ def child_main(settings: ChildSettings, job: Job, control: Connection, events: C
     finally:
         session.close()
         events.close()
-
-
-def _configure_logging(settings: ChildSettings, job: Job) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format=f"%(asctime)s %(levelname)s {job.kind} {job.label} %(name)s: %(message)s",
-        force=True,
-    )
 
 
 def _free_memory() -> None:
@@ -282,7 +295,7 @@ def _train(
         work_dir=settings.work_dir,
         should_stop=ctl.stop.is_set,
     )
-    return Ran(run.run_id, run.status, run.metric, run.trained, run.error, run.has_model)
+    return Ran(run.run_id, run.status, run.metric, run.trained, _redacted(run.error), run.has_model)
 
 
 def _complete(job: CompletionJob, method: Any, manager: Any) -> Outcome:

@@ -7,7 +7,8 @@ point; :class:`Release` lets an idle child go (it exits). End of file means the 
 child exits at once, leaving its run unfinished, as the worker's own crash would have.
 
 Child -> worker, on the *events* pipe: :class:`Progress` (a task job that trains its runs
-itself), then exactly one outcome (:data:`Outcome`) per job. After an outcome that leaves the
+itself) and :class:`Notice` (a log line to say once per worker), then exactly one outcome
+(:data:`Outcome`) per job; no text in them holds a URI's password. After an outcome that leaves the
 child clean (:func:`keeps_child`) and no stop request, the child waits for its next job;
 otherwise it exits. The worker adds :class:`Crashed` for a child that ended without an outcome.
 
@@ -34,6 +35,7 @@ __all__ = [
     "Error",
     "Failed",
     "Job",
+    "Notice",
     "Outcome",
     "Planned",
     "Progress",
@@ -156,6 +158,14 @@ class Progress:
 
     def to_json(self) -> dict[str, int]:
         return attrs.asdict(self)
+
+
+@attrs.frozen
+class Notice:
+    """A log line the worker says once, however many children send it
+    (:data:`tracker_core.service.logs.ONCE`)."""
+
+    line: str
 
 
 @attrs.frozen

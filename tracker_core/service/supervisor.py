@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from tracker_core.service.child import child_main
+from tracker_core.service.logs import log_once
 from tracker_core.service.protocol import (
     ChildSettings,
     Crashed,
@@ -41,6 +42,7 @@ from tracker_core.service.protocol import (
     Error,
     Failed,
     Job,
+    Notice,
     Outcome,
     Planned,
     Progress,
@@ -233,6 +235,8 @@ class ChildProcess:
             match message:
                 case Progress():
                     await on_progress(message)
+                case Notice(line):
+                    log_once(line)
                 case Done() | Failed() | Planned() | Ran() | Stopped() | Retry() | Error():
                     return message
                 case _:

@@ -44,6 +44,8 @@ class NewTask:
     metadata: dict[str, Any]
     idempotency_key: str | None
     max_parallel_runs: int | None = None
+    #: the name of the API token that asked for it (None: the API runs without auth)
+    created_by: str | None = None
 
 
 class StartReason(enum.Enum):
@@ -206,8 +208,9 @@ class TaskRows:
                 await cur.execute(
                     f"""
                     INSERT INTO {_T} (id, fine_tuning_method, batch_id, requested_batch_id,
-                                      metadata, idempotency_key, max_parallel_runs)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s)
+                                      metadata, idempotency_key, max_parallel_runs,
+                                      created_by)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING *
                     """,  # type: ignore[arg-type]
@@ -219,14 +222,17 @@ class TaskRows:
                         Jsonb(new.metadata),
                         new.idempotency_key,
                         new.max_parallel_runs,
+                        new.created_by,
                     ),
                 )
                 row = await cur.fetchone()
                 if row is not None:
                     task = Task.from_row(row)
                     job_id = await defer(conn, task)
+                    # one instant for both: their defaults read the clock one after the other
                     await cur.execute(
-                        f"UPDATE {_T} SET job_id = %s WHERE id = %s RETURNING *",  # type: ignore[arg-type]
+                        f"UPDATE {_T} SET job_id = %s, updated_at = created_at WHERE id = %s "  # type: ignore[arg-type]
+                        "RETURNING *",
                         (job_id, task.id),
                     )
                     created = await cur.fetchone()
@@ -351,32 +357,33 @@ class TaskRows:
         )
 
     # ------------------------------------------------------------------ API: cancel
-    async def cancel(self, task_id: str, jobs: Jobs) -> CancelOutcome | None:
+    async def cancel(
+        self, task_id: str, jobs: Jobs, *, by: str | None = None
+    ) -> CancelOutcome | None:
         """Cancel a pending task (it never starts), or ask a processing one to stop: its
         queued jobs are canceled, its running ones asked to stop at their next safe point,
         and a task whose runs are out ends ``canceled`` once none is running (no completion).
-        None if there is no such task."""
+        ``by``: who asks (an API token's name; the first one who asked is kept). None if
+        there is no such task."""
         async with self._table.transaction() as (conn, cur):
             task = await self._table.lock(cur, task_id)
             if task is None:
                 return None
             if task.status.is_terminal:
                 return CancelOutcome(task, CancelAction.FINISHED)
+            requested = (
+                "updated_at = clock_timestamp(), "
+                "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), "
+                "canceled_by = CASE WHEN cancel_requested_at IS NULL THEN %s "
+                "ELSE canceled_by END"
+            )
             if task.status == TaskStatus.PENDING:
-                query = (
-                    f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
-                    "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), "
-                    "error = NULL WHERE id = %s RETURNING *"
-                )
+                query = f"UPDATE {_T} SET status = 'canceled', {requested}, error = NULL"
                 action = CancelAction.CANCELED
             else:
-                query = (
-                    f"UPDATE {_T} SET updated_at = clock_timestamp(), "
-                    "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()) "
-                    "WHERE id = %s RETURNING *"
-                )
+                query = f"UPDATE {_T} SET {requested}"
                 action = CancelAction.REQUESTED
-            await cur.execute(query, (task_id,))  # type: ignore[arg-type]
+            await cur.execute(f"{query} WHERE id = %s RETURNING *", (by, task_id))  # type: ignore[arg-type]
             updated = await cur.fetchone()
             assert updated is not None
             task = Task.from_row(updated)
