@@ -30,6 +30,8 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
@@ -55,7 +57,14 @@ from tracker_core.service.protocol import (
     keeps_child,
 )
 
-__all__ = ["ChildProcess", "WarmChildren", "preload", "stores_to_preload", "warm_up"]
+__all__ = [
+    "ChildProcess",
+    "WarmChildren",
+    "preload",
+    "stop_forkserver",
+    "stores_to_preload",
+    "warm_up",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,18 @@ def warm_up() -> None:
     """Start the forkserver now (it imports the heavy modules); blocking, call it in a thread."""
     _context()
     multiprocessing.forkserver.ensure_running()
+
+
+def stop_forkserver() -> None:
+    """End the forkserver with its worker; blocking, call it in a thread. (It ends by itself
+    once it sees its worker gone, but only after its imports: on a loaded machine, most of a
+    minute after a worker stopped right after it started.)"""
+    server = multiprocessing.forkserver._forkserver
+    pid = server._forkserver_pid  # type: ignore[attr-defined]
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        server._stop()  # type: ignore[attr-defined]  # closes its pipe, reaps it
 
 
 class ChildProcess:

@@ -62,7 +62,13 @@ from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
-from tracker_core.service.supervisor import WarmChildren, preload, stores_to_preload, warm_up
+from tracker_core.service.supervisor import (
+    WarmChildren,
+    preload,
+    stop_forkserver,
+    stores_to_preload,
+    warm_up,
+)
 
 __all__ = ["WorkerRuntime", "run_worker"]
 
@@ -308,6 +314,7 @@ async def run_worker(
         await runtime.children.close()
         with contextlib.suppress(Exception):
             await warming
+        await asyncio.to_thread(stop_forkserver)
         stopped_first = stopper in done  # errors while stopping are said in a line each
         for task, result in zip(workers, results, strict=True):
             if not isinstance(result, BaseException) or isinstance(result, asyncio.CancelledError):
