@@ -333,6 +333,46 @@ def test_a_run_another_worker_holds_is_left_for_the_end_and_not_trained_again(
     assert result.best_metric == 0.9
 
 
+def test_held_runs_that_ended_meanwhile_are_skipped_in_one_read(
+    backend: BackendUnderTest, managers: list[ExperimentsManager]
+) -> None:
+    """Two runs held by other workers end while this worker trains the others: back round
+    to them, it reads the iteration's runs once and skips both, taking neither again."""
+    holders: list[ExperimentsManager] = []
+
+    class EndingOthers(ToyMethod):
+        def train(self, model: Any, params: ToyParams, manager: ExperimentsManager) -> Any:
+            if params == SETS[-1]:  # the holders end their runs while this one trains
+                for other, held in zip(holders, SETS, strict=False):
+                    other.save_metric(MetricValue("quality", held.quality))
+                    other.finish_run()
+            return super().train(model, params, manager)
+
+    method = EndingOthers(SETS)
+    mine = connect(backend, method)
+    holders.extend([connect(backend, method), connect(backend, method)])
+    managers.extend([mine, *holders])
+    plan = prepare_iteration(method, holders[0], "batch-1")
+    holders[1].set_iteration(plan.iteration)
+    holders[0].set_run(SETS[0])
+    holders[1].set_run(SETS[1])
+    taken: list[ToyParams] = []
+    set_run = mine.set_run
+
+    def counted(params: Any, *, wait: float = 0.0) -> bool:
+        taken.append(params)
+        return set_run(params, wait=wait)
+
+    mine.set_run = counted  # type: ignore[method-assign]
+    result = run_iteration(method, mine, "batch-1")
+    assert method.trained == SETS[2:]
+    assert taken == SETS  # the held ones once each (found held), never again
+    assert [(r.params, r.trained, r.status) for r in result.runs] == [
+        *[(p, False, RunStatus.FINISHED) for p in SETS[:2]],
+        *[(p, True, RunStatus.FINISHED) for p in SETS[2:]],
+    ]
+
+
 class _IterationMadeMeanwhile(FaultyProxy):
     """A tracking store where, just before this worker's ``call``-th listing of iterations (a
     page of them), ``meanwhile`` runs: another worker doing its work between two of this

@@ -16,8 +16,9 @@ Progress and stopping (for a supervisor such as the task service):
 
 Several processes on one batch (a worker each, sharing the iteration through the runs'
 leases) spread over its params sets: each trains the params sets in order, skipping a run that
-another live worker holds and coming back to it at the end, where it waits for that run to end
-(skipped, as finished) or for its worker's lease to expire (then trained: its worker died).
+another live worker holds and coming back to it at the end (the runs ended meanwhile are found
+in one read and skipped), where it waits for that run to end (skipped, as finished) or for its
+worker's lease to expire (then trained: its worker died).
 One worker trains a run at a time, and a run that ended is never trained again.
 
 Failure semantics:
@@ -148,15 +149,32 @@ def _run_all(
     line = collections.deque(enumerate(params, 1))
     #: runs found held one after another since the last run taken or skipped
     held_in_a_row = 0
+    #: the params sets put back since the iteration's runs were last read
+    put_back: set[str] = set()
 
     def report() -> None:
         if on_progress is not None:
             failed = sum(1 for _, error in done.values() if error is not None)
             on_progress(IterationProgress(len(params), len(done), failed))
 
+    def skip(index: int, p: FineTuningParams) -> None:
+        log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
+        done[p.id] = (False, None)
+        report()
+
     report()
     while line:
         index, p = line.popleft()
+        if p.id in put_back:
+            # back round to the held runs: those their workers ended meanwhile, in one read
+            put_back.clear()
+            ended = _ended_runs(manager)
+            for entry in [(index, p), *line]:
+                if entry[1].id in ended:
+                    skip(*entry)
+            line = collections.deque(e for e in line if e[1].id not in ended)
+            if p.id in ended:
+                continue
         label = f"{index}/{len(params)}"
         if should_stop is not None and should_stop():
             log.info("stop requested: leaving the iteration before run %s", label)
@@ -164,18 +182,25 @@ def _run_all(
         # every run left is held by another worker: wait a while for this one
         wait = LEASE_POLL_SECONDS if held_in_a_row > len(line) else 0.0
         try:
-            ended = manager.set_run(p, wait=wait)
+            taken_ended = manager.set_run(p, wait=wait)
         except RunInUseError:
             if not held_in_a_row:
                 log.info("run %s is held by another worker; back to it later", label)
             line.append((index, p))
+            put_back.add(p.id)
             held_in_a_row += 1
             continue
         held_in_a_row = 0
-        if ended:
-            log.info("run %s %r finished in an earlier attempt; skipped", label, p)
-            done[p.id] = (False, None)
+        if taken_ended:
+            skip(index, p)
         else:
             done[p.id] = _train_taken(method, manager, p, start, label)
-        report()
+            report()
     return done
+
+
+def _ended_runs(manager: ExperimentsManager) -> set[str]:
+    """The params ids of the current iteration's runs that ended."""
+    experiment_id = manager.current_experiment_id
+    assert experiment_id is not None
+    return {r.run_name for r in manager.get_runs(experiment_id) if r.status.is_terminal}
