@@ -40,6 +40,7 @@ import collections
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from tracker_core.errors import RunInUseError
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.plan import IterationPlan, _enter, prepare_iteration
 from tracker_core.finetune.results import IterationProgress, IterationResult
-from tracker_core.finetune.run import LEASE_POLL_SECONDS, _StartModel, _train_taken
+from tracker_core.finetune.run import _StartModel, _train_taken
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
@@ -57,6 +58,10 @@ from tracker_core.params import FineTuningParams
 __all__ = ["run_iteration", "run_prepared"]
 
 log = logging.getLogger(__name__)
+
+#: how often a worker whose every run left is held by other workers looks whether one ended
+#: (or its worker's lease expired)
+HELD_POLL_SECONDS = 0.5
 
 
 def run_iteration(
@@ -147,10 +152,11 @@ def _run_all(
     the end of the line (see the module docstring): ``{params id: (trained, error)}``."""
     done: dict[str, tuple[bool, str | None]] = {}
     line = collections.deque(enumerate(params, 1))
-    #: runs found held one after another since the last run taken or skipped
+    #: runs found held one after another since the last run taken or the last pause
     held_in_a_row = 0
     #: the params sets put back since the iteration's runs were last read
     put_back: set[str] = set()
+    said_held: set[str] = set()
 
     def report() -> None:
         if on_progress is not None:
@@ -167,6 +173,9 @@ def _run_all(
         index, p = line.popleft()
         if p.id in put_back:
             # back round to the held runs: those their workers ended meanwhile, in one read
+            if held_in_a_row > len(line):  # every run left is held: give them a moment
+                time.sleep(HELD_POLL_SECONDS)
+                held_in_a_row = 0
             put_back.clear()
             ended = _ended_runs(manager)
             for entry in [(index, p), *line]:
@@ -179,12 +188,11 @@ def _run_all(
         if should_stop is not None and should_stop():
             log.info("stop requested: leaving the iteration before run %s", label)
             raise IterationStopped(f"stopped before run {index} of {len(params)}")
-        # every run left is held by another worker: wait a while for this one
-        wait = LEASE_POLL_SECONDS if held_in_a_row > len(line) else 0.0
         try:
-            taken_ended = manager.set_run(p, wait=wait)
+            taken_ended = manager.set_run(p)
         except RunInUseError:
-            if not held_in_a_row:
+            if p.id not in said_held:
+                said_held.add(p.id)
                 log.info("run %s is held by another worker; back to it later", label)
             line.append((index, p))
             put_back.add(p.id)

@@ -89,7 +89,7 @@ def train_run(
 
 
 #: how long one wait for a run another live worker holds lasts before the stop check
-LEASE_POLL_SECONDS = 5.0
+_LEASE_POLL_SECONDS = 5.0
 
 
 def _take_run(
@@ -100,7 +100,7 @@ def _take_run(
     the wait."""
     while True:
         try:
-            return manager.set_run(params, wait=LEASE_POLL_SECONDS)
+            return manager.set_run(params, wait=_LEASE_POLL_SECONDS)
         except RunInUseError:
             if should_stop is not None and should_stop():
                 raise IterationStopped("stopped while another worker held a run") from None
