@@ -11,7 +11,8 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.schema`: the task table, created beside Procrastinate's;
 - :mod:`~tracker_core.service.repository`: reads and state transitions of task rows, composed
   of :mod:`~tracker_core.service.task_rows` (reads, creation, a task's own job, cancels) and
-  :mod:`~tracker_core.service.run_rows` (fan-out, run jobs, completion);
+  :mod:`~tracker_core.service.run_rows` (fan-out, run jobs, completion), over one seam
+  (:mod:`~tracker_core.service.task_table`);
 - :mod:`~tracker_core.service.queue`: the Procrastinate app: queues, jobs, retries, stalled jobs;
 - :mod:`~tracker_core.service.executions`: the life of a task's jobs, told once: what each
   kind of job does in its child, and how it ends;

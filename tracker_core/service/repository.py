@@ -40,8 +40,8 @@ from tracker_core.service.task_rows import (
     StartOutcome,
     StartReason,
     TaskRows,
-    TaskTable,
 )
+from tracker_core.service.task_table import TaskTable
 
 if TYPE_CHECKING:
     from tracker_core.service.outage import OutageRider

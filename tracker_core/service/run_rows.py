@@ -25,7 +25,7 @@ from tracker_core.service.schema import RUN_TABLE, TASK_TABLE
 from tracker_core.values import RunStatus
 
 if TYPE_CHECKING:
-    from tracker_core.service.task_rows import TaskTable
+    from tracker_core.service.task_table import TaskTable
 
 log = logging.getLogger(__name__)
 

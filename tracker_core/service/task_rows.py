@@ -1,7 +1,7 @@
 """The task table's rows: reads, creation, the transitions of a task's own job, and cancels.
 
-:class:`TaskTable` is the one database seam every transition uses (a connection from the pool,
-a transaction, the task's row lock); :class:`TaskRows` holds the API's reads and
+:class:`TaskRows`, over the one database seam (:class:`~.task_table.TaskTable`), holds the
+API's reads and
 :meth:`TaskRows.create`, what the worker of a task's own job writes before its runs are out
 (start, progress, finish, requeue, failures) and :meth:`TaskRows.cancel`. See
 :mod:`tracker_core.service.repository` for the locking rules.
@@ -10,25 +10,23 @@ a transaction, the task's row lock); :class:`TaskRows` holds the API's reads and
 from __future__ import annotations
 
 import builtins
-import contextlib
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
-from tracker_core.service.models import RunState, Task, TaskStatus
-from tracker_core.service.schema import RUN_TABLE, TASK_TABLE
+from tracker_core.service.models import Task, TaskStatus
+from tracker_core.service.schema import TASK_TABLE
+from tracker_core.service.task_table import TaskTable
 
 if TYPE_CHECKING:
     from tracker_core.service.run_rows import Jobs, RunRows
 
 _T = TASK_TABLE
-_R = RUN_TABLE
 #: defers the task's job on the given connection (inside the transaction); the job id
 Deferrer = Callable[[AsyncConnection[Any], Task], Awaitable[int]]
 
@@ -91,66 +89,6 @@ class CancelOutcome:
 
     task: Task
     action: CancelAction
-
-
-class TaskTable:
-    """The task table's database seam, over a psycopg async connection pool (Procrastinate's
-    own): a transaction, the task's row lock, and the small reads and writes every part of the
-    repository shares."""
-
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
-        self.pool = pool
-
-    async def one(self, query: str, params: tuple[Any, ...]) -> Task | None:
-        """The task a read returns, if any (no transaction)."""
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[tuple[AsyncConnection[Any], Any]]:
-        """A connection from the pool, in a transaction, with a cursor of dict rows."""
-        async with (
-            self.pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
-            yield conn, cur
-
-    async def lock(self, cur: Any, task_id: str) -> Task | None:
-        """The task's row, locked until the transaction ends (every transition takes it)."""
-        await cur.execute(f"SELECT * FROM {_T} WHERE id = %s FOR UPDATE", (task_id,))
-        row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
-    async def write(self, query: str, params: tuple[Any, ...]) -> Task | None:
-        """One statement in a transaction of its own; the task it returns, if any."""
-        async with self.transaction() as (_conn, cur):
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
-    async def mark_canceled(self, cur: Any, task_id: str) -> Task:
-        """End the locked task ``canceled``; no execution holds it any more."""
-        await cur.execute(
-            f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
-            "execution_id = NULL WHERE id = %s RETURNING *",
-            (task_id,),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return Task.from_row(row)
-
-    async def job_ids(self, cur: Any, task: Task) -> builtins.list[int]:
-        """Every job of the task that may still be queued or running."""
-        await cur.execute(
-            f"SELECT job_id FROM {_R} WHERE task_id = %s AND job_id IS NOT NULL "
-            "AND status IN (%s, %s)",
-            (task.id, RunState.QUEUED.value, RunState.RUNNING.value),
-        )
-        ids = [int(r["job_id"]) for r in await cur.fetchall()]
-        return [j for j in (task.job_id, task.completion_job_id) if j is not None] + ids
 
 
 class TaskRows:
