@@ -96,6 +96,13 @@ class FineTuningMethod(abc.ABC, Generic[P]):
     model_format: str | None = None
     model_factory: ModelFactory | None = None
     max_parallel_runs: int | None = None
+    #: what an iteration starts from: "champion" (the default with a holdout) or "last"
+    start_from: str | None = None
+
+    def evaluate_holdout(self, model: Any) -> float:
+        """Optional: the main metric of ``model`` on a fixed holdout set, the same for every
+        batch. Implementing it turns on promotion (:mod:`tracker_core.promotion`)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def initial_model(self) -> Any:

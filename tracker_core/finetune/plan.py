@@ -25,6 +25,7 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError, InvalidParamsError, ModelNotFoundError
+from tracker_core.finetune.champion import start_policy, starting_run
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod, _check_method
 from tracker_core.params import FineTuningParams
@@ -176,11 +177,14 @@ def prepare_iteration(
             previous = manager.get_experiment(start_run.experiment_id)
             if previous is not None and previous.lifecycle_stage != "active":
                 previous = None
+        if existing is not None and start_policy(method) == "champion":  # not the start's
+            before = manager.tracker.iterations.newest_with_model(existing)
+            previous = before[0] if before is not None else previous
         log.info("resuming iteration %r", str(resumed_iteration))
     else:
         if found is not None:
             previous, best = found
-            start_run_id = best.run_id
+            start_run_id = starting_run(method, manager, best).run_id
             log.info("starting from the best model of %r (run %s)", previous.name, start_run_id)
         else:
             start_run_id = initial_run_id
