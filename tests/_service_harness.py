@@ -80,10 +80,14 @@ class Stack:
     artifact_uri: str
     url: str = ""
     procs: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    #: the API token of ``client`` (None: none sent)
+    token: str | None = None
+    #: more environment for the processes it starts
+    extra_env: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def client(self) -> ServiceClient:
-        return ServiceClient(self.url, timeout=60)
+        return ServiceClient(self.url, timeout=60, token=self.token)
 
     @property
     def train_log(self) -> Path:
@@ -97,6 +101,7 @@ class Stack:
             "TC_SERVICE_TRAIN_LOG": str(self.train_log),
             "TC_SERVICE_BARRIER_DIR": str(self.work / "barrier"),
             "MLFLOW_LOGGING_LEVEL": "ERROR",
+            **self.extra_env,
         }
 
     def common(self) -> list[str]:

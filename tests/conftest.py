@@ -38,7 +38,9 @@ SHARED_STACK_MODULES = frozenset(
         "test_production_postgres",
         "test_servers",
         "test_service",
+        "test_service_auth",
         "test_service_hooks",
+        "test_service_secrets",
         "test_third_party_backend",
     }
 )

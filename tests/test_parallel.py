@@ -330,6 +330,9 @@ def test_cancel_in_the_middle_starts_no_new_run_skips_completion_and_a_later_tas
     assert any(statuses[r["job_id"]] == "cancelled" for r in never if r["job_id"] is not None)
     jobs = trio.jobs_by_kind(task["id"])
     assert jobs["complete"] == [] and ended["progress"]["running"] == 0
+    # it shows no run queued: those its cancel left unstarted or stopped count as canceled
+    left = sum(r["status"] == "queued" for r in rows)
+    assert ended["progress"]["queued"] == 0 and ended["progress"]["canceled"] == left >= 1
     started = {p for event, p, _ in trio.trained("svc-cpar") if event == "start"}
     assert started == {r["params_id"] for r in rows if r["attempts"] > 0}
     with mlflow_manager(trio, "svc-cpar") as manager:

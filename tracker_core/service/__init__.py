@@ -21,11 +21,15 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.limits`: what the API accepts (body size, JSON and URL rules);
 - :mod:`~tracker_core.service.outage`: riding out an outage of the task database (what counts
   as one, backoff, giving up), for workers; :mod:`~tracker_core.service.gate`: the API's 503s;
+- :mod:`~tracker_core.service.auth`: who may call it, from where (tokens, scopes, hosts);
+- :mod:`~tracker_core.service.tokens`: API tokens, stored as hashes in the task database;
+- :mod:`~tracker_core.service.logs`: one log format for every logger, no secret in any line;
 - :mod:`~tracker_core.service.embedded`: the private PostgreSQL of the embedded layout;
 - :mod:`~tracker_core.service.server`: ``tracker-core serve`` (API, optional worker, database);
 - :mod:`~tracker_core.service.client`: a small HTTP client of the API (CLI, tests);
-- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker`` and ``task`` commands (the
-  ``task`` ones in :mod:`~tracker_core.service.cli_tasks`).
+- :mod:`~tracker_core.service.cli`: the ``serve``, ``worker``, ``task`` and ``token``
+  commands (the ``task`` ones in :mod:`~tracker_core.service.cli_tasks`, the ``token`` ones
+  and where secrets come from in :mod:`~tracker_core.service.cli_tokens`).
 """
 
 from tracker_core.service.errors import (

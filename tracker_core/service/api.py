@@ -11,8 +11,14 @@
                                               runs never start, running ones stop at their
                                               next safe point); 409 if it already ended
 ``GET  /api/v1/fine-tuning/methods``          the methods this service offers
+``GET  /api/v1/tokens``                       the API tokens (names, scopes, expiry; no secret)
 ``GET  /health``                              200 when the database answers, else 503
 ============================================  =================================================
+
+Every route but ``/health`` (and the docs, ``/docs``, served offline) needs a bearer token
+whose scope grants it: ``tasks:read`` to read tasks and methods, ``tasks:write`` to create and
+cancel tasks, ``admin`` to list tokens (:mod:`tracker_core.service.auth`). A task records the
+token names that created and canceled it.
 
 Bad input gets a 4xx that names the field and the rule, and writes nothing: a body over 1 MiB
 (413, counted as it streams in), malformed JSON (400), and text PostgreSQL cannot store,
@@ -29,15 +35,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.service.auth import AccessMiddleware, AccessPolicy, AuthMode, requires
 from tracker_core.service.gate import DatabaseGate
 from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits, shown
 from tracker_core.service.models import (
@@ -55,6 +63,8 @@ from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import NewTask, TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
+from tracker_core.service.tokens import Principal, Scope, TokenStore
+from tracker_core.uris import redact_text
 
 __all__ = ["API_PREFIX", "MAX_BODY_BYTES", "create_app"]
 
@@ -65,6 +75,14 @@ API_PREFIX = "/api/v1/fine-tuning"
 POOL_TIMEOUT = 3.0
 #: PostgreSQL's OFFSET is a bigint
 _MAX_OFFSET = 2**63 - 1
+_NO_AUTH = (
+    "authentication is off (--insecure-no-auth): anyone who reaches this API can create and "
+    "cancel training tasks"
+)
+
+
+#: a route parameter: who asks, with a token that may create and cancel tasks
+Writer = Annotated[Principal, requires(Scope.WRITE)]
 
 
 # ---------------------------------------------------------------------- shapes (OpenAPI)
@@ -121,6 +139,8 @@ class TaskOut(BaseModel):
     cancel_requested: bool
     attempts: int
     worker: str | None
+    created_by: str | None = Field(description="the API token (its name) that created it")
+    canceled_by: str | None = Field(description="the API token (its name) that canceled it")
 
 
 class TaskList(BaseModel):
@@ -128,6 +148,16 @@ class TaskList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    scope: Scope
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    active: bool
 
 
 class MethodOut(BaseModel):
@@ -203,6 +233,8 @@ def create_app(
             await queue_app.connector.pool.check()  # type: ignore[attr-defined]
 
     gate = DatabaseGate(lambda: probe(conninfo, POOL_TIMEOUT), outage, backoff, recover=recover)
+    tokens: dict[str, TokenStore] = {}
+    policy = AccessPolicy.for_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -210,13 +242,14 @@ def create_app(
         async with queue_app.open_async():
             await ensure_schema(queue_app)
             state["repo"] = TaskRepository(queue_app.connector.pool)  # type: ignore[attr-defined]
+            tokens["store"] = TokenStore(queue_app.connector.pool)  # type: ignore[attr-defined]
             yield
 
     def repo() -> TaskRepository:
         gate.check()
         return state["repo"]
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs with Swagger UI's files from the package: no CDN
         title="tracker-core task service",
         summary="Fine-tuning tasks, queued and run by tracker-core workers",
         version="1",
@@ -254,7 +287,7 @@ def create_app(
         response_model=TaskOut,
         responses={200: {"model": TaskOut}, 409: {}, 422: {}},
     )
-    async def create_task(body: TaskCreate) -> Any:
+    async def create_task(body: TaskCreate, who: Writer) -> Any:
         if body.fine_tuning_method not in registry:
             rule = registry.unknown_message(body.fine_tuning_method)
             return _error(422, rule, field="fine_tuning_method", rule=rule)
@@ -283,7 +316,7 @@ def create_app(
                 return _error(
                     500,
                     f"method {body.fine_tuning_method!r} could not propose a batch id: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"{type(exc).__name__}: {redact_text(str(exc))}",
                 )
         new = NewTask(
             id=new_id(),
@@ -293,6 +326,7 @@ def create_app(
             metadata=metadata,
             idempotency_key=body.idempotency_key,
             max_parallel_runs=body.max_parallel_runs,
+            created_by=who.name,
         )
 
         async def defer(conn: Any, task: Task) -> int:
@@ -307,21 +341,32 @@ def create_app(
         task, created = await repo().create(new, defer)
         if not created:
             return _for_key(task, body)
-        log.info("task %s created (%s, batch %s)", task.id, task.fine_tuning_method, batch_id)
+        log.info(
+            "task %s created (%s, batch %s) by %s",
+            task.id,
+            task.fine_tuning_method,
+            batch_id,
+            who.name or "an unauthenticated request",
+        )
         return JSONResponse(
             task.as_json(),
             status_code=201,
             headers={"Location": f"{API_PREFIX}/task/{task.id}"},
         )
 
-    @app.get(f"{API_PREFIX}/task/{{task_id}}", response_model=TaskOut, responses={404: {}})
+    @app.get(
+        f"{API_PREFIX}/task/{{task_id}}",
+        response_model=TaskOut,
+        responses={404: {}},
+        dependencies=[requires(Scope.READ)],
+    )
     async def get_task(task_id: str) -> Any:
         task = await repo().get(task_id)
         if task is None:
             return _error(404, f"no task with id {task_id!r}")
         return task.as_json()
 
-    @app.get(f"{API_PREFIX}/task", response_model=TaskList)
+    @app.get(f"{API_PREFIX}/task", response_model=TaskList, dependencies=[requires(Scope.READ)])
     async def list_tasks(
         status: TaskStatus | None = None,
         fine_tuning_method: str | None = None,
@@ -343,8 +388,8 @@ def create_app(
         response_model=TaskOut,
         responses={404: {}, 409: {}},
     )
-    async def cancel_task(task_id: str) -> Any:
-        outcome = await repo().cancel(task_id, QueueJobs(queue_app))
+    async def cancel_task(task_id: str, who: Writer) -> Any:
+        outcome = await repo().cancel(task_id, QueueJobs(queue_app), by=who.name)
         if outcome is None:
             return _error(404, f"no task with id {task_id!r}")
         if outcome.action == "finished":
@@ -354,21 +399,31 @@ def create_app(
                 "there is nothing to cancel",
                 task=outcome.task.as_json(),
             )
-        log.info("task %s: %s", task_id, outcome.action)
+        log.info("task %s: %s by %s", task_id, outcome.action, who.name or "anonymous")
         return outcome.task.as_json()
 
-    @app.get(f"{API_PREFIX}/methods", response_model=list[MethodOut])
+    @app.get(
+        f"{API_PREFIX}/methods", response_model=list[MethodOut], dependencies=[requires(Scope.READ)]
+    )
     async def methods() -> Any:
         infos = await run_in_threadpool(registry.describe)
         return [i.as_json() for i in infos]
+
+    @app.get("/api/v1/tokens", response_model=list[TokenOut], dependencies=[requires(Scope.ADMIN)])
+    async def list_tokens() -> Any:
+        return [t.as_json() for t in await tokens["store"].list(everything=True)]
 
     @app.get("/health", responses={503: {}})
     async def health() -> Any:
         repo()  # 503 while the database is down
         async with queue_app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
             await conn.execute("SELECT 1")
+        if policy.mode is AuthMode.OFF:
+            return {"status": "ok", "database": "ok", "warning": _NO_AUTH}
         return {"status": "ok", "database": "ok"}
 
+    # outermost: a request is checked before anything reads its body
+    app.add_middleware(AccessMiddleware, policy=policy, tokens=lambda: tokens["store"], gate=gate)
     return app
 
 

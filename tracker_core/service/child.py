@@ -21,10 +21,12 @@ Two pipes join it to its worker:
   (between runs, or where the method calls :func:`tracker_core.finetune.check_stop`). End of
   file means the worker died (``kill -9``): the child exits at once, leaving its run
   unfinished, as the worker's own crash would have.
-- *events* (child -> worker): ``("progress", {...})`` after every run (``task`` only), then
-  exactly one of ``("done", result)``, ``("failed", message)`` (every run failed),
-  ``("planned", ...)``, ``("ran", ...)``, ``("stopped", message)``, ``("retry", message)`` (the
-  stores failed; worth another attempt) or ``("error", message)``.
+- *events* (child -> worker): ``("progress", {...})`` after every run (``task`` only) and
+  ``("notice", line)`` for a log line to say once per worker
+  (:data:`tracker_core.service.logs.ONCE`), then exactly one of ``("done", result)``,
+  ``("failed", message)`` (every run failed), ``("planned", ...)``, ``("ran", ...)``,
+  ``("stopped", message)``, ``("retry", message)`` (the stores failed; worth another attempt)
+  or ``("error", message)`` (every message passed through :func:`tracker_core.errors.redact`).
 
 The child ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group; the worker
 decides what happens) and turns SIGTERM into :class:`~tracker_core.finetune.IterationStopped`.
@@ -32,6 +34,7 @@ decides what happens) and turns SIGTERM into :class:`~tracker_core.finetune.Iter
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -41,7 +44,9 @@ from typing import Any
 
 import attrs
 
+from tracker_core.errors import redact
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
+from tracker_core.service.logs import configure_child_logging
 
 __all__ = ["ChildSpec", "child_main", "parallel_cap", "result_json"]
 
@@ -106,15 +111,30 @@ def result_json(result: Any) -> dict[str, Any]:
         "runs": len(result.runs),
         "trained_runs": len(result.trained_runs),
         "failed_runs": [
-            {"run_id": r.run_id, "params": r.params.to_dict(), "error": r.error}
+            {"run_id": r.run_id, "params": r.params.to_dict(), "error": _redacted(r.error)}
             for r in result.failed_runs
         ],
     }
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """How the task's ``error`` says what went wrong: one line, no URI's password in it."""
+    text = redact(" ".join(str(exc).split()))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact(text)
+
+
+def _relay(events: Connection) -> Any:
+    """Hands a say-once notice to the worker (a small message is one atomic pipe write)."""
+
+    def relay(message: str) -> None:
+        with contextlib.suppress(OSError):
+            events.send(("notice", message))
+
+    return relay
 
 
 class _Control:
@@ -140,10 +160,7 @@ class _Control:
 def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None:
     """Entry point of the child process (``multiprocessing`` spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s {spec.kind} {spec.label} %(name)s: %(message)s",
-    )
+    configure_child_logging(spec.log_level, f"{spec.kind} {spec.label}", _relay(events))
     ctl = _Control(control)
 
     from tracker_core.finetune import IterationStopped
@@ -294,7 +311,7 @@ def _train(spec: ChildSpec, method: Any, manager: Any, ctl: _Control) -> tuple[s
         "status": run.status.value,
         "metric": run.metric,
         "trained": run.trained,
-        "error": run.error,
+        "error": _redacted(run.error),
         "has_model": run.has_model,
     }
 

@@ -2,13 +2,16 @@
 
 ::
 
-    tracker-core serve [--database URL] [--no-worker] [--port 5000]   # API (+ worker, + database)
-    tracker-core worker [--database URL] [--concurrency N]            # a worker
+    tracker-core serve [--database-file F] [--no-worker] [--port 5000] # API (+ worker, database)
+                       [--allowed-hosts H,...] [--insecure-no-auth]
+    tracker-core worker [--database-file F] [--concurrency N]          # a worker
+    tracker-core token create|list|revoke                              # API tokens
     tracker-core task create METHOD [--batch-id B] [--idempotency-key K] [--metadata JSON]
                                     [--max-parallel-runs N]
     tracker-core task status ID [--wait]
     tracker-core task list [--status S] [--method M]
     tracker-core task cancel ID
+    (task commands: --token-file FILE or $TRACKER_CORE_TOKEN)
 
 :func:`add_service_commands` registers them on the main parser; importing this module imports
 only the standard library and tracker-core's core (the web framework, the queue and the
@@ -32,6 +35,7 @@ from tracker_core.service.cli_tasks import (
     cmd_task_list,
     cmd_task_status,
 )
+from tracker_core.service.cli_tokens import add_database_args, add_token_commands, database_url
 from tracker_core.service.client import DEFAULT_URL
 from tracker_core.service.settings import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 
@@ -39,7 +43,6 @@ __all__ = ["add_service_commands"]
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _EXTRA_MISSING = (
     "the task service needs the extra 'service': pip install 'tracker-core[service]' ({})"
 )
@@ -59,7 +62,7 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
         args.artifact_uri if args.artifact_uri != DEFAULT_ARTIFACT_URI else None
     )
     kwargs: dict[str, Any] = {
-        "database_url": args.database or None,
+        "database_url": database_url(args),
         "data_dir": args.data_dir,
         "tracking_uri": tracking,
         "artifact_uri": artifacts,
@@ -79,7 +82,8 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
         "allow_root": args.allow_root,
     }
     if serve:
-        kwargs.update(host=args.host, port=args.port)
+        kwargs.update(host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
+        kwargs["allowed_hosts"] = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
     try:
         return ServiceSettings(**kwargs)
     except ServiceConfigurationError:
@@ -89,17 +93,12 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
 
 
 def _service_logging(args: argparse.Namespace) -> None:
-    """Servers log what they do: INFO for tracker-core (WARNING with --quiet)."""
+    """Servers log what they do: INFO for tracker-core (WARNING with --quiet), every line with
+    its time and level, no secret in any (:mod:`tracker_core.service.logs`)."""
+    from tracker_core.service.logs import configure_service_logging
+
     level = logging.WARNING if args.quiet else logging.INFO
-    root = logging.getLogger("tracker_core")
-    root.setLevel(level)
-    for handler in root.handlers:  # a server's log lines carry their time
-        if getattr(handler, "_tracker_cli", False):
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    logging.getLogger("procrastinate").setLevel(logging.WARNING if not args.verbose else level)
-    # a database outage is said once, when it starts and when it ends (tracker_core.service.
-    # outage), not by each of the pool's connection attempts
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR if not args.verbose else level)
+    configure_service_logging(level, verbose=args.verbose)
 
 
 def _import_service() -> None:
@@ -176,13 +175,7 @@ def _hours(text: str) -> int:
 
 
 def _process_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--database",
-        default=os.environ.get("TRACKER_CORE_DATABASE_URL"),
-        metavar="URL",
-        help="the task database, postgresql://... shared by API hosts and workers (default: "
-        "$TRACKER_CORE_DATABASE_URL, else an embedded PostgreSQL in the data folder)",
-    )
+    add_database_args(p)
     p.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -298,6 +291,12 @@ def _url_arg(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("TRACKER_CORE_URL") or DEFAULT_URL,
         help="the task service (default: $TRACKER_CORE_URL, else %(default)s)",
     )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the API token from this file (default: $TRACKER_CORE_TOKEN; a token is "
+        "never taken on the command line, where `ps` would show it)",
+    )
     # also accepted after the command; the main parser's --json works too
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -313,6 +312,19 @@ def add_service_commands(sub: Any) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help="API address (default %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="API port (default %(default)s)")
     p.add_argument("--no-worker", action="store_true", help="API only (distributed layout)")
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="H1,H2",
+        help="host names a request may be addressed to (its Host header), comma separated; "
+        "others get 400, which stops DNS rebinding (default: the --host address's names plus "
+        "localhost and 127.0.0.1; * for any)",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="take requests without an API token, on any address (off loopback, serve "
+        "refuses to start without a token otherwise)",
+    )
     _process_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -329,7 +341,7 @@ def add_service_commands(sub: Any) -> None:
     p = sub.add_parser("task", help="create, follow and cancel fine-tuning tasks over the API")
     tasks = p.add_subparsers(dest="task_command", required=True, metavar="ACTION")
 
-    q = tasks.add_parser("create", help="create a fine-tuning task")
+    q = tasks.add_parser("create", help="create a fine-tuning task", allow_abbrev=False)
     q.add_argument("method", help="the fine-tuning method (GET /api/v1/fine-tuning/methods)")
     q.add_argument("--batch-id", help="the data batch (default: the method's, or a new id)")
     q.add_argument("--idempotency-key", help="repeat-safe: the same key returns the same task")
@@ -344,7 +356,7 @@ def add_service_commands(sub: Any) -> None:
     _url_arg(q)
     q.set_defaults(func=cmd_task_create)
 
-    q = tasks.add_parser("status", help="show a task (--wait: until it ends)")
+    q = tasks.add_parser("status", help="show a task (--wait: until it ends)", allow_abbrev=False)
     q.add_argument("task_id")
     q.add_argument("--wait", action="store_true", help="poll until done/error/canceled")
     q.add_argument("--poll", type=_positive_float, default=1.0, help="seconds between polls")
@@ -352,7 +364,7 @@ def add_service_commands(sub: Any) -> None:
     _url_arg(q)
     q.set_defaults(func=cmd_task_status)
 
-    q = tasks.add_parser("list", help="list tasks, newest first")
+    q = tasks.add_parser("list", help="list tasks, newest first", allow_abbrev=False)
     q.add_argument("--status", choices=["pending", "processing", "done", "error", "canceled"])
     q.add_argument("--method", help="only this fine-tuning method")
     q.add_argument("--limit", type=_positive_int, default=50)
@@ -360,7 +372,11 @@ def add_service_commands(sub: Any) -> None:
     _url_arg(q)
     q.set_defaults(func=cmd_task_list)
 
-    q = tasks.add_parser("cancel", help="cancel a task (a running one stops at a safe point)")
+    q = tasks.add_parser(
+        "cancel", help="cancel a task (a running one stops at a safe point)", allow_abbrev=False
+    )
     q.add_argument("task_id")
     _url_arg(q)
     q.set_defaults(func=cmd_task_cancel)
+
+    add_token_commands(sub, DEFAULT_DATA_DIR)

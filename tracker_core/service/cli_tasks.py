@@ -16,9 +16,10 @@ from tracker_core.cli_common import Output, UsageError, _table
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from tracker_core.service.cli_tokens import token_from
     from tracker_core.service.client import ServiceClient
 
-    return ServiceClient(args.url)
+    return ServiceClient(args.url, token=token_from(args))
 
 
 def _progress(task: dict[str, Any]) -> str:
@@ -27,7 +28,7 @@ def _progress(task: dict[str, Any]) -> str:
     if not p:
         return ""
     ended = int(p.get("finished", 0)) + int(p.get("failed", 0))
-    extra = [f"{p[k]} {k}" for k in ("running", "queued", "failed") if p.get(k)]
+    extra = [f"{p[k]} {k}" for k in ("running", "queued", "failed", "canceled") if p.get(k)]
     return f"{ended}/{p.get('planned', '?')}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -39,12 +40,16 @@ def _task_lines(task: dict[str, Any]) -> Iterator[str]:
     )
     yield f"  method:   {task['fine_tuning_method']}"
     yield f"  batch:    {task['batch_id']}"
-    yield f"  created:  {task['created_at']}"
+    yield f"  created:  {task['created_at']}" + (
+        f" by {task['created_by']}" if task.get("created_by") else ""
+    )
     yield f"  updated:  {task['updated_at']}"
     if task.get("progress"):
         yield f"  runs:     {_progress(task)}"
     if task.get("worker"):
         yield f"  worker:   {task['worker']}"
+    if task.get("canceled_by"):
+        yield f"  canceled by: {task['canceled_by']}"
     result = task.get("result") or {}
     if result:
         yield f"  iteration: {result.get('iteration')} (experiment {result.get('experiment_id')})"

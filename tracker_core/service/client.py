@@ -30,11 +30,15 @@ _TERMINAL = ("done", "error", "canceled")
 
 
 class ServiceClient:
-    """The task API at ``url`` (e.g. ``http://127.0.0.1:5000``)."""
+    """The task API at ``url`` (e.g. ``http://127.0.0.1:5000``); ``token``: an API token,
+    sent as ``Authorization: Bearer`` (never shown by ``repr``)."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, timeout: float = 30.0, token: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._token = token
 
     def __repr__(self) -> str:
         return f"ServiceClient({self.url!r})"
@@ -42,12 +46,10 @@ class ServiceClient:
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """``(status, decoded body)`` of one request; raises on error statuses."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return resp.status, _decode(resp.read())

@@ -2,11 +2,16 @@
 
 The seed's fields (``id``, ``fine_tuning_method``, ``status``, ``created_at``, ``updated_at``,
 ``batch_id``) come first; the service adds ``metadata``, ``idempotency_key``,
-``max_parallel_runs``, ``progress``, ``result``, ``error``, ``cancel_requested``, ``attempts`` and
-``worker``. Timestamps are ISO 8601 in UTC (``2026-01-02T03:04:05.678901Z``).
+``max_parallel_runs``, ``progress``, ``result``, ``error``, ``cancel_requested``, ``attempts``,
+``worker``, and who created and canceled it (``created_by``, ``canceled_by``: API token names;
+None when the API ran without authentication). Timestamps are ISO 8601 in UTC
+(``2026-01-02T03:04:05.678901Z``).
 
 ``progress`` counts the runs of the task's iteration: ``planned`` = ``queued`` + ``running`` +
 ``finished`` + ``failed`` (``finished``: ended FINISHED; ``failed``: ended FAILED or KILLED).
+Once a task is ``canceled``, no run is queued or running any more: those its cancel left
+unstarted or stopped count as ``canceled`` (``planned`` = ``finished`` + ``failed`` +
+``canceled``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import attrs
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.uris import redact_text
 from tracker_core.values import validate_name
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "check_batch_id",
     "metadata_size",
     "new_id",
+    "shown_progress",
 ]
 
 #: the largest ``metadata`` a task may carry, as compact JSON
@@ -127,6 +134,9 @@ class Task:
     #: runs are trained by separate jobs; None while the task's own job runs it
     plan: dict[str, Any] | None = None
     completion_job_id: int | None = None
+    #: the name of the API token that created it, and of the first that canceled it
+    created_by: str | None = None
+    canceled_by: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Task:
@@ -149,13 +159,24 @@ class Task:
             "metadata": self.metadata,
             "idempotency_key": self.idempotency_key,
             "max_parallel_runs": self.max_parallel_runs,
-            "progress": self.progress,
+            "progress": shown_progress(self.status, self.progress),
             "result": self.result,
-            "error": self.error,
+            "error": None if self.error is None else redact_text(self.error),
             "cancel_requested": self.cancel_requested_at is not None,
             "attempts": self.attempts,
             "worker": self.worker,
+            "created_by": self.created_by,
+            "canceled_by": self.canceled_by,
         }
+
+
+def shown_progress(status: TaskStatus, progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``progress`` as the API shows it: a canceled task's runs that were still queued or
+    running when it ended count as ``canceled`` (see the module docstring)."""
+    if status != TaskStatus.CANCELED or not progress:
+        return progress
+    stopped = int(progress.get("queued", 0)) + int(progress.get("running", 0))
+    return {**progress, "queued": 0, "running": 0, "canceled": stopped}
 
 
 @attrs.frozen

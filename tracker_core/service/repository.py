@@ -64,11 +64,14 @@ class CancelOutcome:
 class TaskRepository(RunRows):
     """The task table, over a psycopg async connection pool (Procrastinate's own)."""
 
-    async def cancel(self, task_id: str, jobs: Jobs) -> CancelOutcome | None:
+    async def cancel(
+        self, task_id: str, jobs: Jobs, *, by: str | None = None
+    ) -> CancelOutcome | None:
         """Cancel a pending task (it never starts), or ask a processing one to stop: its
         queued jobs are canceled, its running ones asked to stop at their next safe point,
         and a task whose runs are out ends ``canceled`` once none is running (no completion).
-        None if there is no such task."""
+        ``by``: who asks (an API token's name; the first one who asked is kept). None if
+        there is no such task."""
         async with self._transaction() as (conn, cur):
             task = await self._lock(cur, task_id)
             if task is None:
@@ -79,17 +82,19 @@ class TaskRepository(RunRows):
                 query = (
                     f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
                     "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), "
-                    "error = NULL WHERE id = %s RETURNING *"
+                    "canceled_by = CASE WHEN cancel_requested_at IS NULL THEN %s "
+                    "ELSE canceled_by END, error = NULL WHERE id = %s RETURNING *"
                 )
                 action = "canceled"
             else:
                 query = (
                     f"UPDATE {_T} SET updated_at = clock_timestamp(), "
-                    "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()) "
-                    "WHERE id = %s RETURNING *"
+                    "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), "
+                    "canceled_by = CASE WHEN cancel_requested_at IS NULL THEN %s "
+                    "ELSE canceled_by END WHERE id = %s RETURNING *"
                 )
                 action = "requested"
-            await cur.execute(query, (task_id,))  # type: ignore[arg-type]
+            await cur.execute(query, (by, task_id))  # type: ignore[arg-type]
             updated = await cur.fetchone()
             assert updated is not None
             task = Task.from_row(updated)

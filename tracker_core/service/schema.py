@@ -8,7 +8,9 @@ Our schema carries a version number; a later version adds its changes as further
 1. the task table;
 2. parallel runs: a task's requested ``max_parallel_runs``, the effective cap, its
    iteration's plan and completion job, and the run table (one row per params set of a task
-   whose runs are trained by separate jobs: queued, running, finished or failed).
+   whose runs are trained by separate jobs: queued, running, finished or failed);
+3. who did what: the API token table (a name, a scope and the SHA-256 of each token, never
+   the token), and each task's ``created_by`` / ``canceled_by`` (token names).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import procrastinate
 
-__all__ = ["RUN_TABLE", "SCHEMA_VERSION", "TASK_TABLE", "ensure_schema"]
+__all__ = ["RUN_TABLE", "SCHEMA_VERSION", "TASK_TABLE", "TOKEN_TABLE", "ensure_schema"]
 
 log = logging.getLogger(__name__)
 
 TASK_TABLE = "tracker_core_tasks"
 RUN_TABLE = "tracker_core_runs"
+TOKEN_TABLE = "tracker_core_tokens"
 _VERSION_TABLE = "tracker_core_schema"
 #: an arbitrary 64-bit key for pg_advisory_lock: "tracker-core schema"
 _LOCK_KEY = 0x7472_6B63_7363_6D61
@@ -89,6 +92,22 @@ _MIGRATIONS: list[str] = [
         updated_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
         PRIMARY KEY (task_id, params_id)
     );
+    """,
+    # 3: API tokens, and who created and canceled each task
+    f"""
+    CREATE TABLE {TOKEN_TABLE} (
+        id          text PRIMARY KEY,
+        name        text NOT NULL,
+        scope       text NOT NULL CHECK (scope IN ('tasks:read', 'tasks:write', 'admin')),
+        hash        bytea NOT NULL UNIQUE,
+        created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+        expires_at  timestamptz,
+        revoked_at  timestamptz
+    );
+    CREATE UNIQUE INDEX {TOKEN_TABLE}_name_idx ON {TOKEN_TABLE} (name) WHERE revoked_at IS NULL;
+    ALTER TABLE {TASK_TABLE}
+        ADD COLUMN created_by  text,
+        ADD COLUMN canceled_by text;
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)

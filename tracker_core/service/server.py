@@ -44,7 +44,7 @@ def _stop_on_signals(stop: asyncio.Event, on_second: Any = None) -> Iterator[Non
             if on_second is not None:
                 on_second()
             return
-        log.warning("%s: stopping (Ctrl-C again to skip the grace periods)", sig.name)
+        log.info("%s: stopping (Ctrl-C again to skip the grace periods)", sig.name)
         stop.set()
 
     for sig in signals:
@@ -110,6 +110,12 @@ async def work(
     from tracker_core.service.worker import run_worker
 
     stop = asyncio.Event()
+    log.info(
+        "tracker-core worker: database: %s, tracking: %s, models: %s",
+        settings.redacted_database_url(),
+        settings.redacted_tracking_uri(),
+        settings.resolved_artifact_uri,
+    )
     with _stop_on_signals(stop, _kill_children):
         parts = [asyncio.create_task(run_worker(settings, conninfo, stop), name="worker")]
         if embedded is not None:
@@ -122,6 +128,7 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
     import uvicorn
 
     from tracker_core.service.api import create_app
+    from tracker_core.service.auth import startup_notice
     from tracker_core.service.embedded import EmbeddedPostgres
     from tracker_core.service.errors import ServiceUnavailableError
     from tracker_core.service.registry import MethodRegistry
@@ -145,6 +152,7 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
         else:
             conninfo = settings.database_url
         try:
+            auth_level, auth_line = await startup_notice(settings, conninfo)
             registry = MethodRegistry(settings.methods)
             app = create_app(settings, conninfo, registry=registry)
             config = uvicorn.Config(
@@ -152,6 +160,7 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
                 host=settings.host,
                 port=settings.port,
                 log_level="warning",
+                log_config=None,  # uvicorn's loggers use ours (time, level, no secret)
                 access_log=False,
                 lifespan="on",
             )
@@ -180,18 +189,19 @@ async def serve(settings: ServiceSettings, *, with_worker: bool = True) -> None:
                         run_worker(settings, conninfo, stop, registry=registry), name="worker"
                     )
                 )
-            log.warning(
+            log.info(
                 "tracker-core service: API on http://%s:%d (docs: /docs), %s, database: %s, "
                 "tracking: %s, models: %s",
                 settings.host,
                 settings.port,
                 f"worker with {settings.concurrency} slot(s)" if with_worker else "no worker",
                 settings.redacted_database_url(),
-                settings.resolved_tracking_uri,
+                settings.redacted_tracking_uri(),
                 settings.resolved_artifact_uri,
             )
+            log.log(auth_level, "%s", auth_line)
             await _until_first_ends(stop, parts, on_stop=server.request_exit, embedded=embedded)
         finally:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
-    log.warning("tracker-core service stopped")
+    log.info("tracker-core service stopped")

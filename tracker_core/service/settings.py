@@ -29,12 +29,12 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.service.errors import ServiceConfigurationError
+from tracker_core.uris import has_secret_query, has_userinfo, redact_uri
 
 __all__ = ["DEFAULT_DATA_DIR", "DEFAULT_HOST", "DEFAULT_PORT", "ServiceSettings", "psycopg_url"]
 
@@ -50,10 +50,21 @@ def psycopg_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     base = scheme.split("+", 1)[0].lower()
     if not sep or base not in ("postgresql", "postgres"):
-        raise ServiceConfigurationError(
-            f"the task database must be a postgresql:// URL, got scheme {scheme or url!r}"
-        )
+        got = f"scheme {scheme!r}" if sep else "no scheme"  # never the value: it may be secret
+        raise ServiceConfigurationError(f"the task database must be a postgresql:// URL, got {got}")
     return f"postgresql://{rest}"
+
+
+def _no_credentials(_inst: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """Models are stored under this URI, and it is shown in logs and task results: credentials
+    never travel in it (as :func:`tracker_core.connect` refuses them)."""
+    if value is not None and (has_userinfo(value) or has_secret_query(value)):
+        raise ServiceConfigurationError(
+            f"--artifact-uri {redact_uri(value, keep_user=False)} carries credentials: give "
+            "them to the service's processes through the standard credential chain instead "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS profiles or roles, "
+            "GOOGLE_APPLICATION_CREDENTIALS)"
+        )
 
 
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -107,7 +118,7 @@ class ServiceSettings:
     #: MLflow tracking URI; None: ``sqlite:///<data_dir>/mlflow.db``
     tracking_uri: str | None = None
     #: where models live; None: ``<data_dir>/models``
-    artifact_uri: str | None = None
+    artifact_uri: str | None = attrs.field(default=None, validator=_no_credentials)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     #: tasks one worker runs at once (one training process each)
@@ -135,6 +146,11 @@ class ServiceSettings:
     allow_root: bool = False
     #: temporary files of the training processes (None: the system's temporary folder)
     work_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    #: host names a request's ``Host`` header may name (empty: the bound address's names plus
+    #: localhost and 127.0.0.1; ``*``: any); see :mod:`tracker_core.service.auth`
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: run the API without authentication, on any address (a WARNING at start and on /health)
+    insecure_no_auth: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.stall_seconds <= 2 * self.heartbeat_seconds:
@@ -160,12 +176,11 @@ class ServiceSettings:
         return str((self.data_dir / "models").resolve())
 
     def redacted_database_url(self) -> str:
-        """The database URL without its password, for logs."""
+        """The database URL without its password (userinfo or ``?password=``), for logs."""
         if self.database_url is None:
             return f"embedded PostgreSQL in {self.data_dir / 'postgres'}"
-        parts = urlsplit(self.database_url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            creds, host = netloc.rsplit("@", 1)
-            netloc = f"{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else netloc
-        return parts._replace(netloc=netloc).geturl()
+        return redact_uri(self.database_url)
+
+    def redacted_tracking_uri(self) -> str:
+        """The tracking URI without its password, for logs."""
+        return redact_uri(self.resolved_tracking_uri)

@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 
 from tracker_core.service.child import ChildSpec, child_main
+from tracker_core.service.logs import log_once
 
 __all__ = ["ChildProcess", "Outcome"]
 
@@ -179,6 +180,8 @@ class ChildProcess:
                         break
                     if kind == "progress":
                         await on_progress(payload)
+                    elif kind == "notice":
+                        log_once(payload)
                     else:
                         final = (kind, payload)
                 if self._process.exitcode is not None:
@@ -188,7 +191,9 @@ class ChildProcess:
                             kind, payload = self._events_r.recv()
                         except (EOFError, OSError):
                             break
-                        if kind != "progress":
+                        if kind == "notice":
+                            log_once(payload)
+                        elif kind != "progress":
                             final = (kind, payload)
                     break
                 self._enforce_deadlines()

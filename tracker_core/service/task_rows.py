@@ -40,6 +40,8 @@ class NewTask:
     metadata: dict[str, Any]
     idempotency_key: str | None
     max_parallel_runs: int | None = None
+    #: the name of the API token that asked for it (None: the API runs without auth)
+    created_by: str | None = None
 
 
 @attrs.frozen
@@ -117,8 +119,9 @@ class TaskRows:
                 await cur.execute(
                     f"""
                     INSERT INTO {_T} (id, fine_tuning_method, batch_id, requested_batch_id,
-                                      metadata, idempotency_key, max_parallel_runs)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s)
+                                      metadata, idempotency_key, max_parallel_runs,
+                                      created_by)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING *
                     """,  # type: ignore[arg-type]
@@ -130,14 +133,17 @@ class TaskRows:
                         Jsonb(new.metadata),
                         new.idempotency_key,
                         new.max_parallel_runs,
+                        new.created_by,
                     ),
                 )
                 row = await cur.fetchone()
                 if row is not None:
                     task = Task.from_row(row)
                     job_id = await defer(conn, task)
+                    # one instant for both: their defaults read the clock one after the other
                     await cur.execute(
-                        f"UPDATE {_T} SET job_id = %s WHERE id = %s RETURNING *",  # type: ignore[arg-type]
+                        f"UPDATE {_T} SET job_id = %s, updated_at = created_at WHERE id = %s "  # type: ignore[arg-type]
+                        "RETURNING *",
                         (job_id, task.id),
                     )
                     created = await cur.fetchone()

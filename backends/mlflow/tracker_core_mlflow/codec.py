@@ -6,7 +6,8 @@ A model written by :class:`MlflowPytorchCodec` under a run's artifact URI
 Security: this format **pickles the whole model object**, code references included, and
 loading it unpickles - only load models from a store you trust. The ``state_dict`` format of
 the core stores weights only and loads with ``weights_only=True``. tracker-core says so once
-per process (at INFO, on the first save) instead of MLflow's WARNING on every save.
+per process (at INFO, on the first save) instead of MLflow's WARNING on every save; the task
+service's training processes hand the line to their worker, which says it once.
 
 Importing ``mlflow.pytorch`` runs ``logging.basicConfig(level=logging.ERROR)`` (in
 ``mlflow/pytorch/_lightning_autolog.py``, imported at the end of ``mlflow/pytorch/__init__.py``
@@ -64,7 +65,8 @@ def _explain_once() -> None:
     log.info(
         "model format 'mlflow.pytorch' pickles the whole model: loading it can run code "
         "from the store, so load only from stores you trust; model_format='state_dict' "
-        "stores weights only"
+        "stores weights only",
+        extra={"tracker_core_once": True},  # a task service says it once per worker
     )
 
 
