@@ -16,6 +16,8 @@ The suite is one module per concept, each of which can also be imported on its o
   state, interoperability (invariants 4-6);
 - :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store;
 - :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave;
+- :mod:`~tracker_core.testing.suite_promotion`: champion and challenger, cleanup keeps the
+  champion's files, promotion is crash-safe (invariant 3);
 - :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing.
 
 Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
@@ -31,6 +33,7 @@ from tracker_core.testing import (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_promotion,
     suite_quiet,
     suite_reconcile,
     suite_runs,
@@ -40,6 +43,7 @@ from tracker_core.testing.suite_iterations import *  # noqa: F403
 from tracker_core.testing.suite_metrics import *  # noqa: F403
 from tracker_core.testing.suite_models import *  # noqa: F403
 from tracker_core.testing.suite_params import *  # noqa: F403
+from tracker_core.testing.suite_promotion import *  # noqa: F403
 from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
@@ -51,6 +55,7 @@ _MODULES = (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_promotion,
     suite_quiet,
     suite_reconcile,
     suite_runs,
