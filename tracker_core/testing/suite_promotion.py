@@ -223,17 +223,26 @@ def _versions(manager: ExperimentsManager) -> list[tuple[str | None, tuple[str, 
     ]
 
 
-def test_killed_between_registering_and_moving_the_alias_a_repeat_promotes_once(
-    backend: BackendUnderTest,
-) -> None:
+def _killed_promoting(
+    backend: BackendUnderTest, method: str, point: str
+) -> tuple[ExperimentsManager, FaultyProxy, str, str]:
+    """A champion (b1's best), then b2's better challenger promoted by a worker killed at
+    ``method`` of the registry: the manager, its registry proxy, both runs."""
     manager = _promoting(backend)
     first = one_iteration(manager, "b1", [(0.5, 0.5)])
     manager.promote(holdout)
     second = one_iteration(manager, "b2", [(0.5, 0.8)])
     faulty = manager.registry.wrap(FaultyProxy)  # type: ignore[union-attr]
-    faulty.fail("set_alias", error=Killed("kill point: after create_version"))
+    faulty.fail(method, error=Killed(f"kill point: {point}"))
     with pytest.raises(Killed):
         manager.promote(holdout)
+    return manager, faulty, first, second
+
+
+def test_killed_between_registering_and_moving_the_alias_a_repeat_promotes_once(
+    backend: BackendUnderTest,
+) -> None:
+    manager, faulty, first, second = _killed_promoting(backend, "set_alias", "after create_version")
     assert faulty.calls["create_version"] == 1
     assert manager.promotion.champion().run_id == first  # type: ignore[union-attr]
 
@@ -248,14 +257,7 @@ def test_killed_between_registering_and_moving_the_alias_a_repeat_promotes_once(
 def test_killed_after_moving_the_alias_a_repeat_records_the_promotion(
     backend: BackendUnderTest,
 ) -> None:
-    manager = _promoting(backend)
-    first = one_iteration(manager, "b1", [(0.5, 0.5)])
-    manager.promote(holdout)
-    second = one_iteration(manager, "b2", [(0.5, 0.8)])
-    faulty = manager.registry.wrap(FaultyProxy)  # type: ignore[union-attr]
-    faulty.fail("set_version_tags", error=Killed("kill point: after set_alias"))
-    with pytest.raises(Killed):
-        manager.promote(holdout)
+    manager, _, first, second = _killed_promoting(backend, "set_version_tags", "after set_alias")
     assert manager.promotion.champion().run_id == second  # type: ignore[union-attr]
     assert "tracker.promotion" not in manager.get_run_by_id(second).tags  # type: ignore[union-attr]
 
