@@ -286,3 +286,34 @@ def test_the_champion_run_loads_with_torch(tmp_path: Path) -> None:
         assert all(torch.equal(champion[k], v + 0.25) for k, v in start.items())
     finally:
         leg.close_all()
+
+
+def test_the_webhook_can_be_a_command_given_the_signed_body(tmp_path: Path) -> None:
+    """A command gets the body on its standard input, the signature and the idempotency key in
+    its environment; a failing first attempt is retried."""
+    import sys
+
+    out = tmp_path / "received"
+    script = (
+        "import os, pathlib, sys\n"
+        f"out = pathlib.Path({str(out)!r})\n"
+        "tries = out.with_suffix('.tries')\n"
+        "n = int(tries.read_text()) if tries.exists() else 0\n"
+        "tries.write_text(str(n + 1))\n"
+        "if n == 0: sys.exit(7)\n"
+        "out.write_bytes(sys.stdin.buffer.read())\n"
+        "out.with_suffix('.sig').write_text(os.environ['TRACKER_SIGNATURE'])\n"
+    )
+    secret = "command-secret"
+    leg = BackendUnderTest("local", str(tmp_path / "models"), f"sqlite:///{tmp_path / 'm.db'}")
+    method = HoldoutToy([ToyParams(lr=0.1, quality=0.5)])
+    hook = Webhook(secret, command=[sys.executable, "-c", script])
+    try:
+        manager = _connect(leg, method, promotion=PromotionConfig(webhook=hook))
+        first = run_iteration(method, manager, "batch-1")
+    finally:
+        leg.close_all()
+    body = out.read_bytes()
+    assert json.loads(body)["run_id"] == first.best_run_id
+    assert out.with_suffix(".sig").read_text() == signature(secret, body)
+    assert out.with_suffix(".tries").read_text() == "2"
