@@ -222,6 +222,11 @@ def _check_history(_self: Any, _attribute: Any, value: object) -> None:
         raise ConfigurationError(f"history must be None or an int >= 1, got {value!r}")
 
 
+def _check_staleness(_self: Any, _attribute: Any, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigurationError(f"staleness must be a number from 0 to 1, got {value!r}")
+
+
 @attrs.frozen
 class Search:
     """Each iteration's params sets proposed by an Optuna sampler fed from the tracking store.
@@ -237,7 +242,10 @@ class Search:
       (None: the main metric), lower is better when ``intermediate_is_loss`` (None: as the
       main metric);
     - ``history``: how many of the most recent earlier iterations feed the sampler (None:
-      all of them; see :mod:`tracker_core.search_study` on drift).
+      all of them); ``staleness``: how much a run's value (its percentile rank in its
+      iteration, 0 the best, 1 the worst) worsens per iteration of age, so that of two
+      equally good runs the recent one counts more (see :mod:`tracker_core.search_study`
+      on drift).
     """
 
     name: ClassVar[str] = "search"
@@ -254,6 +262,7 @@ class Search:
     intermediate_metric: str | None = None
     intermediate_is_loss: bool | None = None
     history: int | None = attrs.field(default=None, validator=_check_history)
+    staleness: float = attrs.field(default=0.05, validator=_check_staleness)
 
     @max_runs.validator
     def _check_max_runs(self, _attribute: Any, value: int) -> None:

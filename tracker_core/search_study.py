@@ -14,12 +14,16 @@ before it was created. A resumed iteration therefore sees the same history, and 
 same seed the sampler proposes the same sets: the same runs, by params identity, so a crash
 never duplicates work. (As for run leases, hosts' clocks must agree to well within a run.)
 
-**Drift.** A batch's metric is comparable only within its batch (the data changed), so each
-finished run's value is its percentile rank among its iteration's finished runs (0: the
-best); the study minimises it. Runs are numbered oldest first, so samplers that weigh recent
-trials more do so by batch (TPE's default weights ramp down trials older than the newest
-25); ``Search.history`` keeps only the most recent iterations. A pruned run enters as Optuna's
-PRUNED trial with its value where it stopped (TPE ranks those after every completed one).
+**Drift.** A batch's metric is comparable only within its batch (the data changed, and with
+it the metric's level), so each finished run's value is its percentile rank among its
+iteration's finished runs (0: the best, 1: the worst), plus ``Search.staleness`` (0.05) per
+iteration of age: the optimum moves, so of two runs that were equally good in their batch the
+more recent one counts more (without it, the best runs of every batch tie at 0 and a sampler
+that sorts them, as TPE does, keeps the oldest). The study minimises that value. Runs are
+numbered oldest first, so samplers that weigh recent trials more (TPE ramps down trials older
+than the newest 25) do so by batch; ``Search.history`` keeps only the most recent iterations.
+A pruned run enters as Optuna's PRUNED trial with its value where it stopped (TPE ranks those
+after every completed one). ``benchmarks/bench_search.py`` measures these choices.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def propose(
     assert current is not None
     if fixed is None:
         fixed = _incumbent(manager, space)
-    trials = history(manager, space, current, recent=search.history)
+    trials = history(manager, space, current, recent=search.history, staleness=search.staleness)
     study = _study(search, trials, _seed(seed, iteration.batch_id), current.experiment_id)
     out: dict[str, FineTuningParams] = {}
     for p in list(fixed)[: search.max_runs]:
@@ -109,11 +113,13 @@ def history(
     before: ExperimentRecord,
     *,
     recent: int | None = None,
+    staleness: float = 0.0,
 ) -> list[FrozenTrial]:
     """The plugin's runs that ended before the iteration ``before`` was created, in
     iterations created before it (deleted ones too), as Optuna trials oldest first (see the
-    module docstring); the ``recent`` most recent iterations with such runs (None: all).
-    Runs whose params fall outside ``space`` are left out."""
+    module docstring); the ``recent`` most recent iterations with such runs (None: all),
+    their values worse by ``staleness`` per iteration of age. Runs whose params fall outside
+    ``space`` are left out."""
     experiments = _earlier_iterations(manager, before)
     by_experiment: dict[str, list[RunRecord]] = defaultdict(list)
     for run in _ended_runs(manager, [e.experiment_id for e in experiments]):
@@ -123,11 +129,11 @@ def history(
     if recent is not None:
         kept = kept[-recent:]
     trials: list[FrozenTrial] = []
-    for experiment in kept:
+    for age, experiment in zip(range(len(kept) - 1, -1, -1), kept, strict=True):
         runs = sorted(
             by_experiment[experiment.experiment_id], key=lambda r: (r.start_time_ms, r.run_id)
         )
-        trials.extend(_trials(manager, space, experiment, runs))
+        trials.extend(_trials(manager, space, experiment, runs, age * staleness))
     return trials
 
 
@@ -201,9 +207,10 @@ def _trials(
     space: SearchSpace[Any],
     experiment: ExperimentRecord,
     runs: Sequence[RunRecord],
+    stale: float,
 ) -> list[FrozenTrial]:
     """One iteration's runs as trials: finished ones by their percentile rank among the
-    iteration's finished runs, pruned ones by their value where they stopped."""
+    iteration's finished runs plus ``stale``, pruned ones by their value where they stopped."""
     optuna = optuna_module()
     complete = optuna.trial.TrialState.COMPLETE
     pruned = optuna.trial.TrialState.PRUNED
@@ -226,7 +233,7 @@ def _trials(
             out.append(
                 optuna.trial.create_trial(
                     state=complete,
-                    value=ranks[run.run_id],
+                    value=ranks[run.run_id] + stale,
                     params=values,
                     distributions=dict(space.distributions),
                     user_attrs=attrs,
