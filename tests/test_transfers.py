@@ -123,8 +123,9 @@ def test_a_folder_of_many_files_round_trips_with_its_manifest_and_lists_nothing(
     manifest = {rel: len(data) for rel, data in model.items()}
     assert tracker_core.models.manifest_of(run) == manifest
 
-    assert isinstance(folder_mgr.artifacts, FsspecArtifactStore)
-    listings = Listings(monkeypatch, folder_mgr.artifacts)
+    store = folder_mgr.artifacts.inner  # the backend's store, under the retry policy
+    assert isinstance(store, FsspecArtifactStore)
+    listings = Listings(monkeypatch, store)
     folder = folder_mgr.download_model_files(run_id, tmp_path / "down")
     assert _files(folder) == model
     assert folder_mgr.download_model_by_run_id(run_id) == model
@@ -170,7 +171,7 @@ def test_a_file_of_the_manifest_gone_from_the_store_is_missing_model_files(
     run_id = _save(folder_mgr, model)
     run = folder_mgr.get_run_by_id(run_id)
     assert run is not None
-    store = folder_mgr.artifacts
+    store = folder_mgr.artifacts.inner  # the backend's store, under the retry policy
     assert isinstance(store, FsspecArtifactStore)
     uri = tracker_core.models.ModelKeeper.uri_of(run)
     store.fs.rm(store._path(f"{uri}/assets/part-07.bin"))
