@@ -1,8 +1,8 @@
 """Behaviour suite: the search policy and pruning (issue 19), on every backend.
 
 - the search's history reaches iterations step 7 deleted (the store's ``include_deleted``);
-- a resumed iteration proposes the same params sets (the same runs), and a run that ended
-  in the first attempt is not trained again;
+- a resumed iteration proposes the same params sets (the same runs), whatever ended since it
+  began, and a run that ended in the first attempt is not trained again;
 - a pruned run ends KILLED and tagged, never becomes the best, keeps no model (nor does a
   KILLED run's model survive ``ModelKeeper.prune``), is skipped on resume, and counts in the
   result and the progress;
@@ -24,6 +24,7 @@ from tracker_core import tags as T
 from tracker_core.finetune import (
     IterationProgress,
     check_prune,
+    parse_iteration_name,
     prepare_iteration,
     run_iteration,
     train_run,
@@ -78,12 +79,13 @@ class Curve(FineTuningMethod[Point]):
         max_runs: int = 3,
         name: str | None = None,
         pruner: Any = "default",
+        sampler: Any = None,
     ) -> None:
         self.name = name or f"curve-{uuid.uuid4().hex[:8]}"
         self.model_factory = tiny_model
         self.search_space = _space()
         extra = {} if pruner == "default" else {"pruner": pruner}
-        self.search = Search(max_runs=max_runs, **extra)
+        self.search = Search(max_runs=max_runs, sampler=sampler, **extra)
         self.initial = list(initial)
         self.trained: list[Point] = []
         self.crash_on: set[int] = set()
@@ -168,12 +170,24 @@ def test_search_history_reaches_deleted_iterations(backend: BackendUnderTest) ->
     assert len(history(mgr, _space(), current, recent=1)) == len(second.runs)
 
 
+def _tpe(seed: int) -> Any:
+    from optuna.samplers import TPESampler
+
+    return TPESampler(seed=seed, n_startup_trials=1)  # proposals that depend on the history
+
+
 def test_search_proposes_the_same_sets_when_resumed(backend: BackendUnderTest) -> None:
-    method = Curve([*GOOD, BAD], max_runs=4, pruner=None)
+    method = Curve([*GOOD, BAD], max_runs=4, pruner=None, sampler=_tpe)
     mgr = _connect(backend, method)
-    run_iteration(method, mgr, "b1")
+    first = run_iteration(method, mgr, "b1")
     planned = prepare_iteration(method, mgr, "b2", seed=7)
     assert len(planned.params) == 4 and planned.params[0] == Point(x=0.7)  # the incumbent
+    # a straggler of the previous iteration ends after this one began: not in its history
+    straggler = _connect(backend, method)
+    straggler.set_iteration(parse_iteration_name(first.iteration_name))  # type: ignore[arg-type]
+    straggler.set_run(Point(x=0.71, y=0.9))
+    straggler.save_metric(MetricValue("quality", 0.99))
+    straggler.finish_run()
     again = prepare_iteration(method, mgr, "b2", seed=7)
     assert again.experiment_id == planned.experiment_id and again.params == planned.params
 
