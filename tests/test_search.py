@@ -3,7 +3,6 @@ policy a method and a task choose, percentile ranks, and a method's declarations
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,19 +17,8 @@ from tracker_core.finetune import method_policy
 from tracker_core.methods import FineTuningMethod, load_method
 from tracker_core.search import Search, SearchSpace, TopN, resolve_policy
 from tracker_core.search_study import _ranks
-
-
-class Optimizer(enum.Enum):
-    ADAM = "adam"
-    SGD = "sgd"
-
-
-@attrs.frozen
-class P(FineTuningParams):
-    lr: float
-    epochs: int = 2
-    optimizer: Optimizer = Optimizer.ADAM
-    note: str = ""
+from tracker_core.testing.support import Optimizer
+from tracker_core.testing.support import Params as P
 
 
 def space(**overrides: Any) -> SearchSpace[P]:
@@ -58,10 +46,10 @@ def test_a_space_maps_optuna_values_to_typed_params_and_back() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"depth": IntDistribution(1, 3)}, "'depth', which is not a field of P"),
+        ({"depth": IntDistribution(1, 3)}, "'depth', which is not a field of Params"),
         ({"lr": (1e-4, 1e-1)}, "expected an Optuna distribution"),
-        ({"epochs": FloatDistribution(0.5, 4.5)}, "does not fit P"),
-        ({"optimizer": CategoricalDistribution(["adam", "rmsprop"])}, "does not fit P"),
+        ({"epochs": FloatDistribution(0.5, 4.5)}, "does not fit Params"),
+        ({"optimizer": CategoricalDistribution(["adam", "rmsprop"])}, "does not fit Params"),
         ({"lr": None}, "outside the search space need a default: lr"),
     ],
 )
@@ -99,7 +87,7 @@ def test_the_policy_in_force() -> None:
     class Other(FineTuningParams):
         lr: float
 
-    with pytest.raises(ConfigurationError, match="over P, but the method's params are Other"):
+    with pytest.raises(ConfigurationError, match="over Params, but the method's params are Other"):
         resolve_policy(None, s, Other, "search")
 
 
