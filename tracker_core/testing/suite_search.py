@@ -35,13 +35,14 @@ from tracker_core.methods import FineTuningMethod, connect_kwargs
 from tracker_core.params import FineTuningParams
 from tracker_core.pruning import RunPruning
 from tracker_core.search import Search, SearchSpace
-from tracker_core.search_study import history
+from tracker_core.search_study import history, propose
 from tracker_core.stores import RunQuery
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import marked_models, processes, stored_models, tiny_model
 from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 
 __all__ = [
+    "test_a_hand_written_loop_asks_the_search_for_its_sets",
     "test_a_killed_runs_model_is_pruned_from_the_iteration",
     "test_a_pruned_run_keeps_no_model_and_is_not_trained_again",
     "test_a_run_is_pruned_from_values_another_process_logged",
@@ -204,6 +205,27 @@ def test_search_proposes_the_same_sets_when_resumed(backend: BackendUnderTest) -
     assert not set(method.trained) & set(trained_first)  # ended runs are not trained again
     runs = mgr.tracking.search_runs(RunQuery((planned.experiment_id,)))
     assert sorted(r.run_name for r in runs) == sorted(p.id for p in planned.params)
+
+
+def test_a_hand_written_loop_asks_the_search_for_its_sets(backend: BackendUnderTest) -> None:
+    """No driver: the loop trains its sets with the manager, then ``propose`` gives the next
+    iteration's, the previous best first, the same on a second call."""
+    method = Curve(GOOD)
+    mgr = _connect(backend, method)
+    mgr.set_iteration(FineTuningIteration(method.name, "b1"))
+    for p in [*GOOD, BAD]:
+        mgr.set_run(p)
+        mgr.save_metric(MetricValue("quality", _quality(p)))
+        mgr.save_model(tiny_model())
+        mgr.finish_run()
+    mgr.finish_iteration()
+    mgr.set_iteration(FineTuningIteration(method.name, "b2"))
+    search = Search(space=_space(), max_runs=4, sampler=_tpe)
+    proposed = propose(mgr, search, seed=3)
+    assert len(proposed) == 4 and proposed[0] == Point(x=0.7)  # the incumbent first
+    assert not set(proposed[1:]) & {*GOOD, BAD}  # the others are new sets
+    assert propose(mgr, search, seed=3) == proposed
+    assert propose(mgr, search, seed=4)[1:] != proposed[1:]
 
 
 # ---------------------------------------------------------------------- pruned runs
