@@ -465,11 +465,14 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 def test_cli_against_the_live_api(stack: Stack, done_task: dict[str, Any]) -> None:
     url = ["--url", stack.url]
     create = ["task", "create", "svc-fail", "--batch-id", "cli-1", "--metadata", '{"a": 1}']
-    create += ["--idempotency-key", "cli-k", *url]
+    create += ["--idempotency-key", "cli-k", "--proposal", "top_n", "--max-runs", "2", *url]
     code, out, _ = run_cli(*create, "--json")
     assert code == 0
     created = json.loads(out)
     assert created["batch_id"] == "cli-1" and created["metadata"] == {"a": 1}
+    assert created["proposal"] == "top_n" and created["max_runs"] == 2
+    code, _, err = run_cli("task", "create", "svc-fast", "--proposal", "search", *url)
+    assert code == 1 and "HTTP 422" in err and "search space" in err
     code, out, _ = run_cli("--json", *create)
     assert code == 0 and json.loads(out)["id"] == created["id"]
     code, out, _ = run_cli("task", "cancel", created["id"], *url)
