@@ -45,6 +45,7 @@ __all__ = [
     "test_a_hand_written_loop_asks_the_search_for_its_sets",
     "test_a_killed_runs_model_is_pruned_from_the_iteration",
     "test_a_pruned_run_keeps_no_model_and_is_not_trained_again",
+    "test_a_pruners_memory_lives_in_the_runs_tags",
     "test_a_run_is_pruned_from_values_another_process_logged",
     "test_a_run_marked_pruned_before_a_crash_ends_pruned_on_resume",
     "test_search_history_reaches_deleted_iterations",
@@ -249,6 +250,24 @@ def test_a_pruned_run_keeps_no_model_and_is_not_trained_again(backend: BackendUn
     method.trained.clear()
     again = run_iteration(method, mgr, "b1")  # resumed: complete already, nothing trained
     assert method.trained == [] and again.pruned_runs[0].run_id == pruned.run_id
+
+
+def test_a_pruners_memory_lives_in_the_runs_tags(backend: BackendUnderTest) -> None:
+    """Successive halving remembers each run's value at each rung: kept as the run's tags, so
+    the next run is compared with the first one's rung, though every decision builds its
+    study afresh from the store."""
+    from optuna.pruners import SuccessiveHalvingPruner
+
+    method = Curve([*GOOD, BAD], pruner=SuccessiveHalvingPruner(min_resource=1))
+    mgr = _connect(backend, method)
+    result = run_iteration(method, mgr, "b1")
+    assert {r.params for r in result.pruned_runs} == {GOOD[1], BAD}  # below the first at rung 0
+    runs = _runs(mgr, result.experiment_id)
+    first = runs[GOOD[0].id]
+    assert first.status == RunStatus.FINISHED
+    memory = {k for k in first.tags if k.startswith(T.TAG_PRUNER_PREFIX)}
+    assert memory == {f"{T.TAG_PRUNER_PREFIX}completed_rung_0"}, memory  # rung 1: step 4
+    assert runs[GOOD[1].id].tags[T.TAG_PRUNED_STEP] == "1"
 
 
 def test_a_run_marked_pruned_before_a_crash_ends_pruned_on_resume(
