@@ -18,7 +18,9 @@ The suite is one module per concept, each of which can also be imported on its o
 - :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave;
 - :mod:`~tracker_core.testing.suite_promotion`: champion and challenger, cleanup keeps the
   champion's files, promotion is crash-safe (invariant 3);
-- :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing.
+- :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing;
+- :mod:`~tracker_core.testing.suite_search`: the search policy's history and resume, pruned
+  runs.
 
 Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
 ``"mlflow"``, plain MLflow reads what we wrote; ``"processes"``, the stores are shared by
@@ -37,6 +39,7 @@ from tracker_core.testing import (
     suite_quiet,
     suite_reconcile,
     suite_runs,
+    suite_search,
 )
 from tracker_core.testing.suite_errors import *  # noqa: F403
 from tracker_core.testing.suite_iterations import *  # noqa: F403
@@ -47,6 +50,7 @@ from tracker_core.testing.suite_promotion import *  # noqa: F403
 from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
+from tracker_core.testing.suite_search import *  # noqa: F403
 from tracker_core.testing.support import mgr  # noqa: F401
 
 _MODULES = (
@@ -59,6 +63,7 @@ _MODULES = (
     suite_quiet,
     suite_reconcile,
     suite_runs,
+    suite_search,
 )
 
 #: the tests (and the ``mgr`` fixture they share); helpers live in tracker_core.testing.support
