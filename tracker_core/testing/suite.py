@@ -43,7 +43,7 @@ from tracker_core.testing.suite_params import *  # noqa: F403
 from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
-from tracker_core.testing.support import mgr  # noqa: F401
+from tracker_core.testing.support import clock, mgr  # noqa: F401
 
 _MODULES = (
     suite_errors,
@@ -56,7 +56,9 @@ _MODULES = (
     suite_runs,
 )
 
-#: the tests (and the ``mgr`` fixture they share); helpers live in tracker_core.testing.support
+#: the tests (and the ``mgr`` and ``clock`` fixtures they share); helpers live in
+#: tracker_core.testing.support
 __all__ = sorted(
-    {name for module in _MODULES for name in module.__all__ if name.startswith("test_")} | {"mgr"}
+    {name for module in _MODULES for name in module.__all__ if name.startswith("test_")}
+    | {"clock", "mgr"}
 )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import uuid
 from typing import Any
 
@@ -33,11 +32,13 @@ from tracker_core.errors import (
 from tracker_core.leases import LEASE_CLAIM_PREFIX
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
+from tracker_core.testing.clock import SteppedClock
 from tracker_core.testing.faults import FaultyProxy
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import (
     Optimizer,
     Params,
+    clock,
     iteration,
     mgr,
     processes,
@@ -47,7 +48,7 @@ from tracker_core.testing.support import (
 )
 from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 
-__all__ = ["mgr"]  # completed at the end
+__all__ = ["clock", "mgr"]  # completed at the end
 
 
 # --------------------------------------------------------------------------- runs
@@ -123,6 +124,11 @@ def test_get_run_by_id_models_only(mgr: ExperimentsManager) -> None:
     assert mgr.get_run_by_id(with_model, models_only=True) is not None
     assert mgr.get_run_by_id(without, models_only=True) is None
     assert mgr.get_run_by_id(without) is not None
+
+
+#: the lease time of tests on the stepped ``clock``: a real worker's (time costs nothing there,
+#: and a slow store call under load is still well within it)
+LEASE = 60.0
 
 
 def _connect(backend: BackendUnderTest, plugin: str, **kwargs: Any) -> ExperimentsManager:
@@ -298,7 +304,7 @@ class _HolderEndsAfterTheRead(FaultyProxy):
 
 
 def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
-    backend: BackendUnderTest,
+    backend: BackendUnderTest, clock: SteppedClock
 ) -> None:
     """Worker b reads a's run, live under a's lease, and gets the answer more than a lease
     later, after a ended the run and let it go: b's claim of the next lease lands, and the
@@ -306,8 +312,8 @@ def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
     twice, from a starting model deleted meanwhile)."""
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     a, b = (
-        _connect(backend, plugin, lease_seconds=1.0),
-        _connect(backend, plugin, lease_seconds=1.0),
+        _connect(backend, plugin, lease_seconds=LEASE, clock=clock),
+        _connect(backend, plugin, lease_seconds=LEASE, clock=clock),
     )
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
     a.set_iteration(it)
@@ -317,7 +323,8 @@ def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
     a.save_metric(MetricValue("quality", 0.5))
 
     def a_ends_later() -> None:
-        time.sleep(1.5)  # past the lease the answer shows; a's heartbeat keeps it alive
+        # past the lease the answer shows; a's heartbeat (every third of it) keeps it alive
+        clock.advance(1.5 * LEASE, step=LEASE / 4)
         a.finish_run()
 
     b.tracking.wrap(lambda store: _HolderEndsAfterTheRead(store, a_ends_later))
@@ -325,54 +332,56 @@ def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
     assert b.current_run_id == run_id and _status(b, run_id or "") == RunStatus.FINISHED
 
 
-def test_dead_workers_lease_expires_and_run_resumes(backend: BackendUnderTest) -> None:
+def test_dead_workers_lease_expires_and_run_resumes(
+    backend: BackendUnderTest, clock: SteppedClock
+) -> None:
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    dead = _connect(backend, plugin, lease_seconds=1.0)
+    dead = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
     dead.set_iteration(it)
     dead.set_run(Params(lr=0.1))
     run_id = dead.current_run_id
     dead.save_metric(MetricValue("loss", 2.0))
     dead.flush_metrics()
     dead.tracker.runs.forget()  # the process dies: no release, the heartbeat stops
-    heir = _connect(backend, plugin, lease_seconds=5.0)
+    heir = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
     heir.set_iteration(it)
-    assert heir.set_run(Params(lr=0.1), wait=30) is False
+    assert heir.set_run(Params(lr=0.1), wait=10 * LEASE) is False
     assert heir.current_run_id == run_id
     heir.save_metric(MetricValue("quality", 0.8))
     heir.finish_run()
     assert _status(heir, run_id or "") == RunStatus.FINISHED
 
 
-def test_heartbeat_keeps_a_long_run_held(backend: BackendUnderTest) -> None:
+def test_heartbeat_keeps_a_long_run_held(backend: BackendUnderTest, clock: SteppedClock) -> None:
     """A run held longer than its lease time is still not handed over: the heartbeat renews."""
 
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    holder = _connect(backend, plugin, lease_seconds=2.0)
-    other = _connect(backend, plugin, lease_seconds=2.0)
+    holder = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
+    other = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
     holder.set_iteration(it)
     other.set_iteration(it)
     holder.set_run(Params(lr=0.1))
-    time.sleep(5.0)  # two and a half lease lifetimes
+    clock.advance(2.5 * LEASE, step=LEASE / 4)  # two and a half lifetimes; a beat every third
     with pytest.raises(RunInUseError):
         other.set_run(Params(lr=0.1))
     holder.save_metric(MetricValue("quality", 0.1))
     holder.finish_run()
 
 
-def test_taken_over_worker_is_told(backend: BackendUnderTest) -> None:
+def test_taken_over_worker_is_told(backend: BackendUnderTest, clock: SteppedClock) -> None:
     """A worker stalled past its lease finds its run taken over: its next call is refused."""
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
     it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    stalled = _connect(backend, plugin, lease_seconds=1.0)
+    stalled = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
     stalled.set_iteration(it)
     stalled.set_run(Params(lr=0.1))
     proxy = stalled.tracking.wrap(FaultyProxy)
     proxy.fail("set_tags", error=TransientError("cut off"), times=10_000)  # no renewal lands
-    heir = _connect(backend, plugin, lease_seconds=5.0)
+    heir = _connect(backend, plugin, lease_seconds=LEASE, clock=clock)
     heir.set_iteration(it)
-    assert heir.set_run(Params(lr=0.1), wait=30) is False
+    assert heir.set_run(Params(lr=0.1), wait=10 * LEASE) is False
     heir.save_metric(MetricValue("quality", 0.9))
     with pytest.raises(LeaseLostError):
         stalled.save_metric(MetricValue("quality", 0.1))
@@ -462,15 +471,17 @@ def test_killed_holders_run_resumes_after_its_lease(backend: BackendUnderTest) -
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
 
 
-def test_run_whose_creator_died_before_its_params_is_resumed(backend: BackendUnderTest) -> None:
+def test_run_whose_creator_died_before_its_params_is_resumed(
+    backend: BackendUnderTest, clock: SteppedClock
+) -> None:
     """A worker killed between creating a run and logging its params leaves a bare run; once
     its creation grace (one lease time) has passed, the same params find it, complete it and
     train it."""
-    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=1.0)
+    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=LEASE, clock=clock)
     mgr.set_iteration(iteration(mgr))
     params = Params(lr=0.1)
     bare = mgr.tracking.create_run(mgr.current_experiment_id or "", params.id, {})
-    assert mgr.set_run(params, wait=30) is False and mgr.current_run_id == bare.run_id
+    assert mgr.set_run(params, wait=10 * LEASE) is False and mgr.current_run_id == bare.run_id
     run = mgr.get_run_by_id(bare.run_id)
     assert run is not None and Params.from_mlflow(run.params) == params
     mgr.save_metric(MetricValue("quality", 0.5))
@@ -495,17 +506,19 @@ class _TwinDeletedByItsCreator(FaultyProxy):
         return self._target.log_batch(run_id, *args, **kwargs)
 
 
-def test_run_deleted_as_it_is_taken_is_looked_up_again(backend: BackendUnderTest) -> None:
+def test_run_deleted_as_it_is_taken_is_looked_up_again(
+    backend: BackendUnderTest, clock: SteppedClock
+) -> None:
     """Two workers that create a params set's run at once keep one run (the older, when
     neither was taken yet); the other one's creator deletes its own. A third worker that
     found that one meanwhile looks again and takes the kept one (a CI failure of the
     4-process test above)."""
-    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=1.0)
+    mgr = _connect(backend, f"plugin-{uuid.uuid4().hex[:8]}", lease_seconds=LEASE, clock=clock)
     mgr.set_iteration(iteration(mgr))
     params = Params(lr=0.1)
     loser = mgr.tracking.create_run(mgr.current_experiment_id or "", params.id, {})
     proxy = mgr.tracking.wrap(lambda store: _TwinDeletedByItsCreator(store, loser.run_id))
-    assert mgr.set_run(params, wait=30) is False
+    assert mgr.set_run(params, wait=10 * LEASE) is False
     assert proxy.heir and mgr.current_run_id == proxy.heir
     mgr.save_metric(MetricValue("quality", 0.5))
     mgr.finish_run()
@@ -585,4 +598,4 @@ def test_a_twin_taken_first_is_the_run(backend: BackendUnderTest, moment: str) -
     first.close()
 
 
-__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
+__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "clock", "mgr"]

@@ -1,10 +1,16 @@
 """What the behaviour suite's modules share: a params class, a tiny model, run helpers, the
-``mgr`` fixture (a manager on the leg under test, ``state_dict`` models)."""
+``mgr`` fixture (a manager on the leg under test, ``state_dict`` models), the ``clock``
+fixture (a :class:`~tracker_core.testing.clock.SteppedClock` for leases and waits), and a
+writer killed mid-upload."""
 
 from __future__ import annotations
 
 import enum
 import multiprocessing
+import pickle
+import subprocess
+import sys
+import time
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -14,15 +20,19 @@ import pytest
 from tracker_core import tags as T
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
-from tracker_core.stores import RunQuery
+from tracker_core.stores import ArtifactStore, RunQuery
+from tracker_core.testing.clock import SteppedClock
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.values import FineTuningIteration, MetricValue
 
 __all__ = [
+    "BIG_FILE_BYTES",
     "PRELOADED",
     "Optimizer",
     "Params",
+    "clock",
     "iteration",
+    "kill_mid_upload",
     "marked_models",
     "mgr",
     "processes",
@@ -95,6 +105,13 @@ def iteration(mgr: ExperimentsManager, batch: str = "b1") -> FineTuningIteration
 
 
 @pytest.fixture
+def clock() -> SteppedClock:
+    """A clock for the managers of one test: leases expire and heartbeats beat as it is
+    stepped (``clock.advance(seconds)``, or a manager's own waits), not in real time."""
+    return SteppedClock()
+
+
+@pytest.fixture
 def mgr(backend: BackendUnderTest) -> Any:
     manager = backend.connect(
         model_format="state_dict", model_factory=tiny_model, params_type=Params
@@ -117,3 +134,59 @@ def processes() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOADED)
     return context
+
+
+#: a big enough file for a multipart upload on every shipped backend (S3 parts are 8 MiB)
+BIG_FILE_BYTES = 30 * 2**20
+
+_UPLOAD_SCRIPT = """
+import pickle, sys, tempfile, threading
+from pathlib import Path
+backend = pickle.loads(bytes.fromhex(sys.argv[1]))
+uri, size = sys.argv[2], int(sys.argv[3])
+mgr = backend.connect()
+folder = Path(tempfile.mkdtemp())
+with open(folder / "weights.bin", "wb") as f:
+    f.truncate(size)
+stall = threading.Event()
+
+def progress(done, total):
+    if 0 < done < total:  # a first part is stored: hang here, the upload left open
+        print("uploading", flush=True)
+        stall.wait()
+
+mgr.artifacts.upload_dir(folder, uri, progress)
+print("completed", flush=True)
+"""
+
+
+def kill_mid_upload(backend: BackendUnderTest, store: ArtifactStore, uri: str) -> None:
+    """A child process starts a big upload to ``uri`` on ``backend`` and is killed (SIGKILL)
+    once ``store`` lists the upload as incomplete (stores with capability ``"multipart"``)."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _UPLOAD_SCRIPT,
+            pickle.dumps(backend).hex(),
+            uri,
+            str(BIG_FILE_BYTES),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line == "uploading", (line, child.stderr.read() if child.stderr else "")
+        deadline = time.monotonic() + 120
+        while not store.list_incomplete_uploads(uri):
+            assert time.monotonic() < deadline, "the upload never showed as incomplete"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
