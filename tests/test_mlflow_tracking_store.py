@@ -26,10 +26,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from tracker_core.errors import TrackingStoreError, TransientError
 from tracker_core.retry import Retrier
 from tracker_core.stores import RunQuery
-from tracker_core.testing.contract_tracking import make_experiment, unique
+from tracker_core.testing.contract_tracking import log_runs, make_experiment, unique
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.servers import free_port
-from tracker_core.values import MetricValue
 from tracker_core_mlflow import (
     MlflowBackend,
     MLflowClientWrapper,
@@ -199,12 +198,7 @@ def test_two_sqlite_stores_in_two_threads(tmp_path: Path) -> None:
         store = stores[i]
         barrier.wait()
         exp = store.create_experiment("shared name", (tmp_path / f"a{i}").as_uri(), {"i": str(i)})
-        out = []
-        for j in range(5):
-            run = store.create_run(exp.experiment_id, f"s{i}-r{j}", {})
-            store.log_batch(run.run_id, [MetricValue("m", float(i * 10 + j))], {"i": str(i)})
-            out.append(run.run_id)
-        return out
+        return log_runs(store, exp.experiment_id, i, 5)
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(work, range(2)))

@@ -87,10 +87,8 @@ def folder_codec(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def artifact_store(artifact_backend: BackendUnderTest) -> Iterator[ArtifactStore]:
     """The artifact store of ``artifact_backend``, as its backend makes it (no retries)."""
-    tracking, store = artifact_backend.open_stores()
-    tracking.close()
-    yield store
-    store.close()
+    with artifact_backend.stores() as (_, store):
+        yield store
 
 
 def _watch_listings(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:

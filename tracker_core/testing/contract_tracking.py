@@ -42,10 +42,8 @@ __all__ = ["tracking_store"]  # completed at the end
 @pytest.fixture
 def tracking_store(tracking_backend: BackendUnderTest) -> Iterator[TrackingStore]:
     """The tracking store of ``tracking_backend``, as its backend makes it (no retries)."""
-    store, artifacts = tracking_backend.open_stores()
-    artifacts.close()
-    yield store
-    store.close()
+    with tracking_backend.stores() as (store, _):
+        yield store
 
 
 def unique(prefix: str = "exp") -> str:
@@ -378,25 +376,26 @@ def test_refusals_are_typed_and_permanent(tracking_store: TrackingStore) -> None
         tracking_store.log_batch(uuid.uuid4().hex, [MetricValue("m", 1.0)])
 
 
+def log_runs(store: TrackingStore, experiment_id: str, worker: int, count: int) -> list[str]:
+    """The ids of ``count`` new runs of ``worker`` (its tag, param ``i``, a rising ``m``)."""
+    made = []
+    for j in range(count):
+        run = store.create_run(experiment_id, f"w{worker}-r{j}", {"worker": str(worker)})
+        metrics = [MetricValue("m", float(worker * 10 + j))]
+        store.log_batch(run.run_id, metrics, {"i": str(worker)})
+        made.append(run.run_id)
+    return made
+
+
 def test_one_store_serves_many_threads(tracking_store: TrackingStore, tmp_path: Path) -> None:
     """Threads sharing one store each see only what they wrote (invariant 4)."""
     store = tracking_store
     experiment = make_experiment(store, tmp_path)
-
-    def work(i: int) -> list[str]:
-        out = []
-        for j in range(3):
-            run = store.create_run(experiment, f"t{i}-r{j}", {"thread": str(i)})
-            store.log_batch(run.run_id, [MetricValue("m", float(i * 10 + j))], {"i": str(i)})
-            out.append(run.run_id)
-        return out
-
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(work, range(4)))
+        results = list(pool.map(lambda i: log_runs(store, experiment, i, 3), range(4)))
     for i, made in enumerate(results):
-        found = store.search_runs(
-            RunQuery((experiment,), tags={"thread": str(i)}, order_by_metric="m")
-        )
+        query = RunQuery((experiment,), tags={"worker": str(i)}, order_by_metric="m")
+        found = store.search_runs(query)
         assert [r.run_id for r in found] == list(reversed(made))
         assert {r.params["i"] for r in found} == {str(i)}
 

@@ -66,15 +66,21 @@ class BackendUnderTest:
         self._opened.append(manager)
         return manager
 
-    def open_stores(self) -> tuple[TrackingStore, ArtifactStore]:
+    @contextlib.contextmanager
+    def stores(self) -> Iterator[tuple[TrackingStore, ArtifactStore]]:
         """The two stores as the backend makes them, with no retry policy around them (for
-        the store contracts); the caller closes them."""
-        return open_stores(
+        the store contracts), closed when the block ends."""
+        tracking, artifacts = open_stores(
             self.artifact_root,
             tracking_uri=self.tracking_uri,
             storage_options=self.storage_options,
             retry=FAST_RETRY,
         )
+        try:
+            yield tracking, artifacts
+        finally:
+            tracking.close()
+            artifacts.close()
 
     def close_all(self) -> None:
         """Close every manager :meth:`connect` made (runs still held are let go, not ended:
