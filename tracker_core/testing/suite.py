@@ -8,7 +8,8 @@ Import the tests into a test module that defines that fixture::
 The suite is one module per concept, each of which can also be imported on its own:
 
 - :mod:`~tracker_core.testing.suite_models`: the best model survives (invariant 1), serving;
-- :mod:`~tracker_core.testing.suite_runs`: runs resume, one worker per run (invariant 2);
+- :mod:`~tracker_core.testing.suite_runs`: runs resume and end as they should (invariant 2);
+- :mod:`~tracker_core.testing.suite_leases`: one worker trains a run at a time (invariant 2);
 - :mod:`~tracker_core.testing.suite_iterations`: iterations, the initial model, safe cleanup
   (invariant 3);
 - :mod:`~tracker_core.testing.suite_metrics`: nothing lost or counted twice (invariant 5);
@@ -28,6 +29,7 @@ from __future__ import annotations
 from tracker_core.testing import (
     suite_errors,
     suite_iterations,
+    suite_leases,
     suite_metrics,
     suite_models,
     suite_params,
@@ -37,6 +39,7 @@ from tracker_core.testing import (
 )
 from tracker_core.testing.suite_errors import *  # noqa: F403
 from tracker_core.testing.suite_iterations import *  # noqa: F403
+from tracker_core.testing.suite_leases import *  # noqa: F403
 from tracker_core.testing.suite_metrics import *  # noqa: F403
 from tracker_core.testing.suite_models import *  # noqa: F403
 from tracker_core.testing.suite_params import *  # noqa: F403
@@ -48,6 +51,7 @@ from tracker_core.testing.support import clock, mgr  # noqa: F401
 _MODULES = (
     suite_errors,
     suite_iterations,
+    suite_leases,
     suite_metrics,
     suite_models,
     suite_params,

@@ -31,6 +31,7 @@ from tracker_core.testing.support import (
     iteration,
     mgr,
     run_with_quality,
+    status_of,
 )
 from tracker_core.values import MetricValue, RunStatus
 
@@ -226,18 +227,12 @@ def test_failed_background_send_surfaces_at_the_next_flush(backend: BackendUnder
         mgr.flush_metrics()  # the failure reaches the caller, typed
     with pytest.raises(MaxAttemptsReachedException):
         mgr.get_quality()
-    assert _status_of(mgr, run_id) == RunStatus.RUNNING
+    assert status_of(mgr, run_id) == RunStatus.RUNNING
     proxy.heal("log_batch")  # the store is back
     mgr.save_metric(MetricValue("quality", 0.5))
     assert mgr.get_quality() == 0.5
     mgr.finish_run()
     assert _history(mgr, run_id, "loss") == [(i, float(i)) for i in range(1500)]
-
-
-def _status_of(mgr: ExperimentsManager, run_id: str) -> RunStatus:
-    run = mgr.get_run_by_id(run_id)
-    assert run is not None
-    return run.status
 
 
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]

@@ -1,7 +1,7 @@
 """What the behaviour suite's modules share: a params class, a tiny model, run helpers, the
 ``mgr`` fixture (a manager on the leg under test, ``state_dict`` models), the ``clock``
-fixture (a :class:`~tracker_core.testing.clock.SteppedClock` for leases and waits), and a
-writer killed mid-upload."""
+fixture (a :class:`~tracker_core.testing.clock.SteppedClock` for leases and waits) and the
+lease time of tests on it, and a writer killed mid-upload."""
 
 from __future__ import annotations
 
@@ -23,20 +23,23 @@ from tracker_core.params import FineTuningParams
 from tracker_core.stores import ArtifactStore, RunQuery
 from tracker_core.testing.clock import SteppedClock
 from tracker_core.testing.harness import BackendUnderTest
-from tracker_core.values import FineTuningIteration, MetricValue
+from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 
 __all__ = [
     "BIG_FILE_BYTES",
+    "LEASE",
     "PRELOADED",
     "Optimizer",
     "Params",
     "clock",
+    "connect",
     "iteration",
     "kill_mid_upload",
     "marked_models",
     "mgr",
     "processes",
     "run_with_quality",
+    "status_of",
     "stored_models",
     "tiny_model",
     "weights",
@@ -102,6 +105,26 @@ def stored_models(mgr: ExperimentsManager, experiment_id: str) -> set[str]:
 
 def iteration(mgr: ExperimentsManager, batch: str = "b1") -> FineTuningIteration:
     return FineTuningIteration(plugin_name=mgr.plugin_name, batch_id=batch)
+
+
+#: the lease time of tests on the stepped ``clock``: a real worker's (time costs nothing there,
+#: and a slow store call under load is still well within it)
+LEASE = 60.0
+
+
+def connect(backend: BackendUnderTest, plugin: str, **kwargs: Any) -> ExperimentsManager:
+    """A manager of ``plugin`` on ``backend`` (``state_dict`` models of :func:`tiny_model`,
+    :class:`Params`), for tests that need several managers of one plugin."""
+    kwargs.setdefault("model_format", "state_dict")
+    kwargs.setdefault("model_factory", tiny_model)
+    kwargs.setdefault("params_type", Params)
+    return backend.connect(plugin_name=plugin, **kwargs)
+
+
+def status_of(mgr: ExperimentsManager, run_id: str) -> RunStatus:
+    run = mgr.get_run_by_id(run_id)
+    assert run is not None
+    return run.status
 
 
 @pytest.fixture
