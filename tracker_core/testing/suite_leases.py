@@ -21,6 +21,7 @@ import pytest
 
 from tracker_core.errors import LeaseLostError, RunInUseError, TransientError
 from tracker_core.leases import LEASE_CLAIM_PREFIX
+from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
 from tracker_core.testing.clock import SteppedClock
 from tracker_core.testing.faults import FaultyProxy
@@ -32,6 +33,7 @@ from tracker_core.testing.support import (
     connect,
     iteration,
     processes,
+    run_script,
     status_of,
     tiny_model,
     weights,
@@ -41,12 +43,17 @@ from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
 __all__ = ["clock"]  # completed at the end
 
 
-def test_a_live_run_is_not_handed_to_a_second_worker(backend: BackendUnderTest) -> None:
+def two_workers(backend: BackendUnderTest, **kwargs: Any) -> tuple[ExperimentsManager, ...]:
+    """Two managers of one new plugin (``kwargs`` as :func:`connect`'s), in one iteration."""
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    a, b = connect(backend, plugin), connect(backend, plugin)
-    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    a.set_iteration(it)
-    b.set_iteration(it)
+    workers = (connect(backend, plugin, **kwargs), connect(backend, plugin, **kwargs))
+    for worker in workers:
+        worker.set_iteration(FineTuningIteration(plugin_name=plugin, batch_id="b"))
+    return workers
+
+
+def test_a_live_run_is_not_handed_to_a_second_worker(backend: BackendUnderTest) -> None:
+    a, b = two_workers(backend)
     assert a.set_run(Params(lr=0.1)) is False
     with pytest.raises(RunInUseError) as info:
         b.set_run(Params(lr=0.1))
@@ -58,11 +65,7 @@ def test_a_live_run_is_not_handed_to_a_second_worker(backend: BackendUnderTest) 
 
 
 def test_waiting_worker_takes_a_released_run(backend: BackendUnderTest) -> None:
-    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    a, b = connect(backend, plugin), connect(backend, plugin)
-    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    a.set_iteration(it)
-    b.set_iteration(it)
+    a, b = two_workers(backend)
     a.set_run(Params(lr=0.1))
     run_id = a.current_run_id
     a.abandon_iteration()  # an interrupt: left unfinished, lease released at once
@@ -92,14 +95,7 @@ def test_a_run_ended_while_its_record_was_read_is_not_trained_again(
     later, after a ended the run and let it go: b's claim of the next lease lands, and the
     run must still count as ended, not as a run to train (chaos seed 14: a run trained
     twice, from a starting model deleted meanwhile)."""
-    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    a, b = (
-        connect(backend, plugin, lease_seconds=LEASE, clock=clock),
-        connect(backend, plugin, lease_seconds=LEASE, clock=clock),
-    )
-    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    a.set_iteration(it)
-    b.set_iteration(it)
+    a, b = two_workers(backend, lease_seconds=LEASE, clock=clock)
     assert a.set_run(Params(lr=0.1)) is False
     run_id = a.current_run_id
     a.save_metric(MetricValue("quality", 0.5))
@@ -137,13 +133,7 @@ def test_dead_workers_lease_expires_and_run_resumes(
 
 def test_heartbeat_keeps_a_long_run_held(backend: BackendUnderTest, clock: SteppedClock) -> None:
     """A run held longer than its lease time is still not handed over: the heartbeat renews."""
-
-    plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    it = FineTuningIteration(plugin_name=plugin, batch_id="b")
-    holder = connect(backend, plugin, lease_seconds=LEASE, clock=clock)
-    other = connect(backend, plugin, lease_seconds=LEASE, clock=clock)
-    holder.set_iteration(it)
-    other.set_iteration(it)
+    holder, other = two_workers(backend, lease_seconds=LEASE, clock=clock)
     holder.set_run(Params(lr=0.1))
     clock.advance(2.5 * LEASE, step=LEASE / 4)  # two and a half lifetimes; a beat every third
     with pytest.raises(RunInUseError):
@@ -225,20 +215,8 @@ os.kill(os.getpid(), 9)
 
 
 def test_killed_holders_run_resumes_after_its_lease(backend: BackendUnderTest) -> None:
-    import pickle
-    import subprocess
-    import sys
-
-    if "processes" not in backend.capabilities:
-        pytest.skip("the backend's stores are not shared across processes")
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run(
-        [sys.executable, "-c", _KILLED_HOLDER, pickle.dumps(backend).hex(), plugin],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.getcwd(),
-    )
+    done = run_script(backend, _KILLED_HOLDER, plugin, cwd=os.getcwd())
     assert done.returncode == -9, done.stderr
     run_id = done.stdout.split()[-1]
     heir = connect(backend, plugin, lease_seconds=2.0)

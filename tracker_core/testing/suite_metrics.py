@@ -30,6 +30,7 @@ from tracker_core.testing.support import (
     Params,
     iteration,
     mgr,
+    run_script,
     run_with_quality,
     status_of,
 )
@@ -112,21 +113,8 @@ print(mgr.current_run_id)
 
 
 def test_metrics_flushed_at_interpreter_exit(backend: BackendUnderTest, tmp_path: Path) -> None:
-    import pickle
-    import subprocess
-    import sys
-
-    if "processes" not in backend.capabilities:
-        pytest.skip("the backend's stores are not shared across processes")
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run(
-        [sys.executable, "-c", _EXIT_SCRIPT, pickle.dumps(backend).hex(), plugin],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-        cwd=tmp_path,
-    )
+    result = run_script(backend, _EXIT_SCRIPT, plugin, check=True, cwd=tmp_path)
     run_id = result.stdout.strip().splitlines()[-1]
     mgr = backend.connect(plugin_name=plugin)
     history = mgr.tracking.get_metric_history(run_id, "quality")

@@ -38,6 +38,7 @@ __all__ = [
     "marked_models",
     "mgr",
     "processes",
+    "run_script",
     "run_with_quality",
     "status_of",
     "stored_models",
@@ -157,6 +158,18 @@ def processes() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOADED)
     return context
+
+
+def run_script(
+    backend: BackendUnderTest, script: str, plugin: str, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new interpreter, given the pickled ``backend`` (hex) and ``plugin``
+    as its arguments; ``kwargs`` as :func:`subprocess.run`'s. Skips the test on a backend
+    whose stores are not shared by processes."""
+    if "processes" not in backend.capabilities:
+        pytest.skip("the backend's stores are not shared across processes")
+    argv = [sys.executable, "-c", script, pickle.dumps(backend).hex(), plugin]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 #: a big enough file for a multipart upload on every shipped backend (S3 parts are 8 MiB)
