@@ -13,6 +13,12 @@ The task is synthetic and generated here, so the example needs no data download:
 The model is two small MLPs (query tower, document tower; ~4.7k parameters). Training is
 contrastive (InfoNCE with in-batch negatives) on CPU and takes well under a second per run.
 
+The method can be searched (``proposal="search"``, or ``--search`` in
+``finetune_embeddings.py``): its ``search_space`` covers the learning rate, the epochs and the
+temperature, and ``train`` logs the validation recall after every epoch and calls
+``check_prune()``, so the search's median pruner stops a run clearly behind the others.
+By default it keeps the seed's top-N rule.
+
 Import it as a module (``from embedding_method import EmbeddingMethod``) or name it on the
 command line: ``tracker-core run embedding_method:EmbeddingMethod --batch-id b1`` (run from
 this folder).
@@ -26,11 +32,14 @@ from typing import Any
 
 import attrs
 import torch
+from optuna.distributions import FloatDistribution, IntDistribution
 from torch import nn
 from torch.nn import functional as F
 
 from tracker_core import ExperimentsManager, FineTuningParams, MetricValue
+from tracker_core.finetune import check_prune
 from tracker_core.methods import FineTuningMethod, sample_params
+from tracker_core.search import Search, SearchSpace
 
 __all__ = ["EmbeddingMethod", "EmbeddingParams", "TwoTowerEncoder", "make_task"]
 
@@ -112,6 +121,14 @@ class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
     main_metric = f"recall_at_{TOP_K}"
     is_loss = False
     model_factory = TwoTowerEncoder  # used by the state_dict format; mlflow.pytorch ignores it
+    search_space = SearchSpace(
+        EmbeddingParams,
+        lr=FloatDistribution(1e-3, 3e-2, log=True),
+        epochs=IntDistribution(1, 5),
+        temperature=FloatDistribution(0.03, 0.3, log=True),
+    )
+    #: when searched: four runs a batch, the validation recall of every epoch as the pruner's
+    search = Search(max_runs=4, intermediate_metric=f"val_recall_at_{TOP_K}")
 
     def __init__(self, task_seed: int = 0, n_initial: int = 4, name: str | None = None) -> None:
         self.task = make_task(task_seed)
@@ -162,6 +179,7 @@ class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
                     f"val_{self.main_metric}", recall_at_k(model, *self._eval, TOP_K), step=epoch
                 )
             )
+            check_prune()  # a no-op unless the iteration is searched with a pruner
         return model
 
     def evaluate(self, model: Any, params: EmbeddingParams, manager: ExperimentsManager) -> float:

@@ -10,6 +10,11 @@ Iteration 1 starts from the initial model with the method's initial params sets;
 starts from iteration 1's best model with its top params, then iteration 1 is deleted (its
 models included). The script prints every run, the best model, where it is stored, and the
 command that opens the MLflow UI on the result.
+
+``--search`` opts in to the search policy instead: iteration 2 retries iteration 1's best
+params and tries sets an Optuna sampler proposes from iteration 1's runs, and a run clearly
+behind the others at an epoch is pruned (``--batches N`` runs more iterations, so the sampler
+has a history to learn from).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def print_iteration(number: int, result: IterationResult) -> None:
     for run in result.runs:
         p = run.params
         metric = f"{run.metric:.4f}" if run.metric is not None else run.status.value
+        metric = "pruned" if run.pruned else metric
         mark = (
             "kept (best)"
             if run.run_id == result.best_run_id
@@ -68,7 +74,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-run"))
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    parser.add_argument(
+        "--search", action="store_true", help="propose params sets with Optuna, prune weak runs"
+    )
+    parser.add_argument("--batches", type=int, default=2, help="iterations to run (default 2)")
     args = parser.parse_args()
+    if args.batches < 2:
+        parser.error("--batches must be at least 2")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -95,8 +107,10 @@ def main() -> int:
     initial_quality = None
     results = []
     with manager:
-        for number, batch_id in enumerate(["batch-0001", "batch-0002"], 1):
-            result = run_iteration(method, manager, batch_id, seed=0)
+        batches = [f"batch-{n:04d}" for n in range(1, args.batches + 1)]
+        proposal = "search" if args.search else None
+        for number, batch_id in enumerate(batches, 1):
+            result = run_iteration(method, manager, batch_id, seed=0, proposal=proposal)
             results.append(result)
             print_iteration(number, result)
             if number == 1:
@@ -104,19 +118,23 @@ def main() -> int:
         remaining = [e.name for e in manager.get_experiments()]
         initial_kept = manager.has_initial_model()
 
-    first, second = results
-    assert first.best_metric is not None and second.best_metric is not None
+    first, previous, second = results[0], results[-2], results[-1]
+    assert all(r.best_metric is not None for r in results)
     print("\nSummary")
-    print(
-        f"  {method.main_metric}: initial model {initial_quality:.4f} -> iteration 1 "
-        f"{first.best_metric:.4f} -> iteration 2 {second.best_metric:.4f}"
+    chain = " -> ".join(f"iteration {n} {r.best_metric:.4f}" for n, r in enumerate(results, 1))
+    print(f"  {method.main_metric}: initial model {initial_quality:.4f} -> {chain}")
+    n = len(results)
+    tried = (
+        f"its best params and {len(second.runs) - 1} sets proposed from every earlier "
+        f"iteration ({len(second.pruned_runs)} pruned)"
+        if args.search
+        else f"iteration {n - 1}'s top {len(second.runs)} params sets"
     )
     print(
-        f"  iteration 2 tried iteration 1's top {len(second.runs)} params sets, starting from "
-        f"its best model (run {second.start_run_id})"
+        f"  iteration {n} tried {tried}, starting from its best model (run {second.start_run_id})"
     )
     print(
-        f"  iteration 1 deleted: {second.deleted_iteration_id == first.experiment_id}; "
+        f"  iteration {n - 1} deleted: {second.deleted_iteration_id == previous.experiment_id}; "
         f"iterations left: {remaining}; initial model kept: {initial_kept}"
     )
     print(f"  best model: run {second.best_run_id}, {method.main_metric}={second.best_metric:.4f}")
@@ -134,8 +152,9 @@ def main() -> int:
     )
     print(f"  browse it:  mlflow ui --backend-store-uri {tracking_uri}")
     print(f"  ({time.perf_counter() - began:.1f} s)")
+    assert first.best_metric is not None and second.best_metric is not None
     if second.best_metric <= first.best_metric:
-        print("warning: iteration 2 did not improve on iteration 1", file=sys.stderr)
+        print(f"warning: iteration {n} did not improve on iteration 1", file=sys.stderr)
         return 1
     return 0
 

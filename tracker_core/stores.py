@@ -53,12 +53,14 @@ class ExperimentQuery:
     """Which experiments to list: all active ones whose tags equal ``tags``, newest first.
 
     ``exclude_names`` drops experiments by name; ``created_before_ms`` keeps only those created
-    strictly before that time (milliseconds since the epoch).
+    strictly before that time (milliseconds since the epoch); ``include_deleted`` lists
+    deleted ones too (MLflow keeps a deleted experiment, renamed, until ``mlflow gc``).
     """
 
     tags: Mapping[str, str] = attrs.field(factory=dict, converter=_dict)
     exclude_names: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     created_before_ms: int | None = None
+    include_deleted: bool = False
 
 
 @attrs.frozen
@@ -71,7 +73,8 @@ class RunQuery:
     - ``order_by_metric``: newest value of that metric, descending unless ``ascending``;
       runs without it come last. Ties keep the store's order (callers that need a
       deterministic order break ties themselves);
-    - ``max_results``: at most this many (None: all, paged by the store).
+    - ``max_results``: at most this many (None: all, paged by the store);
+    - ``include_deleted``: deleted runs too (those of a deleted experiment, until ``mlflow gc``).
     """
 
     experiment_ids: tuple[str, ...] = attrs.field(converter=_tuple)
@@ -83,6 +86,7 @@ class RunQuery:
     order_by_metric: str | None = None
     ascending: bool = False
     max_results: int | None = None
+    include_deleted: bool = False
 
 
 @attrs.frozen

@@ -25,6 +25,10 @@ __all__ = [
     "TAG_PARAMS_ID",
     "TAG_PARAMS_TYPE",
     "TAG_PLUGIN",
+    "TAG_PRUNED",
+    "TAG_PRUNED_STEP",
+    "TAG_PRUNED_VALUE",
+    "TAG_PRUNER_PREFIX",
     "TRUE",
 ]
 
@@ -58,3 +62,12 @@ MODEL_DIR = "model"
 #: is ``LEASE_CLAIM_PREFIX + str(epoch)``, the heartbeat is the tag ``TAG_LEASE``
 LEASE_CLAIM_PREFIX = "tracker.lease."
 TAG_LEASE = "tracker.lease"
+
+#: a run the search's pruner stopped (see :mod:`tracker_core.pruning`): "true" on a KILLED run,
+#: with the step it was stopped at and its intermediate value there
+TAG_PRUNED = "tracker.pruned"
+TAG_PRUNED_STEP = "tracker.pruned_step"
+TAG_PRUNED_VALUE = "tracker.pruned_value"
+#: what a pruner keeps about a run between decisions (Optuna's trial system attributes, e.g.
+#: successive halving's rungs): ``TAG_PRUNER_PREFIX + key``, the value as JSON
+TAG_PRUNER_PREFIX = "tracker.pruner."

@@ -31,18 +31,17 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.plan import IterationPlan, _enter, prepare_iteration
 from tracker_core.finetune.results import IterationProgress, IterationResult
-from tracker_core.finetune.run import _StartModel, _train_one
+from tracker_core.finetune.run import _pruning, _StartModel, _train_one
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
-from tracker_core.params import FineTuningParams
 
 __all__ = ["run_iteration", "run_prepared"]
 
@@ -58,6 +57,8 @@ def run_iteration(
     work_dir: str | Path | None = None,
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    proposal: str | None = None,
+    max_runs: int | None = None,
 ) -> IterationResult:
     """Run (or resume) one fine-tuning iteration of ``method`` on the data batch ``batch_id``.
 
@@ -79,7 +80,9 @@ def run_iteration(
     It is :func:`prepare_iteration` followed by :func:`run_prepared`.
     """
     with _stop_scope(should_stop):
-        plan = prepare_iteration(method, manager, batch_id, seed=seed)
+        plan = prepare_iteration(
+            method, manager, batch_id, seed=seed, proposal=proposal, max_runs=max_runs
+        )
         return run_prepared(
             method,
             manager,
@@ -111,7 +114,7 @@ def run_prepared(
                 outcomes = _run_all(
                     method,
                     manager,
-                    plan.params,
+                    plan,
                     _StartModel(manager, plan.start_run_id, work / "model"),
                     on_progress,
                     should_stop,
@@ -128,24 +131,33 @@ def run_prepared(
 def _run_all(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
-    params: Sequence[FineTuningParams],
+    plan: IterationPlan,
     start: _StartModel,
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
     """Steps 4-6 for every params set, in order: ``{params id: (trained, error)}``."""
+    params = plan.params
+    pruning = _pruning(method, manager, plan)
     done: dict[str, tuple[bool, str | None]] = {}
+    pruned: set[str] = set()
 
     def report() -> None:
         if on_progress is not None:
             failed = sum(1 for _, error in done.values() if error is not None)
-            on_progress(IterationProgress(len(params), len(done), failed))
+            on_progress(IterationProgress(len(params), len(done), failed, len(pruned)))
 
     report()
     for index, p in enumerate(params, 1):
         if should_stop is not None and should_stop():
             log.info("stop requested: leaving the iteration before run %d/%d", index, len(params))
             raise IterationStopped(f"stopped before run {index} of {len(params)}")
-        done[p.id] = _train_one(method, manager, p, start, should_stop, f"{index}/{len(params)}")
+        label = f"{index}/{len(params)}"
+        trained, error, was_pruned = _train_one(
+            method, manager, p, start, should_stop, label, pruning
+        )
+        done[p.id] = (trained, error)
+        if was_pruned:
+            pruned.add(p.id)
         report()
     return done

@@ -20,13 +20,17 @@ from tracker_core.values import RunStatus
 
 __all__ = ["IterationProgress", "IterationResult", "RunResult"]
 
+#: the statuses whose main metric counts (a FAILED or pruned run's does not)
+_RANKED = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.SCHEDULED)
+
 
 @attrs.frozen
 class RunResult:
     """One params set of an iteration and how its run ended.
 
     ``trained`` is False when the run had finished in an earlier attempt and was skipped;
-    ``has_model`` tells whether the run holds a stored model at the end of the iteration.
+    ``has_model`` tells whether the run holds a stored model at the end of the iteration;
+    ``pruned``: the search's pruner stopped it (KILLED; never the best, never a model).
     """
 
     params: FineTuningParams
@@ -36,6 +40,7 @@ class RunResult:
     trained: bool
     has_model: bool
     error: str | None = None
+    pruned: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -73,15 +78,21 @@ class IterationResult:
     def trained_runs(self) -> tuple[RunResult, ...]:
         return tuple(r for r in self.runs if r.trained)
 
+    @property
+    def pruned_runs(self) -> tuple[RunResult, ...]:
+        return tuple(r for r in self.runs if r.pruned)
+
 
 @attrs.frozen
 class IterationProgress:
     """How far an iteration is: ``finished`` of ``planned`` runs have ended (trained in this
-    call, or finished in an earlier one), ``failed`` of them failed in this call."""
+    call, or finished in an earlier one), ``failed`` of them failed and ``pruned`` of them
+    were pruned in this call."""
 
     planned: int
     finished: int
     failed: int
+    pruned: int = 0
 
 
 def _collect(
@@ -103,10 +114,11 @@ def _collect(
                 params=p,
                 run_id=run.run_id,
                 status=run.status,
-                metric=None if run.status == RunStatus.FAILED else metric,
+                metric=metric if run.status in _RANKED else None,
                 trained=trained,
                 has_model=run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE,
                 error=error,
+                pruned=run.status == RunStatus.KILLED and run.tags.get(T.TAG_PRUNED) == T.TRUE,
             )
         )
     return out

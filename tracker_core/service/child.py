@@ -76,6 +76,9 @@ class ChildSpec:
     kind: str = "task"
     #: the task's own cap of parallel runs (None: as many as there are free workers)
     max_parallel_runs: int | None = None
+    #: ``task``: the task's proposal policy and budget (None: the method's)
+    proposal: str | None = None
+    max_runs: int | None = None
     #: ``run`` and ``complete``: the iteration's plan (IterationPlan.to_json())
     plan: dict[str, Any] | None = None
     #: ``run``: the params set to train
@@ -113,6 +116,9 @@ def result_json(result: Any) -> dict[str, Any]:
         "failed_runs": [
             {"run_id": r.run_id, "params": r.params.to_dict(), "error": _redacted(r.error)}
             for r in result.failed_runs
+        ],
+        "pruned_runs": [
+            {"run_id": r.run_id, "params": r.params.to_dict()} for r in result.pruned_runs
         ],
     }
 
@@ -264,13 +270,21 @@ def _task(
                     "planned": p.planned,
                     "queued": p.planned - p.finished - running,
                     "running": running,
-                    "finished": p.finished - p.failed,
+                    "finished": p.finished - p.failed - p.pruned,
                     "failed": p.failed,
+                    "pruned": p.pruned,
                 },
             )
         )
 
-    plan = prepare_iteration(method, manager, spec.batch_id, seed=spec.seed)
+    plan = prepare_iteration(
+        method,
+        manager,
+        spec.batch_id,
+        seed=spec.seed,
+        proposal=spec.proposal,
+        max_runs=spec.max_runs,
+    )
     if ctl.stop.is_set():
         manager.finish_iteration()
         raise IterationStopped("stopped after planning the iteration")

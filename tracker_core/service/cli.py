@@ -7,7 +7,7 @@
     tracker-core worker [--database-file F] [--concurrency N]          # a worker
     tracker-core token create|list|revoke                              # API tokens
     tracker-core task create METHOD [--batch-id B] [--idempotency-key K] [--metadata JSON]
-                                    [--max-parallel-runs N]
+                                    [--max-parallel-runs N] [--proposal P] [--max-runs N]
     tracker-core task status ID [--wait]
     tracker-core task list [--status S] [--method M]
     tracker-core task cancel ID
@@ -353,6 +353,14 @@ def add_service_commands(sub: Any) -> None:
         help="train at most N runs of the iteration at once, each on a free worker (default: "
         "as many as there are free workers; 1: one after another)",
     )
+    q.add_argument(
+        "--proposal",
+        choices=("top_n", "search"),
+        help="how the params sets are chosen: top_n (the previous iteration's top-N) or "
+        "search (an Optuna sampler fed from every earlier iteration, weak runs pruned); "
+        "default: the method's",
+    )
+    q.add_argument("--max-runs", type=_positive_int, metavar="N", help="try at most N params sets")
     _url_arg(q)
     q.set_defaults(func=cmd_task_create)
 

@@ -96,6 +96,8 @@ class JobExecutions:
             log_level=logging.getLogger("tracker_core").getEffectiveLevel(),
             lease_seconds=self.settings.lease_seconds,
             max_parallel_runs=task.max_parallel_runs,
+            proposal=task.proposal,
+            max_runs=task.max_runs,
             **extra,
         )
 

@@ -313,14 +313,16 @@ class RunRows(TaskRows):
         if task.status.is_terminal or not task.fanned_out:
             return task
         await cur.execute(
-            f"SELECT params_id, status, job_id, worker FROM {_R} "
+            f"SELECT params_id, status, mlflow_status, job_id, worker FROM {_R} "
             "WHERE task_id = %s ORDER BY position",
             (task.id,),
         )
         rows = await cur.fetchall()
         counts = {state: 0 for state in ("queued", "running", "finished", "failed")}
+        pruned = 0  # failed rows whose run the search's pruner stopped (KILLED)
         for r in rows:
             counts[r["status"]] += 1
+            pruned += r["status"] == "failed" and r["mlflow_status"] == "KILLED"
         status = task.status
         completion = task.completion_job_id
         if task.cancel_requested_at is not None:
@@ -353,7 +355,8 @@ class RunRows(TaskRows):
                 log.info(
                     "task %s: every run ended; completion job %s deferred", task.id, completion
                 )
-        progress = {"planned": len(rows), **counts}
+        progress = {"planned": len(rows), **counts, "failed": counts["failed"] - pruned}
+        progress["pruned"] = pruned
         workers = sorted({r["worker"] for r in rows if r["status"] == "running" and r["worker"]})
         await cur.execute(
             f"""

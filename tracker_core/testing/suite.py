@@ -17,7 +17,9 @@ The suite is one module per concept, each of which can also be imported on its o
   state, interoperability (invariants 4-6);
 - :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store;
 - :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave;
-- :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing.
+- :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing;
+- :mod:`~tracker_core.testing.suite_search`: the search policy's history and resume, pruned
+  runs.
 
 Capabilities (``BackendUnderTest.capabilities``) gate what only some backends do:
 ``"mlflow"``, plain MLflow reads what we wrote; ``"processes"``, the stores are shared by
@@ -36,6 +38,7 @@ from tracker_core.testing import (
     suite_quiet,
     suite_reconcile,
     suite_runs,
+    suite_search,
 )
 from tracker_core.testing.suite_errors import *  # noqa: F403
 from tracker_core.testing.suite_iterations import *  # noqa: F403
@@ -46,6 +49,7 @@ from tracker_core.testing.suite_params import *  # noqa: F403
 from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
+from tracker_core.testing.suite_search import *  # noqa: F403
 from tracker_core.testing.support import clock, mgr  # noqa: F401
 
 _MODULES = (
@@ -58,6 +62,7 @@ _MODULES = (
     suite_quiet,
     suite_reconcile,
     suite_runs,
+    suite_search,
 )
 
 #: the tests (and the ``mgr`` and ``clock`` fixtures they share); helpers live in

@@ -337,7 +337,7 @@ class MlflowTrackingStore(TrackingStore):
 
         filter_string, local = filters.experiment_filter(query)
         page = self.client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY,
+            view_type=ViewType.ALL if query.include_deleted else ViewType.ACTIVE_ONLY,
             max_results=max_results,
             filter_string=filter_string or None,
             order_by=["creation_time DESC", "experiment_id DESC"],
@@ -398,7 +398,7 @@ class MlflowTrackingStore(TrackingStore):
             page = self.client.search_runs(
                 list(query.experiment_ids),
                 filter_string=filter_string,
-                run_view_type=ViewType.ACTIVE_ONLY,
+                run_view_type=ViewType.ALL if query.include_deleted else ViewType.ACTIVE_ONLY,
                 max_results=page_size,
                 order_by=filters.run_order_by(query),
                 page_token=token,
