@@ -16,6 +16,7 @@ from tracker_core import tags as T
 from tracker_core.errors import ModelNotFoundError
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import Decision
 from tracker_core.values import RunStatus
 
 __all__ = ["IterationProgress", "IterationResult", "RunResult"]
@@ -69,6 +70,8 @@ class IterationResult:
     #: the iteration deleted at the end (the one this iteration started from), if any; None
     #: also when its deletion was deferred (live workers still held runs of it)
     deleted_iteration_id: str | None
+    #: the holdout gate's decision on the best model (a method with ``evaluate_holdout``)
+    promotion: Decision | None = None
 
     @property
     def failed_runs(self) -> tuple[RunResult, ...]:

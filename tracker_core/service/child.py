@@ -111,6 +111,8 @@ def result_json(result: Any) -> dict[str, Any]:
         "resumed": result.resumed,
         "started_from_run_id": result.start_run_id,
         "deleted_iteration_id": result.deleted_iteration_id,
+        # the holdout gate's decision (a method with evaluate_holdout): both scores, outcome
+        "promotion": result.promotion.to_json() if result.promotion is not None else None,
         "runs": len(result.runs),
         "trained_runs": len(result.trained_runs),
         "failed_runs": [
@@ -166,6 +168,9 @@ class _Control:
 def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None:
     """Entry point of the child process (``multiprocessing`` spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # who started the iteration, for its lineage record and promotion decision (this
+    # process runs one job of one task)
+    os.environ["TRACKER_CORE_TASK_ID"] = spec.task_id
     configure_child_logging(spec.log_level, f"{spec.kind} {spec.label}", _relay(events))
     ctl = _Control(control)
 
