@@ -18,11 +18,19 @@ PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input 
 # Two test processes (pytest-xdist): most tests wait on a server or a subprocess, so one process
 # leaves a core idle. Modules whose tests share module-scoped servers stay in one process
 # (tests/conftest.py). TEST_PROCESSES=0 runs everything in this process.
+# `make test` runs the store contracts on every store and the behaviour on two legs
+# (tests/conftest.py); `make test-all` runs the behaviour on all six legs of the matrix.
 PYTEST_ARGS    ?=
 TEST_PROCESSES ?= 2
-TEST_CMD       := $(VPY) -m pytest tests/ --timeout=900 -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)
+PYTEST         := -m pytest tests/ --timeout=900 -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)
+TEST_CMD       := $(VPY) $(PYTEST)
 
-.PHONY: venv test lint format demo clean chaos
+# Branch coverage of tracker_core and of the backends over `make test` (subprocesses and
+# worker processes included; settings in pyproject.toml), one figure each; README quotes them.
+COVERAGE     := $(VENV)/bin/coverage
+COVERAGE_DIR := .coverage-data
+
+.PHONY: venv test test-all coverage lint format demo clean chaos
 
 venv: $(STAMP)
 
@@ -41,6 +49,17 @@ $(STAMP): pyproject.toml $(BACKEND_PROJECTS) $(wildcard requirements/*.txt)
 
 test: venv
 	$(TEST_CMD)
+
+test-all: venv
+	$(TEST_CMD) --all-legs
+
+coverage: venv
+	rm -rf $(COVERAGE_DIR) && mkdir -p $(COVERAGE_DIR)
+	$(COVERAGE) run $(PYTEST) || status=$$?; \
+	$(COVERAGE) combine -q && \
+	echo "branch coverage, tracker_core: $$($(COVERAGE) report --include='*/tracker_core/*' --format=total)%" && \
+	echo "branch coverage, backends:     $$($(COVERAGE) report --include='*/backends/*' --format=total)%" && \
+	exit $${status:-0}
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -61,5 +80,5 @@ chaos: venv
 	$(VPY) -m chaos --out chaos-out --table chaos-out/table.md $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis $(COVERAGE_DIR)
 	find . -name '*.egg-info' -prune -exec rm -rf {} + -o -name __pycache__ -prune -exec rm -rf {} +

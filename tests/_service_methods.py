@@ -22,9 +22,10 @@ import attrs
 import torch
 from torch import nn
 
-from tracker_core import ExperimentsManager, FineTuningParams
-from tracker_core.finetune import check_stop
+from tracker_core import ExperimentsManager, FineTuningParams, MetricValue, RunStatus
+from tracker_core.finetune import check_prune, check_stop
 from tracker_core.methods import FineTuningMethod
+from tracker_core.search import SearchSpace
 
 
 @attrs.frozen
@@ -198,6 +199,58 @@ class Barrier(_Base):
         return super().train(model, params, manager)
 
 
+@attrs.frozen
+class SearchParams(FineTuningParams):
+    x: float
+
+
+class Searched(FineTuningMethod[SearchParams]):
+    """A search space over ``x``: quality ``1 - (x - 0.7)^2``, logged as a curve over 4 steps
+    with ``check_prune`` after each. The weak initial set (``x = 0``) waits at step 1 until
+    two runs of its iteration finished, so the median pruner stops it whichever worker trains
+    what when."""
+
+    name = "svc-search"
+    params_type = SearchParams
+    main_metric = "quality"
+    model_format = "state_dict"
+
+    def __init__(self) -> None:
+        from optuna.distributions import FloatDistribution
+
+        self.model_factory = tiny_model
+        self.search_space = SearchSpace(SearchParams, x=FloatDistribution(0.0, 1.0))
+
+    def initial_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return tiny_model()
+
+    def initial_params(self, seed: int | None = None) -> Sequence[SearchParams]:
+        return [SearchParams(x=0.7), SearchParams(x=0.6), SearchParams(x=0.0)]
+
+    def train(self, model: Any, params: SearchParams, manager: ExperimentsManager) -> Any:
+        quality = 1 - (params.x - 0.7) ** 2
+        for step in range(4):
+            if step == 1 and params.x == 0.0:
+                self._wait_for_two_finished(manager)
+            value = quality * (1 - 0.5 ** (step + 1))
+            manager.save_metric(MetricValue(self.main_metric, value, step=step))
+            check_prune()
+        return model
+
+    def _wait_for_two_finished(self, manager: ExperimentsManager) -> None:
+        deadline = time.monotonic() + 120
+        experiment_id = manager.current_experiment_id or ""
+        while len(manager.get_runs(experiment_id, statuses=[RunStatus.FINISHED])) < 2:
+            check_stop()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other runs never finished")
+            time.sleep(0.1)
+
+    def evaluate(self, model: Any, params: SearchParams, manager: ExperimentsManager) -> float:
+        return 1 - (params.x - 0.7) ** 2
+
+
 METHODS = {
     "svc-fast": "Fast",
     "svc-batched": "Batched",
@@ -214,6 +267,7 @@ METHODS = {
     "svc-barrier": "Barrier",
     "svc-outage": "Outage",
     "svc-bench": "Bench",
+    "svc-search": "Searched",
 }
 
 

@@ -1,4 +1,13 @@
-"""The backend matrix: every behaviour test runs on local / S3 / GCS x SQLite / mlflow server.
+"""Where each kind of test runs, decided by the fixture it takes (no per-test choice):
+
+- ``tracking_backend`` (the tracking-store contract): every tracking store, SQLite in
+  process, an ``mlflow server`` on SQLite, an ``mlflow server`` on PostgreSQL;
+- ``artifact_backend`` (the artifact-store contract): every artifact store, local, S3 (moto),
+  GCS (an emulator); the third-party memory store runs it in its own process
+  (``tests/test_third_party_backend.py``);
+- ``backend`` (the manager, driver and CLI behaviour): the reference leg ``local-sqlite`` and
+  one remote leg ``s3-server`` (:data:`DEFAULT_LEGS`); ``--all-legs`` (``make test-all``) runs
+  the whole local / S3 / GCS x SQLite / server matrix.
 
 Servers are real processes on 127.0.0.1, started once per session by
 :mod:`tracker_core.testing.servers`; each test gets its own artifact prefix and its own plugin
@@ -25,15 +34,29 @@ from tracker_core.testing.harness import BackendUnderTest
 
 ARTIFACT_SIDES = ("local", "s3", "gcs")
 TRACKING_SIDES = ("sqlite", "server")
+#: the tracking stores the contract runs on: the two legs' and the production one
+CONTRACT_TRACKING_SIDES = (*TRACKING_SIDES, "postgres")
 LEGS = [f"{a}-{t}" for a in ARTIFACT_SIDES for t in TRACKING_SIDES]
+#: the legs behaviour tests run on by default: the reference leg and one remote leg (the store
+#: contracts run every store; the other legs only combine stores the contracts already cover)
+DEFAULT_LEGS = ("local-sqlite", "s3-server")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all-legs",
+        action="store_true",
+        help="run behaviour tests on every leg of the backend matrix, not only "
+        f"{' and '.join(DEFAULT_LEGS)} (make test-all)",
+    )
 
 
 #: modules whose tests share module-scoped servers or worker fleets: under pytest-xdist (make
-#: test), each runs in one test process instead of starting a copy of its stack in each
+#: test), each runs in one test process instead of starting a copy of its stack in each (the
+#: tests on PostgreSQL share the group "postgres", see _group)
 SHARED_STACK_MODULES = frozenset(
     {
         "test_faults",
-        "test_mlflow_tracking_store",
         "test_parallel",
         "test_production_postgres",
         "test_servers",
@@ -53,6 +76,7 @@ LONGEST_FIRST = (
     "test_chaos",
     "test_service",
     "test_service_outage",
+    "test_champion",  # 50 iterations on two legs
 )
 
 
@@ -60,12 +84,35 @@ def _module(item: pytest.Item) -> str:
     return str(getattr(getattr(item, "module", None), "__name__", ""))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def _param(item: pytest.Item, name: str) -> object:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(name) if callspec is not None else None
+
+
+def _group(item: pytest.Item) -> str | None:
+    """The xdist group of a test: the tests on PostgreSQL share one (one cluster and server),
+    a shared-stack module is one."""
+    if (
+        _param(item, "tracking_backend") == "postgres"
+        or _module(item) == "test_production_postgres"
+    ):
+        return "postgres"
+    return _module(item) if _module(item) in SHARED_STACK_MODULES else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--all-legs"):
+        other_legs = set(LEGS) - set(DEFAULT_LEGS)
+        deselected = [item for item in items if _param(item, "backend") in other_legs]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if _param(item, "backend") not in other_legs]
     order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: order.get(_module(item), len(order)))  # stable: modules stay whole
     for item in items:
-        if _module(item) in SHARED_STACK_MODULES:
-            item.add_marker(pytest.mark.xdist_group(_module(item)))
+        group = _group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 # ------------------------------------------------------------------ tracking side
@@ -77,6 +124,19 @@ def sqlite_tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def server_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with servers.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The production shape: an ``mlflow server`` on a private PostgreSQL."""
+    if not servers.postgres_installed():  # a machine without PostgreSQL: say so
+        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not installed here")
+    workdir = tmp_path_factory.mktemp("pg")
+    with (
+        servers.postgres(workdir) as database_uri,
+        servers.mlflow_server(workdir / "mlflow", database_uri) as url,
+    ):
         yield url
 
 
@@ -109,5 +169,27 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendU
     artifact_side, tracking_side = request.param.split("-")
     tracking_uri = request.getfixturevalue(f"{tracking_side}_tracking")
     leg = attrs.evolve(_make_leg(artifact_side, tracking_uri, request, tmp_path), id=request.param)
+    yield leg
+    leg.close_all()
+
+
+# ------------------------------------------------------------------ the store contracts
+@pytest.fixture(params=CONTRACT_TRACKING_SIDES)
+def tracking_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendUnderTest]:
+    """Each tracking store, artifacts in a local folder (contract_tracking.py)."""
+    tracking_uri = request.getfixturevalue(f"{request.param}_tracking")
+    leg = _make_leg("local", tracking_uri, request, tmp_path)
+    yield attrs.evolve(leg, id=f"local-{request.param}")
+    leg.close_all()
+
+
+@pytest.fixture(params=ARTIFACT_SIDES)
+def artifact_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_tracking: str
+) -> Iterator[BackendUnderTest]:
+    """Each artifact store at a fresh root, tracking in SQLite (contract_artifacts.py)."""
+    leg = attrs.evolve(
+        _make_leg(request.param, sqlite_tracking, request, tmp_path), id=f"{request.param}-sqlite"
+    )
     yield leg
     leg.close_all()

@@ -1,3 +1,4 @@
-"""The shipped behaviour suite, run on every leg of the backend matrix (see conftest.py)."""
+"""The shipped behaviour suite, on the reference leg and one remote leg (every leg with
+``--all-legs``, see conftest.py)."""
 
 from tracker_core.testing.suite import *  # noqa: F403

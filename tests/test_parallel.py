@@ -117,7 +117,7 @@ def test_three_workers_train_one_iterations_runs_at_once_and_complete_it_once(
                                                           "failed")) == 6  # fmt: skip
     two = trio.wait_status(task["id"], "done")
     assert two["progress"] == {
-        "planned": 6, "queued": 0, "running": 0, "finished": 6, "failed": 0,
+        "planned": 6, "queued": 0, "running": 0, "finished": 6, "failed": 0, "pruned": 0,
     }  # fmt: skip
     result = two["result"]
     assert len(result["runs"]) == 6 and result["trained_runs"] == 6 and result["failed_runs"] == []
@@ -166,7 +166,7 @@ def test_max_parallel_runs_caps_the_runs_out_at_once_and_1_runs_them_in_one_proc
     assert jobs["run"] == [] and jobs["complete"] == [] and trio.run_rows(sequential["id"]) == []
     assert len({pid for _, _, pid in trio.trained("svc-capped")}) == 1
     assert sequential["progress"] == {
-        "planned": 3, "queued": 0, "running": 0, "finished": 3, "failed": 0,
+        "planned": 3, "queued": 0, "running": 0, "finished": 3, "failed": 0, "pruned": 0,
     }  # fmt: skip
 
 
@@ -233,7 +233,7 @@ async def _race_run_ends(database: str, rounds: int = 25, width: int = 3) -> Non
             fanned = await repo.runs.fan_out(task.id, "setup", plan, planned, None, jobs)
             assert fanned is not None and fanned.progress == {
                 "planned": width + 2, "queued": width + 1, "running": 0, "finished": 1,
-                "failed": 0,
+                "failed": 0, "pruned": 0,
             }  # fmt: skip
             rows = {r.params_id: r for r in await repo.runs.runs(task.id)}
             assert rows["done-before"].job_id is None  # no job for a run that had ended

@@ -1,6 +1,6 @@
 """The production shape: an ``mlflow server`` on PostgreSQL, models on S3, many workers.
 
-The six-leg matrix runs the tracking side on SQLite (in process, and behind an MLflow
+The behaviour legs run the tracking side on SQLite (in process, and behind an MLflow
 server); this module runs the invariants that matter most under concurrency once more with
 PostgreSQL behind the server, where MLflow's SQL store behaves differently (real row locks,
 no database-wide lock).
@@ -8,16 +8,15 @@ no database-wide lock).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import pytest
 from _s3gcs_fixtures import moto_endpoint  # noqa: F401
 
-from tracker_core.testing import servers
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.suite import (  # noqa: F401 - collected here, on this backend
+    clock,
     mgr,
     test_concurrent_processes_keep_the_best_model,
     test_concurrent_workers_keep_the_best_model,
@@ -34,25 +33,11 @@ from tracker_core.testing.suite import (  # noqa: F401 - collected here, on this
 from tracker_core_s3.testing import make_s3_backend_under_test
 
 
-@pytest.fixture(scope="module")
-def postgres_server_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not servers.postgres_installed():  # a machine without PostgreSQL: say so
-        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not installed here")
-    workdir = tmp_path_factory.mktemp("pg")
-    with (
-        servers.postgres(workdir) as database_uri,
-        servers.mlflow_server(workdir / "mlflow", database_uri) as url,
-    ):
-        yield url
-
-
 @pytest.fixture(params=["s3-postgres"])
 def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_server_tracking: str
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_tracking: str
 ) -> BackendUnderTest:
-    leg = make_s3_backend_under_test(
-        request.getfixturevalue("moto_endpoint"), postgres_server_tracking
-    )
+    leg = make_s3_backend_under_test(request.getfixturevalue("moto_endpoint"), postgres_tracking)
     return attrs.evolve(
         leg, id=request.param, capabilities=leg.capabilities | {"mlflow", "processes"}
     )

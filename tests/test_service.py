@@ -33,6 +33,7 @@ from _service_harness import (
     tail,
     wait_for,
 )
+from _service_methods import SearchParams
 
 import tracker_core
 from tracker_core.cli import main
@@ -104,7 +105,7 @@ def test_task_runs_to_done_and_its_result_matches_mlflow(
     assert done_task["updated_at"] > created["updated_at"] == created["created_at"]
     assert done_task["created_at"].endswith("Z") and done_task["attempts"] == 1
     assert done_task["progress"] == {
-        "planned": 3, "queued": 0, "running": 0, "finished": 3, "failed": 0,
+        "planned": 3, "queued": 0, "running": 0, "finished": 3, "failed": 0, "pruned": 0,
     }  # fmt: skip
     result = done_task["result"]
     with mlflow_manager(stack, "svc-fast") as manager:
@@ -342,6 +343,65 @@ def test_methods_health_list_and_openapi(stack: Stack, done_task: dict[str, Any]
     assert status == 200 and f"{API}/task/{{task_id}}/cancel" in spec["paths"]
 
 
+# ---------------------------------------------------------------------- the search (issue 19)
+def test_a_task_searches_prunes_and_counts_its_pruned_run(stack: Stack) -> None:
+    methods = {m["name"]: m for m in stack.client.methods()}
+    assert methods["svc-fast"]["search_space"] is None and methods["svc-fast"]["search"] is None
+    searched = methods["svc-search"]
+    assert searched["proposal"] == "top_n" and searched["error"] is None
+    assert searched["search_space"] == {
+        "x": {"name": "FloatDistribution", "attributes": {"log": False, "step": None,
+                                                          "low": 0.0, "high": 1.0}},
+    }  # fmt: skip
+    assert searched["search"] == {
+        "max_runs": 8, "sampler": "TPESampler", "pruner": "MedianPruner",
+        "intermediate_metric": "quality",
+    }  # fmt: skip
+
+    # refused up front, naming the field and the rule; nothing is written
+    before = stack.count_tasks()
+    status, body = post(stack, {"fine_tuning_method": "svc-fast", "proposal": "search"})
+    assert status == 422 and body["field"] == "proposal" and "search space" in body["rule"]
+    status, body = post(stack, {"fine_tuning_method": "svc-search", "proposal": "grid"})
+    assert status == 422 and body["field"] == "proposal"
+    status, body = post(stack, {"fine_tuning_method": "svc-search", "max_runs": 0})
+    assert status == 422 and body["field"] == "max_runs"
+    assert stack.count_tasks() == before
+
+    # the first iteration's runs are its three initial sets, as parallel run jobs; the weak
+    # one is pruned from the others' values in the tracking store
+    created = stack.client.create("svc-search", batch_id="s1", proposal="search", max_runs=3)
+    assert created["proposal"] == "search" and created["max_runs"] == 3
+    done = stack.wait_status(created["id"], "done")
+    assert done["progress"] == {
+        "planned": 3, "queued": 0, "running": 0, "finished": 2, "failed": 0, "pruned": 1,
+    }  # fmt: skip
+    (pruned,) = done["result"]["pruned_runs"]
+    assert pruned["params"] == {"x": 0.0} and done["result"]["failed_runs"] == []
+    assert done["result"]["best_metric"] == 1.0 and len(done["result"]["runs"]) == 3
+    with mlflow_manager(stack, "svc-search") as manager:
+        run = manager.get_run_by_id(pruned["run_id"])
+        assert run is not None and run.status.value == "KILLED"
+        assert run.tags["tracker.pruned"] == "true"
+
+    # the next batch, one run after another: the incumbent and two sets the sampler proposes
+    # from the first batch; the same key and body is the same task, another budget a conflict
+    body = {"fine_tuning_method": "svc-search", "batch_id": "s2", "proposal": "search",
+            "max_runs": 3, "max_parallel_runs": 1, "idempotency_key": "search-s2"}  # fmt: skip
+    status, task = post(stack, body)
+    assert status == 201
+    status, again = post(stack, body)
+    assert status == 200 and again["id"] == task["id"]
+    status, conflict = post(stack, {**body, "max_runs": 4})
+    assert status == 409 and "max_runs 4 (the task has 3)" in conflict["detail"]
+    second = stack.wait_status(task["id"], "done")
+    assert second["progress"]["planned"] == 3 and second["progress"]["queued"] == 0
+    with mlflow_manager(stack, "svc-search") as manager:
+        runs = manager.get_runs(second["result"]["experiment_id"])
+        xs = sorted(SearchParams.from_mlflow(r.params).x for r in runs)
+    assert len(xs) == 3 and 0.7 in xs and len(set(xs) - {0.7, 0.6, 0.0}) == 2
+
+
 # ---------------------------------------------------------------------- one iteration at a time
 def test_same_batch_waits_for_the_running_task_and_a_pending_cancel_never_starts(
     stack: Stack,
@@ -405,11 +465,14 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 def test_cli_against_the_live_api(stack: Stack, done_task: dict[str, Any]) -> None:
     url = ["--url", stack.url]
     create = ["task", "create", "svc-fail", "--batch-id", "cli-1", "--metadata", '{"a": 1}']
-    create += ["--idempotency-key", "cli-k", *url]
+    create += ["--idempotency-key", "cli-k", "--proposal", "top_n", "--max-runs", "2", *url]
     code, out, _ = run_cli(*create, "--json")
     assert code == 0
     created = json.loads(out)
     assert created["batch_id"] == "cli-1" and created["metadata"] == {"a": 1}
+    assert created["proposal"] == "top_n" and created["max_runs"] == 2
+    code, _, err = run_cli("task", "create", "svc-fast", "--proposal", "search", *url)
+    assert code == 1 and "HTTP 422" in err and "search space" in err
     code, out, _ = run_cli("--json", *create)
     assert code == 0 and json.loads(out)["id"] == created["id"]
     code, out, _ = run_cli("task", "cancel", created["id"], *url)

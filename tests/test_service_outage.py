@@ -138,7 +138,9 @@ def outage_round(
     assert status == 201, later
     done = wait_ended(stack, task["id"])
     assert done["status"] == "done" and done["attempts"] == 1, done
-    assert done["progress"] == {"planned": 2, "queued": 0, "running": 0, "finished": 2, "failed": 0}
+    assert done["progress"] == {
+        "planned": 2, "queued": 0, "running": 0, "finished": 2, "failed": 0, "pruned": 0,
+    }  # fmt: skip
     events = started_runs(stack, since)
     # each run trained once, by one child kept alive through the outage, and ended in it
     starts = Counter(p for event, p, _, _ in events if event == "start")

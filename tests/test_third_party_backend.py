@@ -101,10 +101,13 @@ def test_connect_picks_up_a_backend_installed_from_its_own_distribution(
     assert run is not None and run.artifact_uri.startswith("memory://x/models/")
 
 
-def test_the_plugin_runs_the_whole_behaviour_suite(plugin_target: Path, tmp_path: Path) -> None:
-    """The plug-in's own test file supplies one ``backend`` fixture and imports the suite
-    (run in a process where the plug-in is installed, and nothing of this repo's tests)."""
-    pytest.importorskip("tracker_core.testing.suite")
+def test_the_plugin_passes_the_artifact_contract_and_a_behaviour_smoke(
+    plugin_target: Path, tmp_path: Path
+) -> None:
+    """The plug-in's own test file supplies the ``artifact_backend`` and ``backend`` fixtures
+    and imports the shipped artifact-store contract and a few behaviour tests (run in a
+    process where the plug-in is installed, and nothing of this repo's tests)."""
+    pytest.importorskip("tracker_core.testing.contract_artifacts")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(plugin_target), os.environ.get("PYTHONPATH", "")]),

@@ -1,9 +1,10 @@
-"""Moving a model's files: folders of many files, the manifest, progress, streaming transfers.
+"""Moving a model's files on S3 (moto) and GCS (emulator): requests per file, streaming.
 
-On the local disk, S3 (moto) and GCS (emulator), tracking on SQLite. Requests are counted on
-the real filesystems (never timed): a download given the model's manifest lists nothing, a
-file moves in as few requests as its size allows, and a big object read in ranges is never
-mixed from two versions.
+Requests are counted on the real filesystems (never timed): a file moves in as few requests
+as its size allows, and a big object read in ranges is never mixed from two versions. What
+every artifact store does with folders, manifests and progress is the artifact contract
+(:mod:`tracker_core.testing.contract_artifacts`, on every store); a manifest too long for a
+tag is the manager's, tested here once.
 """
 
 from __future__ import annotations
@@ -11,78 +12,26 @@ from __future__ import annotations
 import math
 import random
 import tracemalloc
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _s3gcs_fixtures import *  # noqa: F403 - the fixtures
-from _s3gcs_fixtures import SmallParams, artifact_leg
+from _s3gcs_fixtures import SmallParams
 from fsspec.callbacks import Callback
 
 import tracker_core
 from tracker_core import ExperimentsManager, FineTuningIteration, MetricValue
-from tracker_core import codecs as codec_registry
 from tracker_core import tags as T
-from tracker_core.codecs import ModelCodec
-from tracker_core.errors import ModelFilesMissingError, TransientError
+from tracker_core.errors import TransientError
 from tracker_core.fsspec_store import FsspecArtifactStore
-from tracker_core.testing.harness import FAST_RETRY
-
-FOLDER = "test-folder"
-
-
-class FolderCodec(ModelCodec):
-    """A model that is a folder of files (a tokenizer): ``{relative path: bytes}``."""
-
-    name = FOLDER
-
-    def save(self, model: Any, directory: Path, requirements: Sequence[str] | None = None) -> None:
-        for rel, data in model.items():
-            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-            (directory / rel).write_bytes(data)
-
-    def load(self, directory: Path, model_factory: Any = None) -> Any:
-        return {
-            p.relative_to(directory).as_posix(): p.read_bytes()
-            for p in sorted(directory.rglob("*"))
-            if p.is_file()
-        }
-
-
-def tokenizer(files: int = 20, seed: int = 0) -> dict[str, bytes]:
-    """A tokenizer-like folder: a few named files, the rest in a subfolder, 1-60 KB each."""
-    rng = random.Random(seed)
-    names = ["tokenizer.json", "vocab.txt", "merges.txt", "special_tokens_map.json"]
-    names += [f"assets/part-{i:02d}.bin" for i in range(files - len(names))]
-    return {name: rng.randbytes(rng.randint(1_000, 60_000)) for name in names}
-
-
-@pytest.fixture
-def folder_codec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(codec_registry._codecs, FOLDER, FolderCodec())
-
-
-@pytest.fixture(params=["local", "s3", "gcs"])
-def folder_mgr(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    sqlite_tracking_uri: str,
-    folder_codec: None,
-    _base_env: None,
-) -> Iterator[ExperimentsManager]:
-    artifact_uri, options = artifact_leg(request, request.param, tmp_path, "m")
-    manager = tracker_core.connect(
-        artifact_uri,
-        tracking_uri=sqlite_tracking_uri,
-        main_metric="quality",
-        plugin_name="transfers",
-        storage_options=options,
-        retry=FAST_RETRY,
-        model_format=FOLDER,
-    )
-    yield manager
-    manager.close()
+from tracker_core.testing.contract_artifacts import (  # noqa: F401 - folder_codec: a fixture
+    FOLDER,
+    FolderCodec,
+    files_of,
+    folder_codec,
+    tokenizer,
+)
 
 
 def _save(manager: ExperimentsManager, model: dict[str, bytes]) -> str:
@@ -95,59 +44,9 @@ def _save(manager: ExperimentsManager, model: dict[str, bytes]) -> str:
     return run_id
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return FolderCodec().load(folder)
-
-
-class Listings:
-    """Counts listings of the store's filesystem."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: FsspecArtifactStore) -> None:
-        self.count = 0
-        find = store.fs.find
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.count += 1
-            return find(*args, **kwargs)
-
-        monkeypatch.setattr(store.fs, "find", counted)
-
-
-def test_a_folder_of_many_files_round_trips_with_its_manifest_and_lists_nothing(
-    folder_mgr: ExperimentsManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = tokenizer()
-    run_id = _save(folder_mgr, model)
-    run = folder_mgr.get_run_by_id(run_id)
-    assert run is not None
-    manifest = {rel: len(data) for rel, data in model.items()}
-    assert tracker_core.models.manifest_of(run) == manifest
-
-    store = folder_mgr.artifacts.inner  # the backend's store, under the retry policy
-    assert isinstance(store, FsspecArtifactStore)
-    listings = Listings(monkeypatch, store)
-    folder = folder_mgr.download_model_files(run_id, tmp_path / "down")
-    assert _files(folder) == model
-    assert folder_mgr.download_model_by_run_id(run_id) == model
-    assert listings.count == 0
-
-
-def test_a_model_without_a_manifest_is_listed_and_round_trips(
-    folder_mgr: ExperimentsManager, tmp_path: Path
-) -> None:
-    """Models saved before manifests were recorded (or whose manifest does not fit a tag)."""
-    model = tokenizer()
-    run_id = _save(folder_mgr, model)
-    folder_mgr.tracking.delete_tag(run_id, T.TAG_MODEL_FILES)
-    run = folder_mgr.get_run_by_id(run_id)
-    assert run is not None and tracker_core.models.manifest_of(run) is None
-
-    assert _files(folder_mgr.download_model_files(run_id, tmp_path / "down")) == model
-    assert folder_mgr.download_model_by_run_id(run_id) == model
-
-
+@pytest.mark.usefixtures("folder_codec", "_base_env")
 def test_a_manifest_too_long_for_a_tag_is_left_out_and_the_model_still_round_trips(
-    tmp_path: Path, sqlite_tracking_uri: str, folder_codec: None, _base_env: None
+    tmp_path: Path, sqlite_tracking_uri: str
 ) -> None:
     manager = tracker_core.connect(
         str(tmp_path / "models"),
@@ -160,73 +59,8 @@ def test_a_manifest_too_long_for_a_tag_is_left_out_and_the_model_still_round_tri
     run_id = _save(manager, model)
     run = manager.get_run_by_id(run_id)
     assert run is not None and T.TAG_MODEL_FILES not in run.tags
-    assert _files(manager.download_model_files(run_id, tmp_path / "down")) == model
+    assert files_of(manager.download_model_files(run_id, tmp_path / "down")) == model
     manager.close()
-
-
-def test_a_file_of_the_manifest_gone_from_the_store_is_missing_model_files(
-    folder_mgr: ExperimentsManager, tmp_path: Path
-) -> None:
-    model = tokenizer()
-    run_id = _save(folder_mgr, model)
-    run = folder_mgr.get_run_by_id(run_id)
-    assert run is not None
-    store = folder_mgr.artifacts.inner  # the backend's store, under the retry policy
-    assert isinstance(store, FsspecArtifactStore)
-    uri = tracker_core.models.ModelKeeper.uri_of(run)
-    store.fs.rm(store._path(f"{uri}/assets/part-07.bin"))
-
-    with pytest.raises(ModelFilesMissingError, match="verify"):
-        folder_mgr.download_model_files(run_id, tmp_path / "down")
-    with pytest.raises(ModelFilesMissingError):
-        folder_mgr.download_model_by_run_id(run_id)
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-
-    def __call__(self, done: int, total: int) -> None:
-        self.calls.append((done, total))
-
-
-def test_progress_over_a_folder_of_many_files_rises_to_its_total(
-    folder_mgr: ExperimentsManager, tmp_path: Path
-) -> None:
-    model = tokenizer(files=24, seed=3)
-    total = sum(len(v) for v in model.values())
-    source = tmp_path / "source"
-    FolderCodec().save(model, source)
-    store = folder_mgr.artifacts
-    uri = store.join("progress-folder")
-
-    up = Progress()
-    store.upload_dir(source, uri, up)
-    down = Progress()
-    manifest = {rel: len(data) for rel, data in model.items()}
-    store.download_dir(uri, tmp_path / "down", down, files=manifest)
-    listed = Progress()
-    store.download_dir(uri, tmp_path / "listed", listed)
-
-    for calls in (up.calls, down.calls, listed.calls):
-        assert calls and calls[-1] == (total, total)
-        assert all(t == total for _, t in calls)
-        assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert _files(tmp_path / "down") == model == _files(tmp_path / "listed")
-
-
-def test_resaving_a_model_into_the_same_folder_leaves_none_of_the_old_files(
-    folder_mgr: ExperimentsManager, tmp_path: Path
-) -> None:
-    store = folder_mgr.artifacts
-    uri = store.join("resaved")
-    first, second = tmp_path / "first", tmp_path / "second"
-    FolderCodec().save(tokenizer(files=12, seed=1), first)
-    FolderCodec().save({"only.bin": b"new"}, second)
-    store.upload_dir(first, uri)
-    store.upload_dir(second, uri)
-    store.download_dir(uri, tmp_path / "down")  # listed: sees whatever is there
-    assert _files(tmp_path / "down") == {"only.bin": b"new"}
 
 
 # ------------------------------------------------------------------ S3: requests per file
@@ -575,7 +409,7 @@ def test_s3_a_folder_saved_over_an_old_one_costs_its_puts_one_listing_and_one_de
         ["put_object"] * len(new) + ["list_objects_v2", "delete_objects"]
     )
     store.download_dir(uri, tmp_path / "down")
-    assert _files(tmp_path / "down") == new
+    assert files_of(tmp_path / "down") == new
 
 
 def test_gcs_a_folder_saved_over_an_old_one_whose_files_vanish_meanwhile_is_saved(
@@ -606,7 +440,7 @@ def test_gcs_a_folder_saved_over_an_old_one_whose_files_vanish_meanwhile_is_save
     store.upload_dir(second, uri)
     monkeypatch.undo()
     store.download_dir(uri, tmp_path / "down")
-    assert _files(tmp_path / "down") == {"only.bin": b"new"}
+    assert files_of(tmp_path / "down") == {"only.bin": b"new"}
 
 
 def test_gcs_a_chunk_failing_mid_upload_cancels_the_resumable_upload(

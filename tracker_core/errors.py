@@ -29,9 +29,11 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotSavedError",
+    "ModelProtectedError",
     "NoActiveIterationError",
     "NoActiveRunError",
     "NoModelToKeepError",
+    "PromotionError",
     "RunInUseError",
     "TrackerError",
     "TrackingStoreError",
@@ -141,6 +143,16 @@ class NoModelToKeepError(CleanupRefusedError):
 
 class IterationInUseError(CleanupRefusedError):
     """The iteration still has runs held by live workers; it can be deleted once they end."""
+
+
+class ModelProtectedError(CleanupRefusedError):
+    """The model (or an iteration holding it) is the champion or the rollback model of a
+    registered model: no cleanup deletes it while an alias points at it."""
+
+
+class PromotionError(TrackerError):
+    """A promotion, rollback or champion lookup could not be done as asked (no model
+    registry, no champion to roll back to, a run that holds no servable model)."""
 
 
 class IterationFailedError(TrackerError, RuntimeError):

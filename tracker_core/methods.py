@@ -38,6 +38,12 @@ once unless the iteration was asked to stop (a task canceled in the task service
 raises :class:`~tracker_core.finetune.IterationStopped`, which leaves the run unfinished, as a
 crash would, so a later call for the same batch resumes it.
 
+How each iteration's params sets are chosen is the method's :attr:`~FineTuningMethod.proposal`
+(a task may choose): the seed's top-N rule by default, or ``"search"`` over
+:attr:`~FineTuningMethod.search_space`, as :attr:`~FineTuningMethod.search` says
+(:mod:`tracker_core.search`); a ``train`` that logs an intermediate value every epoch and
+then calls :func:`tracker_core.finetune.check_prune` lets the search's pruner stop a weak run.
+
 Methods are found by name through the entry-point group ``tracker_core.methods`` (see
 :func:`load_method`) or passed as objects.
 """
@@ -57,6 +63,7 @@ from tracker_core.errors import ConfigurationError
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
 from tracker_core.registry import import_object
+from tracker_core.search import POLICIES, Search, SearchSpace
 
 __all__ = [
     "METHOD_GROUP",
@@ -87,6 +94,15 @@ class FineTuningMethod(abc.ABC, Generic[P]):
             (on as many workers); None (the default): no cap of the method's own. A method
             whose runs cannot share what they use (one licence, one dataset server, every GPU
             of a host) caps it; 1 trains its params sets one after another in one process.
+        search_space: the params' :class:`~tracker_core.search.SearchSpace` (Optuna
+            distributions over fields of :attr:`params_type`), for the ``search`` policy;
+            None (the default): the method cannot be searched.
+        search: how the method is searched when it is (:class:`~tracker_core.search.Search`:
+            budget, sampler, pruner, intermediate metric); None: ``Search()``'s defaults.
+        proposal: the policy that chooses each iteration's params sets unless the caller (a
+            task's ``proposal``) says otherwise: ``"top_n"`` (the default: the previous
+            iteration's top-N, else :meth:`initial_params`) or ``"search"`` (proposed by an
+            Optuna sampler from every earlier iteration, weak runs pruned).
     """
 
     name: str
@@ -96,6 +112,16 @@ class FineTuningMethod(abc.ABC, Generic[P]):
     model_format: str | None = None
     model_factory: ModelFactory | None = None
     max_parallel_runs: int | None = None
+    search_space: SearchSpace[Any] | None = None
+    search: Search | None = None
+    proposal: str = "top_n"
+    #: what an iteration starts from: "champion" (the default with a holdout) or "last"
+    start_from: str | None = None
+
+    def evaluate_holdout(self, model: Any) -> float:
+        """Optional: the main metric of ``model`` on a fixed holdout set, the same for every
+        batch. Implementing it turns on promotion (:mod:`tracker_core.promotion`)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def initial_model(self) -> Any:
@@ -165,6 +191,23 @@ def _check_method(method: object) -> None:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ConfigurationError(
             f"{type(method).__name__}.max_parallel_runs must be None or an int >= 1, got {cap!r}"
+        )
+    space = getattr(method, "search_space", None)
+    if space is not None and not isinstance(space, SearchSpace):
+        raise ConfigurationError(
+            f"{type(method).__name__}.search_space must be None or a tracker_core.search."
+            f"SearchSpace, got {type(space).__name__}"
+        )
+    search = getattr(method, "search", None)
+    if search is not None and not isinstance(search, Search):
+        raise ConfigurationError(
+            f"{type(method).__name__}.search must be None or a tracker_core.search.Search, "
+            f"got {type(search).__name__}"
+        )
+    if getattr(method, "proposal", "top_n") not in POLICIES:
+        raise ConfigurationError(
+            f"{type(method).__name__}.proposal must be one of {', '.join(POLICIES)}, "
+            f"got {method.proposal!r}"
         )
 
 

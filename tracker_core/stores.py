@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import attrs
 
 from tracker_core.errors import ArtifactStoreError
+from tracker_core.registry_store import RegistryStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 
 __all__ = [
@@ -53,12 +54,14 @@ class ExperimentQuery:
     """Which experiments to list: all active ones whose tags equal ``tags``, newest first.
 
     ``exclude_names`` drops experiments by name; ``created_before_ms`` keeps only those created
-    strictly before that time (milliseconds since the epoch).
+    strictly before that time (milliseconds since the epoch); ``include_deleted`` lists
+    deleted ones too (MLflow keeps a deleted experiment, renamed, until ``mlflow gc``).
     """
 
     tags: Mapping[str, str] = attrs.field(factory=dict, converter=_dict)
     exclude_names: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     created_before_ms: int | None = None
+    include_deleted: bool = False
 
 
 @attrs.frozen
@@ -71,7 +74,8 @@ class RunQuery:
     - ``order_by_metric``: newest value of that metric, descending unless ``ascending``;
       runs without it come last. Ties keep the store's order (callers that need a
       deterministic order break ties themselves);
-    - ``max_results``: at most this many (None: all, paged by the store).
+    - ``max_results``: at most this many (None: all, paged by the store);
+    - ``include_deleted``: deleted runs too (those of a deleted experiment, until ``mlflow gc``).
     """
 
     experiment_ids: tuple[str, ...] = attrs.field(converter=_tuple)
@@ -83,6 +87,7 @@ class RunQuery:
     order_by_metric: str | None = None
     ascending: bool = False
     max_results: int | None = None
+    include_deleted: bool = False
 
 
 @attrs.frozen
@@ -215,6 +220,11 @@ class TrackingStore(abc.ABC):
 
     def classify_error(self, exc: BaseException) -> bool | None:
         """True if ``exc`` is transient (worth a retry), False if permanent, None if unknown."""
+        return None
+
+    def open_registry(self) -> RegistryStore | None:
+        """The model registry beside this store (:mod:`tracker_core.registry_store`), or None
+        if it has none (the default); promotion needs one."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

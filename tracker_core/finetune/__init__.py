@@ -6,12 +6,14 @@
    the model to start from (the best model of the newest iteration holding one, else the initial
    model); each run loads it from a local working copy.
 2. **Hyper-parameter selection**: the previous iteration's top-N params, else the method's
-   initial sets.
+   initial sets; or, with the ``search`` policy, the previous best plus the sets an Optuna
+   sampler proposes from every earlier iteration (:mod:`tracker_core.search`).
 3. **Iteration creation**: ``FineTuningIteration(plugin, batch_id, run_id=<start run>)``.
 4.-6. **Runs**: for each params set, start or resume its run (a run that finished in an
    earlier attempt is skipped), train a fresh copy of the starting model, evaluate and log
    the main metric, save the model if it is among the best, finish the run. A run whose
-   method raises is FAILED and does not count.
+   method raises is FAILED and does not count; one the search's pruner stops ends KILLED
+   (tagged ``tracker.pruned``) and does not count either.
 7. **Iteration completion**: finish the iteration and delete the iteration it started from
    (its models included); while live workers still hold runs of that iteration its deletion
    is deferred to a later completion. The initial model is never deleted.
@@ -40,12 +42,20 @@ The parts, one concept a module (every name above is importable from this packag
 - :mod:`.results`: what an iteration and its runs ended as (:class:`RunResult`,
   :class:`IterationResult`) and how far one is (:class:`IterationProgress`);
 - :mod:`.stopping`: stopping on request (:class:`IterationStopped`, :func:`check_stop`,
-  :func:`stop_requested`).
+  :func:`stop_requested`);
+- :mod:`.pruning`: stopping a weak run inside ``train`` (:func:`check_prune`,
+  :class:`RunPruned`), with the ``search`` policy's pruner.
 """
 
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.driver import run_iteration, run_prepared
-from tracker_core.finetune.plan import IterationPlan, parse_iteration_name, prepare_iteration
+from tracker_core.finetune.plan import (
+    IterationPlan,
+    method_policy,
+    parse_iteration_name,
+    prepare_iteration,
+)
+from tracker_core.finetune.pruning import RunPruned, check_prune
 from tracker_core.finetune.results import IterationProgress, IterationResult, RunResult
 from tracker_core.finetune.run import train_run
 from tracker_core.finetune.stopping import IterationStopped, check_stop, stop_requested
@@ -55,9 +65,12 @@ __all__ = [
     "IterationProgress",
     "IterationResult",
     "IterationStopped",
+    "RunPruned",
     "RunResult",
+    "check_prune",
     "check_stop",
     "complete_iteration",
+    "method_policy",
     "parse_iteration_name",
     "prepare_iteration",
     "run_iteration",

@@ -19,7 +19,9 @@ leases) spread over its params sets: each trains the params sets in order, skipp
 another live worker holds and coming back to it at the end (the runs ended meanwhile are found
 in one read and skipped), where it waits for that run to end (skipped, as finished) or for its
 worker's lease to expire (then trained: its worker died).
-One worker trains a run at a time, and a run that ended is never trained again.
+One worker trains a run at a time, and a run that ended is never trained again (a run the
+search's pruner stopped ended too, KILLED: it is skipped like the others, whichever worker
+pruned it).
 
 Failure semantics:
 
@@ -41,7 +43,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from tracker_core.errors import RunInUseError
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.plan import IterationPlan, _enter, prepare_iteration
 from tracker_core.finetune.results import IterationProgress, IterationResult
-from tracker_core.finetune.run import _StartModel, _train_taken
+from tracker_core.finetune.run import _pruning, _StartModel, _train_taken
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
@@ -73,6 +75,8 @@ def run_iteration(
     work_dir: str | Path | None = None,
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    proposal: str | None = None,
+    max_runs: int | None = None,
 ) -> IterationResult:
     """Run (or resume) one fine-tuning iteration of ``method`` on the data batch ``batch_id``.
 
@@ -94,7 +98,9 @@ def run_iteration(
     It is :func:`prepare_iteration` followed by :func:`run_prepared`.
     """
     with _stop_scope(should_stop):
-        plan = prepare_iteration(method, manager, batch_id, seed=seed)
+        plan = prepare_iteration(
+            method, manager, batch_id, seed=seed, proposal=proposal, max_runs=max_runs
+        )
         return run_prepared(
             method,
             manager,
@@ -126,7 +132,7 @@ def run_prepared(
                 outcomes = _run_all(
                     method,
                     manager,
-                    plan.params,
+                    plan,
                     _StartModel(manager, plan.start_run_id, work / "model"),
                     on_progress,
                     should_stop,
@@ -143,14 +149,19 @@ def run_prepared(
 def _run_all(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
-    params: Sequence[FineTuningParams],
+    plan: IterationPlan,
     start: _StartModel,
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
     """Steps 4-6 for every params set, in order, a run another live worker holds put back at
-    the end of the line (see the module docstring): ``{params id: (trained, error)}``."""
+    the end of the line (see the module docstring): ``{params id: (trained, error)}``.
+    A pruned run ended, like any other: it is not trained again."""
+    params = plan.params
+    pruning = _pruning(method, manager, plan)
     done: dict[str, tuple[bool, str | None]] = {}
+    #: the params sets this call found or left pruned (for the progress reports)
+    pruned: set[str] = set()
     line = collections.deque(enumerate(params, 1))
     #: runs found held one after another since the last run taken or the last pause
     held_in_a_row = 0
@@ -161,7 +172,7 @@ def _run_all(
     def report() -> None:
         if on_progress is not None:
             failed = sum(1 for _, error in done.values() if error is not None)
-            on_progress(IterationProgress(len(params), len(done), failed))
+            on_progress(IterationProgress(len(params), len(done), failed, len(pruned)))
 
     def skip(index: int, p: FineTuningParams) -> None:
         log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
@@ -202,7 +213,10 @@ def _run_all(
         if taken_ended:
             skip(index, p)
         else:
-            done[p.id] = _train_taken(method, manager, p, start, label)
+            trained, error, was_pruned = _train_taken(method, manager, p, start, label, pruning)
+            done[p.id] = (trained, error)
+            if was_pruned:
+                pruned.add(p.id)
             report()
     return done
 

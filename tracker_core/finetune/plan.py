@@ -4,10 +4,15 @@ it returns.
 1. **Initial model setup**: upload the method's initial model if none was uploaded yet; pick
    the model to start from (the best model of the newest iteration holding one, else the initial
    model). Nothing is downloaded here: each run loads it when it trains.
-2. **Hyper-parameter selection**: the previous iteration's top-N params, else the method's
-   initial sets (plus those of the runs an earlier attempt of the same batch created).
+2. **Hyper-parameter selection**, by the proposal policy (:mod:`tracker_core.search`): the
+   previous iteration's top-N params, else the method's initial sets (``top_n``, the
+   default); or (``search``) the previous best (else the initial sets) and sets an Optuna
+   sampler proposes from every earlier iteration's runs, up to ``max_runs``
+   (:mod:`tracker_core.search_study`). Plus, either way, the params of the runs an earlier
+   attempt of the same batch created.
 3. **Iteration creation**: ``FineTuningIteration(plugin, batch_id, run_id=<start run>)``, or
-   the newest iteration of that batch when it is resumed.
+   the newest iteration of that batch when it is resumed. A search creates it before step 2:
+   its history ends where the iteration begins, so a resumed iteration proposes the same sets.
 
 The plan is a value that can be sent to other processes as JSON (:meth:`IterationPlan.to_json`);
 every later step begins with ``_enter``, which makes the plan's iteration current in the
@@ -25,9 +30,12 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError, InvalidParamsError, ModelNotFoundError
+from tracker_core.finetune.champion import start_policy, starting_run
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod, _check_method
 from tracker_core.params import FineTuningParams
+from tracker_core.search import ProposalPolicy, Search, TopN, resolve_policy
+from tracker_core.search_study import propose
 from tracker_core.values import (
     ExperimentRecord,
     FineTuningIteration,
@@ -47,8 +55,9 @@ class IterationPlan:
     from and the params sets to try, in order.
 
     ``ended`` tells, for the params sets whose run had already ended when the plan was made
-    (a resumed iteration), how it ended. :meth:`to_json` / :meth:`from_json` carry a plan to
-    other processes (the task service's run jobs).
+    (a resumed iteration), how it ended; ``proposal`` names the policy that chose the sets
+    (``search`` also prunes the runs, with the method's pruner). :meth:`to_json` /
+    :meth:`from_json` carry a plan to other processes (the task service's run jobs).
     """
 
     iteration: FineTuningIteration
@@ -61,6 +70,7 @@ class IterationPlan:
     resumed: bool
     params: tuple[FineTuningParams, ...]
     ended: Mapping[str, RunStatus] = attrs.field(factory=dict, eq=False)
+    proposal: str = TopN.name
 
     @property
     def started_from_initial(self) -> bool:
@@ -92,6 +102,7 @@ class IterationPlan:
             "resumed": self.resumed,
             "params": [{"id": p.id, "values": p.to_mlflow()} for p in self.params],
             "ended": {k: v.value for k, v in self.ended.items()},
+            "proposal": self.proposal,
         }
 
     @classmethod
@@ -119,6 +130,7 @@ class IterationPlan:
             resumed=bool(data["resumed"]),
             params=tuple(params),
             ended={k: RunStatus(v) for k, v in data.get("ended", {}).items()},
+            proposal=str(data.get("proposal", TopN.name)),
         )
 
 
@@ -140,15 +152,21 @@ def prepare_iteration(
     batch_id: str,
     *,
     seed: int | None = 0,
+    proposal: str | None = None,
+    max_runs: int | None = None,
 ) -> IterationPlan:
     """Steps 1-3: upload the initial model if needed, choose the starting model and the
     params sets, and create (or resume) the iteration, which is left current in ``manager``.
 
-    Downloads nothing: each run loads the starting model when it trains (step 4).
+    ``proposal`` (``"top_n"`` or ``"search"``; None: the method's own ``proposal``) and
+    ``max_runs`` (the most params sets to try; None: the policy's) choose the policy; see
+    :func:`method_policy`. Downloads nothing: each run loads the starting model when it
+    trains (step 4).
     """
     _check_method(method)
     _check_manager(manager, method)
     validate_name(batch_id, "batch_id")
+    policy = method_policy(method, proposal, max_runs)
     if manager.current_iteration is not None:
         manager.finish_iteration()
 
@@ -169,6 +187,8 @@ def prepare_iteration(
         existing, found = found[0], None
     resumed_iteration = parse_iteration_name(existing.name) if existing is not None else None
     previous: ExperimentRecord | None = None
+    start_run: RunRecord | None = None
+    previous_best_run: RunRecord | None = None  # the previous iteration's best (top params)
     if resumed_iteration is not None:
         start_run_id = resumed_iteration.run_id or initial_run_id
         start_run = manager.get_run_by_id(start_run_id)
@@ -176,30 +196,33 @@ def prepare_iteration(
             previous = manager.get_experiment(start_run.experiment_id)
             if previous is not None and previous.lifecycle_stage != "active":
                 previous = None
+        previous_best_run = start_run
+        if existing is not None and start_policy(method) == "champion":  # not the start's
+            before = manager.tracker.iterations.newest_with_model(existing)
+            if before is not None:
+                previous, previous_best_run = before
         log.info("resuming iteration %r", str(resumed_iteration))
     else:
         if found is not None:
-            previous, best = found
-            start_run_id = best.run_id
+            previous, previous_best_run = found
+            start_run = starting_run(method, manager, previous_best_run)  # the champion's?
+            start_run_id = start_run.run_id
             log.info("starting from the best model of %r (run %s)", previous.name, start_run_id)
         else:
             start_run_id = initial_run_id
             log.info("starting from the initial model (run %s)", start_run_id)
+    iteration = resumed_iteration or FineTuningIteration(method.name, batch_id, run_id=start_run_id)
 
-    # 2. hyper-parameter selection
-    params: list[FineTuningParams] = []
-    if previous is not None:
-        params = list(
-            manager.get_top_params_by_experiment_id(previous.experiment_id, method.params_type)
-            or []
-        )
+    # 2. hyper-parameter selection (a search creates the iteration first: step 3)
     # a resumed iteration whose starting iteration is already gone (a crash after step 7)
-    # only finishes the runs it has; any other iteration falls back to the initial sets
+    # only finishes the runs it has; any other iteration proposes its sets
     start_is_gone = (
         resumed_iteration is not None and start_run_id != initial_run_id and previous is None
     )
-    if not params and not start_is_gone:
-        params = list(method.initial_params(seed))
+    params: list[FineTuningParams] = []
+    if not start_is_gone:
+        previous_best = previous_best_run if previous is not None else None
+        params = _select(method, manager, policy, iteration, previous, previous_best, seed)
     ended: dict[str, RunStatus] = {}
     if existing is not None:  # runs already created by an earlier attempt are kept
         for run in sorted(
@@ -220,8 +243,8 @@ def prepare_iteration(
     log.info("%d params set(s) to try", len(params))
 
     # 3. iteration creation
-    iteration = resumed_iteration or FineTuningIteration(method.name, batch_id, run_id=start_run_id)
-    manager.set_iteration(iteration)
+    if manager.current_experiment_id is None:
+        manager.set_iteration(iteration)
     experiment_id = manager.current_experiment_id
     assert experiment_id is not None
     return IterationPlan(
@@ -233,7 +256,57 @@ def prepare_iteration(
         resumed=existing is not None,
         params=tuple(params),
         ended={p.id: ended[p.id] for p in params if p.id in ended},
+        proposal=policy.name,
     )
+
+
+def method_policy(
+    method: FineTuningMethod[Any], proposal: str | None = None, max_runs: int | None = None
+) -> ProposalPolicy:
+    """The proposal policy of ``method`` in force for a caller asking for ``proposal`` and
+    ``max_runs`` (None: the method's own; see :func:`tracker_core.search.resolve_policy`)."""
+    return resolve_policy(
+        method.search,
+        method.search_space,
+        method.params_type,
+        proposal or method.proposal,
+        max_runs,
+    )
+
+
+def _select(
+    method: FineTuningMethod[Any],
+    manager: ExperimentsManager,
+    policy: ProposalPolicy,
+    iteration: FineTuningIteration,
+    previous: ExperimentRecord | None,
+    previous_best: RunRecord | None,
+    seed: int | None,
+) -> list[FineTuningParams]:
+    """Step 2 by the policy: the top-N of the previous iteration, else the initial sets; or
+    the search's proposals (the previous best, else the initial sets, first)."""
+    if isinstance(policy, Search):
+        manager.set_iteration(iteration)  # 3. first: the search's history ends here
+        fixed: list[FineTuningParams] = []
+        if previous_best is not None:
+            try:
+                fixed = [method.params_type.from_mlflow(previous_best.params)]
+            except InvalidParamsError:
+                log.warning(
+                    "the previous best run %s has other params; not retried", previous_best.run_id
+                )
+        if not fixed:
+            fixed = list(method.initial_params(seed))
+        return propose(manager, policy, seed=seed, fixed=fixed)
+    params: list[FineTuningParams] = []
+    if previous is not None:
+        params = list(
+            manager.get_top_params_by_experiment_id(previous.experiment_id, method.params_type)
+            or []
+        )
+    if not params:
+        params = list(method.initial_params(seed))
+    return params[: policy.max_runs]
 
 
 def _enter(manager: ExperimentsManager, plan: IterationPlan) -> None:

@@ -17,9 +17,13 @@ from tracker_core import tags as T
 from tracker_core.errors import ModelNotFoundError, redact
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import Decision
 from tracker_core.values import RunStatus
 
 __all__ = ["IterationProgress", "IterationResult", "RunResult"]
+
+#: the statuses whose main metric counts (a FAILED or pruned run's does not)
+_RANKED = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.SCHEDULED)
 
 
 @attrs.frozen
@@ -27,7 +31,8 @@ class RunResult:
     """One params set of an iteration and how its run ended.
 
     ``trained`` is False when the run had finished in an earlier attempt and was skipped;
-    ``has_model`` tells whether the run holds a stored model at the end of the iteration.
+    ``has_model`` tells whether the run holds a stored model at the end of the iteration;
+    ``pruned``: the search's pruner stopped it (KILLED; never the best, never a model).
     """
 
     params: FineTuningParams
@@ -37,6 +42,7 @@ class RunResult:
     trained: bool
     has_model: bool
     error: str | None = None
+    pruned: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -51,6 +57,7 @@ class RunResult:
             "trained": self.trained,
             "has_model": self.has_model,
             "error": None if self.error is None else redact(self.error),
+            "pruned": self.pruned,
         }
 
 
@@ -76,6 +83,8 @@ class IterationResult:
     #: the iteration deleted at the end (the one this iteration started from), if any; None
     #: also when its deletion was deferred (live workers still held runs of it)
     deleted_iteration_id: str | None
+    #: the holdout gate's decision on the best model (a method with ``evaluate_holdout``)
+    promotion: Decision | None = None
 
     @property
     def failed_runs(self) -> tuple[RunResult, ...]:
@@ -85,11 +94,18 @@ class IterationResult:
     def trained_runs(self) -> tuple[RunResult, ...]:
         return tuple(r for r in self.runs if r.trained)
 
+    @property
+    def pruned_runs(self) -> tuple[RunResult, ...]:
+        return tuple(r for r in self.runs if r.pruned)
+
     def to_json(self) -> dict[str, Any]:
         """The one JSON view of a result: ``tracker-core run --json`` prints it, and a task of
         the service ends ``done`` with it as its ``result``. ``runs`` lists every params set
         (as :meth:`RunResult.to_json`); ``trained_runs`` counts those trained by this call;
-        ``failed_runs`` repeats the failed ones' id, params and error."""
+        ``failed_runs`` repeats the failed ones' id, params and error, ``pruned_runs`` the
+        pruned ones' id and params; ``promotion`` is the holdout gate's decision
+        (:meth:`~tracker_core.decisions.Decision.to_json`, both scores and the outcome) or
+        None."""
         return {
             "plugin": self.plugin_name,
             "iteration": self.iteration_name,
@@ -104,11 +120,16 @@ class IterationResult:
             "best_metric": self.best_metric,
             "best_model_uri": self.best_model_uri,
             "deleted_iteration_id": self.deleted_iteration_id,
+            "promotion": None if self.promotion is None else self.promotion.to_json(),
             "runs": [r.to_json() for r in self.runs],
             "trained_runs": len(self.trained_runs),
             "failed_runs": [
                 {k: v for k, v in r.to_json().items() if k in ("run_id", "params", "error")}
                 for r in self.failed_runs
+            ],
+            "pruned_runs": [
+                {k: v for k, v in r.to_json().items() if k in ("run_id", "params")}
+                for r in self.pruned_runs
             ],
         }
 
@@ -116,11 +137,13 @@ class IterationResult:
 @attrs.frozen
 class IterationProgress:
     """How far an iteration is: ``finished`` of ``planned`` runs have ended (trained in this
-    call, or finished in an earlier one), ``failed`` of them failed in this call."""
+    call, or finished in an earlier one), ``failed`` of them failed and ``pruned`` of them
+    were pruned in this call."""
 
     planned: int
     finished: int
     failed: int
+    pruned: int = 0
 
 
 def _collect(
@@ -142,10 +165,11 @@ def _collect(
                 params=p,
                 run_id=run.run_id,
                 status=run.status,
-                metric=None if run.status == RunStatus.FAILED else metric,
+                metric=metric if run.status in _RANKED else None,
                 trained=trained,
                 has_model=run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE,
                 error=error,
+                pruned=run.status == RunStatus.KILLED and run.tags.get(T.TAG_PRUNED) == T.TRUE,
             )
         )
     return out

@@ -11,6 +11,11 @@ copy (``_StartModel``) that each run loads from; step 8 removes it, on every pat
 An exception from the method (``train``/``evaluate``, or a non-finite metric) fails that run
 only (FAILED, with the error logged and reported); a failure of the stores or an interrupt
 propagates and leaves the run unfinished, so the next attempt restarts it.
+
+With the ``search`` policy and a pruner, the run's pruning is current while ``train`` runs
+(:func:`~tracker_core.finetune.check_prune`); a pruned run ends KILLED and tagged
+(:mod:`tracker_core.pruning`), whichever process trains it: the other runs' intermediate
+values come from the tracking store.
 """
 
 from __future__ import annotations
@@ -30,13 +35,21 @@ from tracker_core.errors import (
     ModelNotFoundError,
     RunInUseError,
 )
-from tracker_core.finetune.plan import IterationPlan, _enter
+from tracker_core.finetune.plan import IterationPlan, _enter, method_policy
+from tracker_core.finetune.pruning import RunPruned, _prune_scope
 from tracker_core.finetune.results import RunResult, _collect
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
 from tracker_core.params import FineTuningParams
+from tracker_core.pruning import RunPruning, end_pruned, is_pruned
+from tracker_core.search import Search
 from tracker_core.values import MetricValue
+
+#: how one params set's run ended in this call: (trained, error, pruned)
+_Outcome = tuple[bool, str | None, bool]
+#: makes the pruning of the run being trained (None: no pruning)
+_Pruning = Callable[[], RunPruning] | None
 
 __all__ = ["train_run"]
 
@@ -74,7 +87,10 @@ def train_run(
                     trained, error = False, None
                 else:
                     start = _StartModel(manager, plan.start_run_id, work / "model")
-                    trained, error = _train_taken(method, manager, params, start, params.id)
+                    pruning = _pruning(method, manager, plan)
+                    trained, error, _ = _train_taken(
+                        method, manager, params, start, params.id, pruning
+                    )
             except BaseException:
                 manager.abandon_iteration()
                 raise
@@ -106,29 +122,66 @@ def _take_run(
                 raise IterationStopped("stopped while another worker held a run") from None
 
 
+def _pruning(
+    method: FineTuningMethod[Any], manager: ExperimentsManager, plan: IterationPlan
+) -> _Pruning:
+    """The pruning of the plan's runs: the search's pruner, when the plan was made by a
+    search that has one."""
+    if plan.proposal != Search.name:
+        return None
+    policy = method_policy(method, Search.name)
+    if not isinstance(policy, Search) or policy.pruner is None:
+        return None
+    pruner, order = policy.pruner, [p.id for p in plan.params]
+    return lambda: RunPruning(
+        manager,
+        pruner,
+        metric=policy.intermediate_metric,
+        is_loss=policy.intermediate_is_loss,
+        order=order,
+    )
+
+
 def _train_taken(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
     p: FineTuningParams,
     start: _StartModel,
     label: str,
-) -> tuple[bool, str | None]:
-    """Steps 4-6 for the params set whose run this worker just took (``set_run``):
-    ``(True, error)``. An error of the method fails the run; store errors and interrupts
-    propagate (the run is left unfinished)."""
+    pruning: _Pruning = None,
+) -> _Outcome:
+    """Steps 4-6 for the params set whose run this worker just took (``set_run``, the run
+    not ended): ``(trained, error, pruned)``. A run pruned in an earlier attempt that did not
+    get to end it is ended pruned, not trained again; an error of the method fails the run; a
+    pruned run ends KILLED; store errors and interrupts propagate (the run is left
+    unfinished)."""
+    current = manager.tracker.runs.run
+    if current is not None and is_pruned(current):
+        log.info("run %s was pruned in an earlier attempt; ending it pruned", label)
+        end_pruned(manager)
+        return False, None, True
     log.info("run %s (%s): %r", label, manager.current_run_id, p)
     model = start.fresh_copy()  # a failure here is the store's, not the run's: it stops
+    run_pruning = pruning() if pruning is not None else None
     try:
-        tuned = method.train(model, p, manager)
+        with _prune_scope(run_pruning):
+            tuned = method.train(model, p, manager)
         value = float(method.evaluate(tuned, p, manager))
         manager.save_metric(MetricValue(method.main_metric, value))
         saved = manager.save_model(tuned, best_only=True)
+    except RunPruned as exc:
+        log.info("run %s pruned: %s", manager.current_run_id, exc)
+        if run_pruning is not None:
+            run_pruning.prune()
+        else:  # raised by the method itself
+            end_pruned(manager)
+        return True, None, True
     except RETRYABLE_ERRORS:  # the infrastructure's, not the run's: it stops (resumable)
         raise
     except Exception as exc:
         log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)
         manager.finish_run(as_failed=True)
-        return True, _describe(exc)
+        return True, _describe(exc), False
     log.info(
         "run %s: %s=%s%s",
         manager.current_run_id,
@@ -137,7 +190,7 @@ def _train_taken(
         " (model saved)" if saved else "",
     )
     manager.finish_run()
-    return True, None
+    return True, None, False
 
 
 class _StartModel:

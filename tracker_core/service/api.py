@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -45,6 +45,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracker_core.errors import ConfigurationError
+from tracker_core.search import MAX_RUNS
 from tracker_core.service.auth import AccessMiddleware, AccessPolicy, AuthMode, requires
 from tracker_core.service.gate import DatabaseGate
 from tracker_core.service.limits import MAX_BODY_BYTES, InputLimits, shown
@@ -115,6 +116,15 @@ class TaskCreate(BaseModel):
         "(absent: as many as there are free workers; the method may cap it); 1 trains them "
         "one after another in one process",
     )
+    proposal: Literal["top_n", "search"] | None = Field(
+        default=None,
+        description="how the params sets are chosen: top_n (the previous iteration's top-N) "
+        "or search (an Optuna sampler fed from every earlier iteration, weak runs pruned; "
+        "the method needs a search space, GET .../methods); absent: the method's own",
+    )
+    max_runs: int | None = Field(
+        default=None, ge=1, le=MAX_RUNS, description="the most params sets the iteration tries"
+    )
 
 
 class TaskOut(BaseModel):
@@ -129,8 +139,10 @@ class TaskOut(BaseModel):
     metadata: dict[str, Any]
     idempotency_key: str | None
     max_parallel_runs: int | None
+    proposal: str | None
+    max_runs: int | None
     progress: dict[str, Any] | None = Field(
-        description="runs of the iteration: planned = queued + running + finished + failed"
+        description="runs of the iteration: planned = queued + running + finished + failed + pruned"
     )
     result: dict[str, Any] | None = Field(
         description="once done: experiment_id, best_run_id, best_metric, best_model_uri, ..."
@@ -167,6 +179,13 @@ class MethodOut(BaseModel):
     main_metric: str | None
     is_loss: bool | None
     direction: str | None
+    proposal: str | None = Field(description="the policy a task gets unless it chooses")
+    search_space: dict[str, Any] | None = Field(
+        description="the params' search space: {field: Optuna's JSON of its distribution}"
+    )
+    search: dict[str, Any] | None = Field(
+        description="how a search runs: max_runs, sampler, pruner, intermediate_metric"
+    )
     error: str | None
 
 
@@ -192,6 +211,9 @@ def _differences(task: Task, body: TaskCreate) -> list[str]:
             f"max_parallel_runs {body.max_parallel_runs!r} (the task has "
             f"{task.max_parallel_runs!r})"
         )
+    for name in ("proposal", "max_runs"):
+        if getattr(task, name) != getattr(body, name):
+            out.append(f"{name} {getattr(body, name)!r} (the task has {getattr(task, name)!r})")
     return out
 
 
@@ -301,6 +323,13 @@ def create_app(
         if size > MAX_METADATA_BYTES:
             rule = f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
             return _error(422, rule, field="metadata", rule=rule)
+        if body.proposal is not None or body.max_runs is not None:
+            try:
+                await run_in_threadpool(
+                    registry.check_proposal, body.fine_tuning_method, body.proposal, body.max_runs
+                )
+            except ConfigurationError as exc:
+                return _error(422, str(exc), field="proposal", rule=str(exc))
         if body.idempotency_key is not None:
             existing = await repo().tasks.get_by_key(body.idempotency_key)
             if existing is not None:
@@ -326,6 +355,8 @@ def create_app(
             metadata=metadata,
             idempotency_key=body.idempotency_key,
             max_parallel_runs=body.max_parallel_runs,
+            proposal=body.proposal,
+            max_runs=body.max_runs,
             created_by=who.name,
         )
 

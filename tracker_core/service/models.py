@@ -8,7 +8,9 @@ None when the API ran without authentication). Timestamps are ISO 8601 in UTC
 (``2026-01-02T03:04:05.678901Z``).
 
 ``progress`` counts the runs of the task's iteration: ``planned`` = ``queued`` + ``running`` +
-``finished`` + ``failed`` (``finished``: ended FINISHED; ``failed``: ended FAILED or KILLED).
+``finished`` + ``failed`` + ``pruned`` (``finished``: ended FINISHED; ``failed``: ended FAILED;
+``pruned``: stopped by the search's pruner, KILLED). ``proposal`` and ``max_runs`` choose the
+iteration's params sets (:mod:`tracker_core.search`; None: the method's own policy).
 Once a task is ``canceled``, no run is queued or running any more: those its cancel left
 unstarted or stopped count as ``canceled`` (``planned`` = ``finished`` + ``failed`` +
 ``canceled``).
@@ -150,6 +152,10 @@ class Task:
     #: runs are trained by separate jobs; None while the task's own job runs it
     plan: dict[str, Any] | None = None
     completion_job_id: int | None = None
+    #: how the params sets are chosen (``top_n`` / ``search``; None: the method's policy)
+    proposal: str | None = None
+    #: the most params sets the iteration tries (None: the policy's)
+    max_runs: int | None = None
     #: the name of the API token that created it, and of the first that canceled it
     created_by: str | None = None
     canceled_by: str | None = None
@@ -175,6 +181,8 @@ class Task:
             "metadata": self.metadata,
             "idempotency_key": self.idempotency_key,
             "max_parallel_runs": self.max_parallel_runs,
+            "proposal": self.proposal,
+            "max_runs": self.max_runs,
             "progress": shown_progress(self.status, self.progress),
             "result": self.result,
             "error": None if self.error is None else redact_text(self.error),

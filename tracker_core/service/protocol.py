@@ -94,6 +94,9 @@ class TaskJob:
     batch_id: str
     #: the task's own cap of parallel runs (None: as many as there are free workers)
     max_parallel_runs: int | None = None
+    #: the task's proposal policy and budget of runs (None: the method's)
+    proposal: str | None = None
+    max_runs: int | None = None
 
     @property
     def label(self) -> str:
@@ -153,8 +156,12 @@ class Progress:
     planned: int
     queued: int
     running: int
+    #: ended FINISHED
     finished: int
+    #: ended FAILED
     failed: int
+    #: stopped by the search's pruner (KILLED)
+    pruned: int = 0
 
     def to_json(self) -> dict[str, int]:
         return attrs.asdict(self)

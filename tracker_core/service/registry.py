@@ -36,6 +36,9 @@ class MethodInfo:
     main_metric: str | None = None
     is_loss: bool | None = None
     error: str | None = None
+    proposal: str | None = None
+    search_space: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,9 @@ class MethodInfo:
             "direction": None
             if self.is_loss is None
             else ("minimize" if self.is_loss else "maximize"),
+            "proposal": self.proposal,
+            "search_space": self.search_space,
+            "search": self.search,
             "error": self.error,
         }
 
@@ -101,13 +107,49 @@ class MethodRegistry:
             )
             try:
                 method = self.load(name)
+                search = _search_info(method)
             except Exception as exc:  # a broken plug-in is listed with its error
                 out.append(MethodInfo(name, source, error=f"{type(exc).__name__}: {exc}"))
                 continue
             out.append(
-                MethodInfo(name, source, method.name, method.main_metric, bool(method.is_loss))
+                MethodInfo(
+                    name,
+                    source,
+                    method.name,
+                    method.main_metric,
+                    bool(method.is_loss),
+                    proposal=method.proposal,
+                    **search,
+                )
             )
         return out
+
+    def check_proposal(self, name: str, proposal: str | None, max_runs: int | None) -> None:
+        """Raise :class:`ConfigurationError` (naming the rule) unless the method can choose
+        its params sets by ``proposal`` with ``max_runs`` (a search needs a search space)."""
+        from tracker_core.finetune.plan import method_policy
+
+        method_policy(self.load(name), proposal, max_runs)
+
+
+def _search_info(method: FineTuningMethod[Any]) -> dict[str, Any]:
+    """The method's search space and how it is searched (None for both without a space)."""
+    from tracker_core.finetune.plan import method_policy
+    from tracker_core.search import Search
+
+    if method.search_space is None and (method.search is None or method.search.space is None):
+        return {}
+    policy = method_policy(method, Search.name)
+    assert isinstance(policy, Search) and policy.space is not None
+    return {
+        "search_space": policy.space.to_json(),
+        "search": {
+            "max_runs": policy.max_runs,
+            "sampler": type(policy.make_sampler(0)).__name__,
+            "pruner": type(policy.pruner).__name__ if policy.pruner is not None else None,
+            "intermediate_metric": policy.intermediate_metric or method.main_metric,
+        },
+    }
 
 
 def load_spec(spec: str) -> FineTuningMethod[Any]:

@@ -323,13 +323,19 @@ class RunRows:
         if task.status.is_terminal or not task.fanned_out:
             return task
         await cur.execute(
-            f"SELECT params_id, status, job_id, worker FROM {_R} "
+            f"SELECT params_id, status, mlflow_status, job_id, worker FROM {_R} "
             "WHERE task_id = %s ORDER BY position",
             (task.id,),
         )
         rows = await cur.fetchall()
         states = [RunState(r["status"]) for r in rows]
         counts = {state: states.count(state) for state in RunState}
+        # failed rows whose run the search's pruner stopped (KILLED): counted apart
+        pruned = sum(
+            1
+            for r, state in zip(rows, states, strict=True)
+            if state == RunState.FAILED and r["mlflow_status"] == RunStatus.KILLED.value
+        )
         status = task.status
         completion = task.completion_job_id
         if task.cancel_requested_at is not None:
@@ -362,6 +368,8 @@ class RunRows:
                     "task %s: every run ended; completion job %s deferred", task.id, completion
                 )
         progress = {"planned": len(rows), **{state.value: n for state, n in counts.items()}}
+        progress[RunState.FAILED.value] -= pruned
+        progress["pruned"] = pruned
         workers = sorted(
             {
                 r["worker"]

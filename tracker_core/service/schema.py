@@ -10,7 +10,8 @@ Our schema carries a version number; a later version adds its changes as further
    iteration's plan and completion job, and the run table (one row per params set of a task
    whose runs are trained by separate jobs: queued, running, finished or failed);
 3. who did what: the API token table (a name, a scope and the SHA-256 of each token, never
-   the token), and each task's ``created_by`` / ``canceled_by`` (token names).
+   the token), and each task's ``created_by`` / ``canceled_by`` (token names);
+4. the search: a task's ``proposal`` policy (``top_n`` / ``search``) and ``max_runs`` budget.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE {TASK_TABLE}
         ADD COLUMN created_by  text,
         ADD COLUMN canceled_by text;
+    """,
+    # 4: the search: how a task's params sets are chosen, and how many
+    f"""
+    ALTER TABLE {TASK_TABLE}
+        ADD COLUMN proposal text CHECK (proposal IS NULL OR proposal IN ('top_n', 'search')),
+        ADD COLUMN max_runs integer CHECK (max_runs IS NULL OR max_runs >= 1);
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)

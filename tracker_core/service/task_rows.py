@@ -42,6 +42,8 @@ class NewTask:
     metadata: dict[str, Any]
     idempotency_key: str | None
     max_parallel_runs: int | None = None
+    proposal: str | None = None
+    max_runs: int | None = None
     #: the name of the API token that asked for it (None: the API runs without auth)
     created_by: str | None = None
 
@@ -147,8 +149,8 @@ class TaskRows:
                     f"""
                     INSERT INTO {_T} (id, fine_tuning_method, batch_id, requested_batch_id,
                                       metadata, idempotency_key, max_parallel_runs,
-                                      created_by)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                                      created_by, proposal, max_runs)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (idempotency_key) DO NOTHING
                     RETURNING *
                     """,  # type: ignore[arg-type]
@@ -161,6 +163,8 @@ class TaskRows:
                         new.idempotency_key,
                         new.max_parallel_runs,
                         new.created_by,
+                        new.proposal,
+                        new.max_runs,
                     ),
                 )
                 row = await cur.fetchone()

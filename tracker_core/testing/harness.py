@@ -1,14 +1,18 @@
-"""What a backend supplies to run the behaviour suite: one :class:`BackendUnderTest`.
+"""What a backend supplies to run the shipped suites: one :class:`BackendUnderTest` per fixture.
 
-The suite (:mod:`tracker_core.testing.suite`) takes a pytest fixture named ``backend`` that
-yields a :class:`BackendUnderTest`. tracker-core's own tests parametrise it over
-local / S3 / GCS x SQLite / ``mlflow server``; a third-party backend runs the whole suite by
-defining that one fixture and importing the tests::
+- the store contracts take ``tracking_backend`` (:mod:`tracker_core.testing.contract_tracking`)
+  and ``artifact_backend`` (:mod:`tracker_core.testing.contract_artifacts`): every test on
+  every backend of that side;
+- the behaviour suite (:mod:`tracker_core.testing.suite`) takes ``backend``: the manager over
+  both stores.
 
-    from tracker_core.testing.suite import *  # noqa: F403
+tracker-core's own tests parametrise each over its side (``tests/conftest.py``); a
+third-party backend runs a suite by defining the fixture and importing the tests::
+
+    from tracker_core.testing.contract import *  # noqa: F403
 
     @pytest.fixture
-    def backend(tmp_path):
+    def artifact_backend(tmp_path):
         yield BackendUnderTest("mine", artifact_root="mine://bucket", tracking_uri=...)
 """
 
@@ -24,7 +28,9 @@ import attrs
 
 from tracker_core.connect import connect
 from tracker_core.manager import ExperimentsManager
+from tracker_core.opening import open_stores
 from tracker_core.retry import RetryConfig, RetryParams
+from tracker_core.stores import ArtifactStore, TrackingStore
 
 __all__ = ["FAST_RETRY", "BackendUnderTest"]
 
@@ -59,6 +65,22 @@ class BackendUnderTest:
         manager = connect(self.artifact_root, tracking_uri=self.tracking_uri, **kwargs)
         self._opened.append(manager)
         return manager
+
+    @contextlib.contextmanager
+    def stores(self) -> Iterator[tuple[TrackingStore, ArtifactStore]]:
+        """The two stores as the backend makes them, with no retry policy around them (for
+        the store contracts), closed when the block ends."""
+        tracking, artifacts = open_stores(
+            self.artifact_root,
+            tracking_uri=self.tracking_uri,
+            storage_options=self.storage_options,
+            retry=FAST_RETRY,
+        )
+        try:
+            yield tracking, artifacts
+        finally:
+            tracking.close()
+            artifacts.close()
 
     def close_all(self) -> None:
         """Close every manager :meth:`connect` made (runs still held are let go, not ended:

@@ -30,7 +30,9 @@ from tracker_core.testing.support import (
     Params,
     iteration,
     mgr,
+    run_script,
     run_with_quality,
+    status_of,
 )
 from tracker_core.values import MetricValue, RunStatus
 
@@ -111,21 +113,8 @@ print(mgr.current_run_id)
 
 
 def test_metrics_flushed_at_interpreter_exit(backend: BackendUnderTest, tmp_path: Path) -> None:
-    import pickle
-    import subprocess
-    import sys
-
-    if "processes" not in backend.capabilities:
-        pytest.skip("the backend's stores are not shared across processes")
     plugin = f"plugin-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run(
-        [sys.executable, "-c", _EXIT_SCRIPT, pickle.dumps(backend).hex(), plugin],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-        cwd=tmp_path,
-    )
+    result = run_script(backend, _EXIT_SCRIPT, plugin, check=True, cwd=tmp_path)
     run_id = result.stdout.strip().splitlines()[-1]
     mgr = backend.connect(plugin_name=plugin)
     history = mgr.tracking.get_metric_history(run_id, "quality")
@@ -226,18 +215,12 @@ def test_failed_background_send_surfaces_at_the_next_flush(backend: BackendUnder
         mgr.flush_metrics()  # the failure reaches the caller, typed
     with pytest.raises(MaxAttemptsReachedException):
         mgr.get_quality()
-    assert _status_of(mgr, run_id) == RunStatus.RUNNING
+    assert status_of(mgr, run_id) == RunStatus.RUNNING
     proxy.heal("log_batch")  # the store is back
     mgr.save_metric(MetricValue("quality", 0.5))
     assert mgr.get_quality() == 0.5
     mgr.finish_run()
     assert _history(mgr, run_id, "loss") == [(i, float(i)) for i in range(1500)]
-
-
-def _status_of(mgr: ExperimentsManager, run_id: str) -> RunStatus:
-    run = mgr.get_run_by_id(run_id)
-    assert run is not None
-    return run.status
 
 
 __all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]

@@ -20,11 +20,7 @@ Capabilities: ``"processes"`` (the stores are shared by separate processes) and
 
 from __future__ import annotations
 
-import pickle
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -35,14 +31,20 @@ from tracker_core.clock import SYSTEM_CLOCK
 from tracker_core.leases import claim_params, lease_state
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
+from tracker_core.testing.clock import SteppedClock
 from tracker_core.testing.harness import BackendUnderTest
-from tracker_core.testing.support import Params, iteration, mgr, run_with_quality, tiny_model
+from tracker_core.testing.support import (
+    Params,
+    clock,
+    iteration,
+    kill_mid_upload,
+    mgr,
+    run_with_quality,
+    tiny_model,
+)
 from tracker_core.values import MetricValue, RunRecord
 
 __all__ = [name for name in dir() if name.startswith("test_")]  # filled at the end
-
-#: a big enough file for a multipart upload on every shipped backend (S3 parts are 8 MiB)
-_BIG_FILE_BYTES = 30 * 2**20
 
 
 def _new_run(mgr: ExperimentsManager, name: str) -> RunRecord:
@@ -190,59 +192,6 @@ def test_missing_files_of_a_live_run_are_reported_not_unmarked(mgr: ExperimentsM
 
 
 # --------------------------------------------------------------------------- incomplete uploads
-_UPLOAD_SCRIPT = """
-import pickle, sys, tempfile, threading
-from pathlib import Path
-backend = pickle.loads(bytes.fromhex(sys.argv[1]))
-uri, size = sys.argv[2], int(sys.argv[3])
-mgr = backend.connect()
-folder = Path(tempfile.mkdtemp())
-with open(folder / "weights.bin", "wb") as f:
-    f.truncate(size)
-stall = threading.Event()
-
-def progress(done, total):
-    if 0 < done < total:  # a first part is stored: hang here, the upload left open
-        print("uploading", flush=True)
-        stall.wait()
-
-mgr.artifacts.upload_dir(folder, uri, progress)
-print("completed", flush=True)
-"""
-
-
-def _kill_mid_upload(backend: BackendUnderTest, mgr: ExperimentsManager, uri: str) -> None:
-    """A child process starts a big upload to ``uri`` and is killed (SIGKILL) once the
-    store lists the upload as incomplete."""
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            _UPLOAD_SCRIPT,
-            pickle.dumps(backend).hex(),
-            uri,
-            str(_BIG_FILE_BYTES),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline().strip()
-        assert line == "uploading", (line, child.stderr.read() if child.stderr else "")
-        deadline = time.monotonic() + 120
-        while not mgr.artifacts.list_incomplete_uploads(uri):
-            assert time.monotonic() < deadline, "the upload never showed as incomplete"
-            time.sleep(0.1)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-        for stream in (child.stdout, child.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def test_gc_aborts_incomplete_uploads_of_dead_workers(
     backend: BackendUnderTest, mgr: ExperimentsManager
 ) -> None:
@@ -253,7 +202,7 @@ def test_gc_aborts_incomplete_uploads_of_dead_workers(
     mgr.set_iteration(iteration(mgr))
     run = _new_run(mgr, "killed")
     uri = f"{run.artifact_uri.rstrip('/')}/{T.MODEL_DIR}"
-    _kill_mid_upload(backend, mgr, uri)
+    kill_mid_upload(backend, mgr.artifacts, uri)
     (pending,) = mgr.artifacts.list_incomplete_uploads(mgr.artifacts.root)
     assert pending.uri == f"{uri}/weights.bin" and pending.initiated_ms is not None
 
@@ -272,16 +221,18 @@ def test_gc_aborts_incomplete_uploads_of_dead_workers(
 
 
 # --------------------------------------------------------------------------- abandoned twins
-def test_gc_deletes_twins_their_creators_left(backend: BackendUnderTest) -> None:
+def test_gc_deletes_twins_their_creators_left(
+    backend: BackendUnderTest, clock: SteppedClock
+) -> None:
     """A run created and never claimed beside another run of its name (its creator was
     killed after a lost ``create_run`` answer made it create a twin) is deleted by gc once
     past its creation's grace. Left alone: the run of that name that was trained, a lone
     unclaimed run (``set_run`` resumes it), the oldest of twins all left, runs of other
     tools, and a twin a worker claims between the scan and the deletion."""
-    grace = 1.0
+    grace = 60.0  # on the stepped clock: a real worker's lease time costs nothing
     mgr = backend.connect(
         model_format="state_dict", model_factory=tiny_model, params_type=Params,
-        lease_seconds=grace,
+        lease_seconds=grace, clock=clock,
     )  # fmt: skip
     mgr.set_iteration(iteration(mgr))
     experiment = mgr.current_experiment_id or ""
@@ -296,7 +247,7 @@ def test_gc_deletes_twins_their_creators_left(backend: BackendUnderTest) -> None
     foreign = [mgr.tracking.create_run(experiment, "other-tool", {}) for _ in range(2)]
     assert mgr.find_orphaned_models().twins == ()  # within their grace: maybe being set up
 
-    time.sleep(grace + 0.5)
+    clock.advance(grace + 5)
     twins = {t.run_id: t for t in mgr.find_orphaned_models().twins}
     oldest, younger = sorted(pair, key=lambda r: (r.start_time_ms, r.run_id))
     assert set(twins) == {twin.run_id, claimed_later.run_id, younger.run_id}
@@ -316,4 +267,4 @@ def test_gc_deletes_twins_their_creators_left(backend: BackendUnderTest) -> None
     assert mgr.get_best_current_run_id() == (trained, False)
 
 
-__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "mgr"]
+__all__ = [*sorted(name for name in globals() if name.startswith("test_")), "clock", "mgr"]

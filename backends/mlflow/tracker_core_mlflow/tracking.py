@@ -42,6 +42,7 @@ from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunSta
 from tracker_core_mlflow import filters
 from tracker_core_mlflow.errors import classify_mlflow_error, error_code, tracking_errors
 from tracker_core_mlflow.quiet import quiet
+from tracker_core_mlflow.registry import MlflowRegistryStore
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -272,6 +273,10 @@ class MlflowTrackingStore(TrackingStore):
     def classify_error(self, exc: BaseException) -> bool | None:
         return classify_mlflow_error(exc)
 
+    def open_registry(self) -> MlflowRegistryStore:
+        """MLflow's Model Registry beside this store (``$MLFLOW_REGISTRY_URI``, else here)."""
+        return MlflowRegistryStore(self.uri, request_timeout=self.request_timeout)
+
     # -- experiments ------------------------------------------------------------------
     @_operation
     def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
@@ -337,7 +342,7 @@ class MlflowTrackingStore(TrackingStore):
 
         filter_string, local = filters.experiment_filter(query)
         page = self.client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY,
+            view_type=ViewType.ALL if query.include_deleted else ViewType.ACTIVE_ONLY,
             max_results=max_results,
             filter_string=filter_string or None,
             order_by=["creation_time DESC", "experiment_id DESC"],
@@ -398,7 +403,7 @@ class MlflowTrackingStore(TrackingStore):
             page = self.client.search_runs(
                 list(query.experiment_ids),
                 filter_string=filter_string,
-                run_view_type=ViewType.ACTIVE_ONLY,
+                run_view_type=ViewType.ALL if query.include_deleted else ViewType.ACTIVE_ONLY,
                 max_results=page_size,
                 order_by=filters.run_order_by(query),
                 page_token=token,
