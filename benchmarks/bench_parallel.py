@@ -1,6 +1,6 @@
 """Parallel runs: wall time of one iteration of 8 params sets whose training sleeps 2 s, on
-1, 2 and 4 task-service workers, as a ratio to the sequential driver; and what one run job
-costs on top of its training.
+1, 2 and 4 task-service workers, and in 4 plain processes running ``run_iteration`` on one
+batch, as a ratio to the sequential driver; and what one run job costs on top of its training.
 
 Every configuration gets a private PostgreSQL database for its task queue, a fresh MLflow
 tracking store and model folder, an API (``tracker-core serve --no-worker``) and N workers
@@ -11,22 +11,28 @@ warms everything up (initial model upload, forkservers); the measured iterations
 following ones (they start from the previous best model, which every run job downloads, and
 their completion deletes the previous iteration), timed from POST to ``done`` by polling the
 task row. The sequential driver is ``run_iteration`` in one plain process on its own fresh
-store, timed the same way (warm-up iteration first). ``1 worker, max_parallel_runs=1`` is the
-service's own sequential path (one job trains every run), for comparison.
+store (warm-up iteration first), timed from a start signal to its return; the library path is
+the same in ``--processes`` processes at once on one batch (the same start signal; the last
+one's return ends it; together they must have trained each params set once). ``1 worker,
+max_parallel_runs=1`` is the service's own sequential path (one job trains every run), for
+comparison.
 
 Per-run-job overhead, from the run table and Procrastinate's events of the measured
 iterations: ``job - train`` is a run job's duration minus its training (child process start,
 ``connect``, resuming the iteration, the run's lease, downloading the starting model, saving
 the model, ending the run, the job's transactions); ``pickup`` is the time from a run job's
 deferral to its start when a worker is free (the first wave); ``setup`` and ``completion``
-are the durations of the task's own job and of its completion job.
+are the durations of the task's own job and of its completion job. The *floor* of a fanned-out
+configuration on this machine is ``setup + waves x (training + job - train) + completion``
+with that configuration's own medians (``waves``: 8 runs over N workers, rounded up): what it
+would take if nothing but its jobs' own work were paid; ``x floor`` is the wall time over it.
 
 The MLflow tracking store is a PostgreSQL database of the same private server (MLflow's SQL
 store, as an ``mlflow server`` on PostgreSQL would use it), or with ``--tracking sqlite`` a
 SQLite file: one file shared by several writing processes serializes them on its lock.
 
-``.venv/bin/python benchmarks/bench_parallel.py [--workers 1 2 4] [--repeat 2]
-[--tracking postgres|sqlite] [--json]``.
+``.venv/bin/python benchmarks/bench_parallel.py [--workers 1 2 4] [--processes 4]
+[--repeat 2] [--tracking postgres|sqlite] [--json]``.
 """
 
 from __future__ import annotations
@@ -50,22 +56,26 @@ METHOD = "svc-bench"
 SLEEP = 2.0
 N_PARAMS = 8
 
-_SEQUENTIAL = """
-import sys, time, tracker_core
+_LIBRARY = """
+import pathlib, sys, time, tracker_core
 sys.path.insert(0, {tests!r})
 from _service_methods import Bench
 from tracker_core.finetune import run_iteration
 from tracker_core.methods import connect_kwargs
+work = pathlib.Path({work!r})
 method = Bench()
 with tracker_core.connect({models!r}, tracking_uri={tracking!r},
                           **connect_kwargs(method)) as manager:
-    run_iteration(method, manager, "warm-up")
+    if {index} == 0:
+        run_iteration(method, manager, "warm-up")
+    (work / "ready-{index}").touch()
     for i in range({repeat}):
-        start = time.perf_counter()
+        while not (work / f"go-{{i}}").exists():
+            time.sleep(0.005)
         result = run_iteration(method, manager, f"measured-{{i}}")
-        took = time.perf_counter() - start
-        assert len(result.trained_runs) == {n} and not result.failed_runs
-        print(took, flush=True)
+        trained = " ".join(r.params.id for r in result.trained_runs)
+        assert not result.failed_runs
+        (work / f"done-{{i}}-{index}").write_text(f"{{time.time()}} {{trained}}")
 """
 
 
@@ -82,21 +92,57 @@ def tracking_store(pg: str, work: Path, kind: str) -> str:
     return uri
 
 
-def sequential_driver(pg: str, work: Path, repeat: int, kind: str) -> list[float]:
-    """``run_iteration`` in a plain process: the seconds of each measured iteration."""
+def library(pg: str, work: Path, processes: int, repeat: int, kind: str) -> list[float]:
+    """``run_iteration`` in ``processes`` plain processes at once on one batch (one of them
+    runs a warm-up iteration first): the seconds of each measured iteration, from the start
+    signal to the last return."""
     work.mkdir(parents=True)
     tracking, models = tracking_store(pg, work, kind), str(work / "models")
-    code = _SEQUENTIAL.format(
-        tests=str(ROOT / "tests"), models=models, tracking=tracking, repeat=repeat, n=N_PARAMS
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "MLFLOW_LOGGING_LEVEL": "ERROR"},
-    )
-    return [float(line) for line in out.stdout.split()]
+    env = {**os.environ, "MLFLOW_LOGGING_LEVEL": "ERROR"}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(index: int) -> None:
+        code = _LIBRARY.format(
+            tests=str(ROOT / "tests"), work=str(work), models=models, tracking=tracking,
+            repeat=repeat, index=index,
+        )  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+
+    def wait_for(paths: list[Path]) -> None:
+        deadline = time.monotonic() + 600
+        while not all(p.exists() for p in paths):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"a run_iteration process failed ({work})")
+            time.sleep(0.01)
+
+    walls: list[float] = []
+    try:
+        start(0)
+        wait_for([work / "ready-0"])  # the warm-up iteration is done: the initial model exists
+        for index in range(1, processes):
+            start(index)
+        wait_for([work / f"ready-{k}" for k in range(processes)])
+        for i in range(repeat):
+            go = time.time()
+            (work / f"go-{i}").touch()
+            done = [work / f"done-{i}-{k}" for k in range(processes)]
+            wait_for(done)
+            ends, trained = [], []
+            for path in done:
+                end, *ids = path.read_text().split()
+                ends.append(float(end))
+                trained += ids
+            if sorted(trained) != sorted(set(trained)) or len(trained) != N_PARAMS:
+                raise RuntimeError(f"{processes} process(es) trained {trained}")
+            walls.append(max(ends) - go)
+            print(f"{work.name}: {walls[-1]:.2f} s", file=sys.stderr, flush=True)
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return walls
 
 
 def wait_done(conn: Any, task_id: str, timeout: float = 600) -> float:
@@ -206,6 +252,7 @@ def _job_figures(conn: Any, task_id: str, train_log: Path, out: dict[str, list[f
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--processes", type=int, default=4, help="library path: processes")
     parser.add_argument("--tracking", choices=["postgres", "sqlite"], default="postgres")
     args = parser.parse_args()
     quiet_logs()
@@ -216,11 +263,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-parallel-") as tmp:
         work = Path(tmp)
         with servers.postgres(work / "pg") as pg:
-            driver = sequential_driver(pg, work / "driver", args.repeat, args.tracking)
+            driver = library(pg, work / "driver", 1, args.repeat, args.tracking)
             sequential = statistics.median(driver)
-            print(f"sequential driver: {sequential:.2f} s", file=sys.stderr, flush=True)
             rows.append(
                 {"way": "sequential driver (run_iteration, one process)", "seconds": sequential}
+            )
+            many = library(pg, work / "library", args.processes, args.repeat, args.tracking)
+            rows.append(
+                {
+                    "way": f"run_iteration, {args.processes} processes on one batch",
+                    "seconds": statistics.median(many),
+                    "training floor s": -(-N_PARAMS // args.processes) * SLEEP,
+                }
             )
             configs: list[tuple[int, int | None]] = [(1, 1)] + [(n, None) for n in args.workers]
             for workers, cap in configs:
@@ -230,15 +284,22 @@ def main() -> None:
                 label = f"service, {workers} worker(s)" + (
                     ", max_parallel_runs=1" if cap == 1 else ""
                 )
-                rows.append({"way": label, "seconds": statistics.median(walls)})
+                row: dict[str, Any] = {"way": label, "seconds": statistics.median(walls)}
+                waves = N_PARAMS if cap == 1 else -(-N_PARAMS // workers)
+                row["training floor s"] = waves * SLEEP
+                if cap is None:
+                    row["floor s"] = (
+                        statistics.median(found["setup"])
+                        + waves * (SLEEP + statistics.median(found["job - train"]))
+                        + statistics.median(found["completion"])
+                    )
+                    row["x floor"] = row["seconds"] / row["floor s"]
+                rows.append(row)
                 for key, values in found.items():
                     figures.setdefault(key, []).extend(values)
-    ideal = {1: N_PARAMS * SLEEP}
+    rows[0]["training floor s"] = N_PARAMS * SLEEP
     for row in rows:
         row["x sequential"] = row["seconds"] / sequential
-        n = int(row["way"].split(", ")[1].split()[0]) if "worker" in row["way"] else 1
-        ideal[n] = -(-N_PARAMS // n) * SLEEP
-        row["training floor s"] = ideal[n]
     meta = {
         "iteration": f"{N_PARAMS} params sets, training sleeps {SLEEP} s each",
         "tracking store": args.tracking,
@@ -252,7 +313,7 @@ def main() -> None:
     emit(
         "Parallel runs: one iteration on N workers vs the sequential driver",
         rows,
-        ["way", "seconds", "x sequential", "training floor s"],
+        ["way", "seconds", "x sequential", "training floor s", "floor s", "x floor"],
         args.json,
         meta,
     )

@@ -24,13 +24,21 @@ INVARIANTS = (
     ("workers_done", "every worker finished (restarts included)"),
     ("ops_completed", "every operation completed despite faults"),
     ("runs_finished", "one FINISHED run per params set, params intact"),
-    ("started_from_best", "each iteration started from the previous best"),
+    (
+        "started_from_best",
+        "each iteration started from the champion (the previous best if promoted)",
+    ),
     ("top_keep", "exactly the true top-keep models remain"),
     ("byte_identical", "kept models byte-identical to what their runs saved"),
     ("downloads", "every marked model downloads, right weights"),
     ("metrics_exact", "no metric point lost or logged twice"),
     ("finished_has_main", "no run FINISHED without its main metric"),
     ("initial_intact", "initial model intact"),
+    (
+        "champion",
+        "the champion is the holdout-best of the promoted models, one version per run, "
+        "downloads byte-identical",
+    ),
     ("gc_completed", "gc --delete completed under faults"),
     ("no_orphans", "zero orphaned objects after gc --delete"),
     ("no_open_uploads", "zero incomplete multipart uploads after gc --delete"),
@@ -194,12 +202,17 @@ class _Auditor:
                     by_batch[batch] = exp
         final_batch = f.batches[-1]
         kept_uris: set[str] = set()
+        aliased = self.aliased_runs()
         for batch in f.batches:
             exp = by_batch.get(batch)
             if exp is None:
                 c["runs_finished"].fail(f"no iteration for batch {batch}")
                 continue
-            final = batch == final_batch
+            # an iteration holding the champion's or the rollback model is kept, and one
+            # whose model lost its alias in the last completion waits for the next cleanup
+            holds = aliased & {r.info.run_id for r in self.runs(exp.experiment_id)}
+            pending = exp.tags.get("tracker.delete_pending") == "true"
+            final = batch == final_batch or bool(holds) or pending
             if final != (exp.lifecycle_stage == "active"):
                 c["top_keep"].fail(
                     f"iteration {batch} is {exp.lifecycle_stage}, expected "
@@ -218,6 +231,7 @@ class _Auditor:
         if f.shape == "sequence":
             self.audit_starts(by_batch)
         kept_uris |= self.audit_initial(initial)
+        self.audit_champion(by_batch)
         self.audit_bucket(kept_uris)
         return c
 
@@ -353,29 +367,115 @@ class _Auditor:
             )
 
     def audit_starts(self, by_batch: dict[str, Any]) -> None:
-        """Sequence shape: iteration k started from the best run of iteration k-1."""
+        """Sequence shape: iteration k started from the champion after iteration k-1 (the
+        driver's default with a holdout): the best of k-1 if it was promoted."""
         from tracker_core.finetune import parse_iteration_name
 
         c = self.checks
-        previous_best: str | None = None
+        replayed = self.replay(by_batch) or []
+        champion: str | None = None
+        for batch, (best, _, _, chosen) in zip(self.facts.batches, replayed, strict=False):
+            exp = by_batch[batch]
+            parsed = parse_iteration_name(exp.name.split(" (deleted ")[0])
+            start = parsed.run_id if parsed else None
+            if champion is not None and start != champion:
+                c["started_from_best"].fail(
+                    f"{batch} started from {start}, the champion then was {champion}"
+                )
+            champion = best.info.run_id if chosen else champion
+
+    def replay(
+        self, by_batch: dict[str, Any]
+    ) -> list[tuple[Any, float, dict[str, Any], bool]] | None:
+        """The holdout gate replayed on the workload's own numbers: per batch in order, its
+        best run by score, that model's holdout (from the weights it saved), and whether it
+        beat the champion of the time. None if an iteration or its runs are missing."""
+        by_id = {p.id: p for p in self.params}
+        out: list[tuple[Any, float, dict[str, Any], bool]] = []
+        champion: float | None = None
         for batch in self.facts.batches:
             exp = by_batch.get(batch)
             if exp is None:
-                return
-            parsed = parse_iteration_name(exp.name.split(" (deleted ")[0])
-            start = parsed.run_id if parsed else None
-            if previous_best is not None and start != previous_best:
-                c["started_from_best"].fail(
-                    f"{batch} started from {start}, the best of the previous was {previous_best}"
-                )
-            runs = [r for r in self.runs(exp.experiment_id) if r.info.status == "FINISHED"]
-            by_id = {p.id: p for p in self.params}
-            scored = [
-                (self.score(batch, by_id[r.info.run_name]), r.info.run_id)
-                for r in runs
-                if r.info.run_name in by_id
+                return None
+            finished = [
+                r
+                for r in self.runs(exp.experiment_id)
+                if r.info.status == "FINISHED" and r.info.run_name in by_id
             ]
-            previous_best = max(scored)[1] if scored else None
+            if not finished:
+                return None
+            best = max(finished, key=lambda r: self.score(batch, by_id[r.info.run_name]))
+            params = by_id[best.info.run_name]
+            large = W.is_large(self.facts.seed, batch, params, self.facts.large_fraction)
+            state = W.expected_state(self.facts.seed, batch, params, large)
+            score = W.holdout(state)
+            chosen = champion is None or score > champion
+            champion = score if chosen else champion
+            out.append((best, score, state, chosen))
+        return out
+
+    def aliased_runs(self) -> set[str]:
+        """The runs the champion and previous-champion aliases point at."""
+        out = set()
+        for alias in ("champion", "previous-champion"):
+            try:
+                out.add(
+                    str(self.client.get_model_version_by_alias(self.facts.plugin, alias).run_id)
+                )
+            except Exception:
+                continue
+        return out
+
+    def audit_champion(self, by_batch: dict[str, Any]) -> None:
+        """The promotion step: replay the holdout gate on the workload's own numbers (each
+        iteration's best run by score, its holdout from the weights it saved) and compare with
+        the registry: the versions are the promoted runs, one each; ``champion`` points at
+        the last (the holdout-best of them), ``previous-champion`` at the one before; the
+        champion's files are what its run saved and download as its weights."""
+        c = self.checks["champion"]
+        replayed = self.replay(by_batch)
+        if replayed is None:
+            return  # an iteration is missing: reported by runs_finished
+        promoted = [(run, score, state) for run, score, state, chosen in replayed if chosen]
+        name = self.facts.plugin
+        versions = list(self.client.search_model_versions(f"name = '{name}'"))
+        runs = Counter(str(v.run_id) for v in versions)
+        for run_id, n in runs.items():
+            if n > 1:
+                c.fail(f"run {run_id} has {n} versions")
+        want = {run.info.run_id for run, _, _ in promoted}
+        if set(runs) != want:
+            c.fail(f"versions of runs {sorted(runs)}, expected the promoted {sorted(want)}")
+        aliases = {"champion": promoted[-1:], "previous-champion": promoted[-2:-1]}
+        for alias, expected in aliases.items():
+            try:
+                found = self.client.get_model_version_by_alias(name, alias).run_id
+            except Exception:
+                found = None
+            wanted = expected[0][0].info.run_id if expected else None
+            if found != wanted:
+                c.fail(f"@{alias} is run {found}, expected {wanted}")
+        if not promoted:
+            return
+        run, score, state = promoted[-1]
+        recorded = self.client.get_run(run.info.run_id).data.tags.get("tracker.holdout")
+        if recorded is None or float(recorded) != score:
+            c.fail(f"champion run {run.info.run_id} has holdout {recorded}, expected {score!r}")
+        version = next((v for v in versions if v.run_id == run.info.run_id), None)
+        model_uri = _strip(run.data.tags.get("tracker.model_uri", ""))
+        if version is not None and _strip(version.source or "") != model_uri:
+            c.fail(f"the champion's version points at {version.source}, its model is {model_uri}")
+        before = (
+            len(self.checks["byte_identical"].problems),
+            len(self.checks["downloads"].problems),
+        )
+        self.audit_model(run, state, "the champion")
+        after = (
+            len(self.checks["byte_identical"].problems),
+            len(self.checks["downloads"].problems),
+        )
+        if after != before:
+            c.fail("the champion's files or weights differ (see byte_identical / downloads)")
 
     def audit_initial(self, initial: Any) -> set[str]:
         c = self.checks

@@ -298,15 +298,18 @@ class Trial:
             manager.finish_iteration()
 
     # -- workers ---------------------------------------------------------------------------
-    def arm(self) -> str | None:
+    def arm(self, step: str | None = None, always: bool = False) -> str | None:
+        """A kill point for a new incarnation (of ``step``'s points, else the shape's), or
+        None; ``always``: armed whatever the trial's kill budget (the promotion step)."""
         from chaos.worker import KILL_POINTS
 
         s = self.sizes
-        if sum(self.result.kills.values()) >= s.armed_kills + s.random_kills:
-            return None
-        if self.armed_hits() >= s.armed_kills or self.rng.random() >= s.arm_probability:
-            return None
-        points = KILL_POINTS[self.shape]
+        if not always:
+            if sum(self.result.kills.values()) >= s.armed_kills + s.random_kills:
+                return None
+            if self.armed_hits() >= s.armed_kills or self.rng.random() >= s.arm_probability:
+                return None
+        points = KILL_POINTS[step or self.shape]
         fewest = min(self.soak.hits[p] for p in points)
         point = self.rng.choice([p for p in points if self.soak.hits[p] == fewest])
         self.soak.hits[point] += 1  # armed: try the others first next time
@@ -317,11 +320,14 @@ class Trial:
         return sum(n for k, n in self.result.kills.items() if k != "random moment")
 
     def spawn(self, config: dict[str, Any], worker: int, incarnation: int) -> Any:
+        step = config.get("step")
+        # the promotion step: its first process is always killed at one of its points
+        armed = self.arm(step, always=True) if step and (worker, incarnation) == (100, 0) else None
         config = {
             **config,
             "worker": worker,
             "incarnation": incarnation,
-            "arm": self.arm(),
+            "arm": armed if step else self.arm(),
             "journal_path": str(self.dir / "journals" / f"w{worker}-{config['batch']}.jsonl"),
         }
         path = self.dir / "configs" / f"w{worker}-{config['batch']}-{incarnation}.json"
@@ -345,19 +351,29 @@ class Trial:
         return points[-1] if points else None
 
     def run_workers(
-        self, batch: str, params: list[tuple[int, int, float]], deadline: float
+        self,
+        batch: str,
+        params: list[tuple[int, int, float]],
+        deadline: float,
+        step: str | None = None,
+        ids: Sequence[int] = (),
     ) -> bool:
-        """Run every worker of ``batch`` to completion, with kills and restarts."""
+        """Run every worker of ``batch`` to completion, with kills and restarts; ``step``
+        ``"promote"``: the promotion step's processes ``ids`` instead."""
         s = self.sizes
-        config = self.base_config(batch)
+        config = self.base_config(batch) | ({"step": step} if step else {})
         procs: dict[int, Any] = {}
         incarnation: dict[int, int] = {}
-        for w in range(s.workers):
+        for w in ids if step else range(s.workers):
             mine = [p for p in params if p[0] in (w, -1)]
             procs[w] = self.spawn({**config, "params": mine}, w, 0)
             incarnation[w] = 0
         try:
-            return self._supervise(batch, params, deadline, config, procs, incarnation)
+            # the promotion step is killed at its armed point only (a random kill first would
+            # leave that point untried)
+            return self._supervise(
+                batch, params, deadline, config, procs, incarnation, kill_randomly=not step
+            )
         finally:
             for process in procs.values():  # an interrupted soak leaves no worker behind
                 with contextlib.suppress(Exception):
@@ -371,6 +387,7 @@ class Trial:
         config: dict[str, Any],
         procs: dict[int, Any],
         incarnation: dict[int, int],
+        kill_randomly: bool = True,
     ) -> bool:
         s = self.sizes
         errors: Counter[int] = Counter()
@@ -409,7 +426,7 @@ class Trial:
                 mine = [p for p in params if p[0] in (w, -1)]
                 procs[w] = self.spawn({**config, "params": mine}, w, incarnation[w])
             now = time.monotonic()
-            if now >= next_kill and procs:
+            if kill_randomly and now >= next_kill and procs:
                 next_kill = now + self.rng.expovariate(1 / s.random_kill_every)
                 spent = sum(self.result.kills.values()) + len(random_kills)
                 taken = sum(1 for _ in random_kills)
@@ -470,6 +487,13 @@ class Trial:
             workers_ok = self.run_workers(batch, params, deadline) and workers_ok
             if not workers_ok:
                 break
+        if workers_ok and self.shape == "one":  # the hand-written loop's promotion step:
+            # one process killed at a promote.* point and restarted, then two repeated
+            # completions at once
+            for ids in ((100,), (101, 102)):
+                workers_ok = workers_ok and self.run_workers(
+                    "b1", [], deadline, step="promote", ids=ids
+                )
         workers_ended = time.monotonic()
         # a twin a worker created just before the end stays within its creation's grace (one
         # lease) and gc rightly keeps it: collect once no run can be in that window

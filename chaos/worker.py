@@ -24,6 +24,11 @@ this process (the library has no test hooks):
 ``<cleanup>.after_delete_files``            iteration cleanup: a model's files deleted
 ``<cleanup>.before_delete_experiment``      iteration cleanup: models gone, experiment not
 ``driver.between_runs``                     a run ended FINISHED, the next not started
+``promote.after_register``                  promotion: the challenger's version created,
+                                            no alias moved
+``promote.after_alias``                     promotion: the champion alias moved, the
+                                            version's tags and the decision not written
+``promote.before_decision``                 promotion: all done but the decision on the run
 ==========================================  ==============================================
 
 ``<cleanup>`` is ``delete_previous_iteration`` (the "one iteration" shape, where every worker
@@ -35,8 +40,14 @@ Two shapes of work:
 - ``one``: the README quick start. Every worker uploads the initial model (once between
   them), joins one iteration, downloads the last best model, trains its own runs with
   ``with manager.run(params)``, then calls ``delete_previous_iteration()``.
-- ``sequence``: :func:`tracker_core.finetune.run_iteration` with a fine-tuning method; all
-  workers run the same batch, sharing its runs through their leases.
+- ``sequence``: :func:`tracker_core.finetune.run_iteration` with a fine-tuning method (with a
+  holdout: each completion promotes or rejects, the next iteration starts from the champion);
+  all workers run the same batch, sharing its runs through their leases.
+
+After the ``one`` shape's load, the *promotion step* (config ``step`` = ``promote``): a process
+concludes the iteration as a hand-written loop does (``mgr.promote`` with the soak's holdout,
+:func:`chaos.workload.holdout`), killed at a ``promote.*`` point and restarted; then two more
+conclude it again at once (repeated completions).
 
 Exit status: 0 done, 3 an operation failed (journaled as ``error``), -9 killed.
 """
@@ -92,10 +103,16 @@ _COMMON_POINTS = (
 _CLEANUP_POINTS = ("after_unmark", "after_delete_files", "before_delete_experiment")
 #: the public methods that prune an iteration's models (their deletions are prune steps)
 _PRUNING_PHASES = ("save_model", "finish_run")
-#: the kill points of each shape
+_PROMOTE_POINTS = ("after_register", "after_alias", "before_decision")
+#: the kill points of each shape, and of the promotion step
 KILL_POINTS = {
     "one": (*_COMMON_POINTS, *(f"delete_previous_iteration.{p}" for p in _CLEANUP_POINTS)),
-    "sequence": (*_COMMON_POINTS, *(f"delete_iteration.{p}" for p in _CLEANUP_POINTS)),
+    "sequence": (
+        *_COMMON_POINTS,
+        *(f"delete_iteration.{p}" for p in _CLEANUP_POINTS),
+        *(f"promote.{p}" for p in _PROMOTE_POINTS),
+    ),
+    "promote": tuple(f"promote.{p}" for p in _PROMOTE_POINTS),
 }
 EXIT_ERROR = 3
 #: the soak's S3 multipart part size (the S3 store's default is 8 MiB)
@@ -162,6 +179,8 @@ class KillingTracking:
         tags: dict[str, str] | None = None,
     ) -> None:
         tags = tags or {}
+        if "tracker.promotion" in tags:
+            self._killer.hit("promote.before_decision")
         marking = tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
         unmarking = tags.get(T.TAG_MODEL_DELETED) == T.TRUE
         if marking:
@@ -187,6 +206,24 @@ class KillingTracking:
     def delete_experiment(self, experiment_id: str) -> None:
         self._killer.at("before_delete_experiment")
         self._store.delete_experiment(experiment_id)
+
+
+class KillingRegistry:
+    """The manager's model registry, with the kill points of a promotion."""
+
+    def __init__(self, store: Any, killer: Killer) -> None:
+        self._store, self._killer = store, killer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._killer.hit("promote.after_register")
+        self._store.set_alias(name, alias, version)
+
+    def set_version_tags(self, name: str, version: str, tags: Any) -> None:
+        self._killer.hit("promote.after_alias")
+        self._store.set_version_tags(name, version, tags)
 
 
 class KillingArtifacts:
@@ -313,6 +350,8 @@ def connect(config: dict[str, Any], **kwargs: Any) -> tracker_core.ExperimentsMa
 def arm(manager: Any, killer: Killer, journal: Journal, cleanup: str) -> None:
     manager.tracking.wrap(lambda store: KillingTracking(store, killer))
     manager.artifacts.wrap(lambda store: KillingArtifacts(store, killer, journal))
+    if manager.registry is not None:
+        manager.registry.wrap(lambda store: KillingRegistry(store, killer))
     _phased(manager, killer, "upload_initial_model", "upload_initial_model")
     _phased(manager, killer, "save_model", "save_model")
     _phased(manager, killer, "finish_run", "finish_run")
@@ -349,9 +388,8 @@ class Trainer:
         return W.make_model(self.seed, self.batch, params, large)
 
 
-def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
-    """The README quick start, for this worker's own params."""
-    trainer = Trainer(config, journal)
+def connect_one(config: dict[str, Any], journal: Journal, killer: Killer) -> Any:
+    """The manager of the quick start's shape (``state_dict`` models), kill points armed."""
     manager = connect(
         config,
         main_metric=W.MAIN_METRIC,
@@ -361,6 +399,13 @@ def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
         model_factory=W.any_linear,
     )
     arm(manager, killer, journal, "delete_previous_iteration")
+    return manager
+
+
+def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
+    """The README quick start, for this worker's own params."""
+    trainer = Trainer(config, journal)
+    manager = connect_one(config, journal, killer)
     uploaded = manager.upload_initial_model(W.initial_model(config["seed"]))
     journal.write("initial", uploaded=uploaded)
     manager.set_iteration(
@@ -393,6 +438,19 @@ def run_one(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
     manager.close()
 
 
+def run_promote(config: dict[str, Any], journal: Journal, killer: Killer) -> None:
+    """The promotion step: conclude the iteration as a hand-written loop does."""
+    manager = connect_one(config, journal, killer)
+    manager.set_iteration(
+        FineTuningIteration(plugin_name=config["plugin"], batch_id=config["batch"])
+    )
+    conclusion = manager.promote(W.holdout)
+    decision = conclusion.decision
+    journal.write("promotion", decision=decision.to_json() if decision else None)
+    manager.finish_iteration()
+    manager.close()
+
+
 class SoakMethod(FineTuningMethod[W.SoakParams]):
     """The soak's fine-tuning method for the driver: trains nothing, logs the run's curve."""
 
@@ -413,6 +471,10 @@ class SoakMethod(FineTuningMethod[W.SoakParams]):
     def train(self, model: Any, params: W.SoakParams, manager: Any) -> Any:
         self.journal.write("train", run=params.id, start_tensors=sorted(model.state_dict()))
         return self.trainer.train(manager, params)
+
+    def evaluate_holdout(self, model: Any) -> float:
+        """The fixed holdout: the driver promotes at completion, and starts from the champion."""
+        return W.holdout(model)
 
     def evaluate(self, model: Any, params: W.SoakParams, manager: Any) -> float:
         value = self.trainer.score(params)
@@ -460,7 +522,9 @@ def main(config_path: str) -> None:
     journal.write("start", pid=os.getpid(), armed=config["arm"], batch=config["batch"])
     killer = Killer(journal, config["arm"])
     try:
-        if config["shape"] == "one":
+        if config.get("step") == "promote":
+            run_promote(config, journal, killer)
+        elif config["shape"] == "one":
             run_one(config, journal, killer)
         else:
             run_sequence(config, journal, killer)

@@ -118,6 +118,15 @@ def any_linear() -> Any:
     return AnyLinear(1, 1)
 
 
+def holdout(state: Any) -> float:
+    """The soak's fixed holdout evaluation of a model (or state dict): a number in [0, 1)
+    from its bias's bytes, so the audit computes it from :func:`expected_state` alone."""
+    state = state.state_dict() if hasattr(state, "state_dict") else state
+    digest = hashlib.sha256(state["bias"].detach().numpy().tobytes()).digest()
+    (number,) = struct.unpack(">Q", digest[:8])
+    return round(int(number) / 2**64, 9)
+
+
 def initial_state(seed: int) -> dict[str, Any]:
     return expected_state(seed, "initial", SoakParams(worker=-1, index=-1, lr=0.0), False)
 

@@ -6,9 +6,15 @@ The task is synthetic and generated here, so the example needs no data download:
   centres; each item has a *query* view and a *document* view, two different non-linear
   projections of its vector into ``IN_DIM`` dimensions, plus noise;
 - retrieval = for each held-out query, rank every held-out document; **recall@5** is the share
-  of queries whose own document is in the top 5 (chance: 5 / ``EVAL_ITEMS``);
+  of queries whose own document is in the top 5 (chance: 5 / number of documents);
 - each data batch (``batch_id``) is a fresh sample of training pairs from the same task, the
-  way each new batch of user feedback is in production.
+  way each new batch of user feedback is in production; a run is scored (the main metric) on
+  held-out pairs *of its batch*, which is all a batch can tell;
+- a *narrow* batch (``narrow_batches``) comes from a few clusters only, as feedback from one
+  customer: training on it forgets the rest of the task, which its own pairs cannot show;
+- the **holdout** (:meth:`EmbeddingMethod.evaluate_holdout`) is a fixed sample of the whole
+  task, the same for every batch: it is what promotion gates on, so a model that forgot does
+  not replace the one serving.
 
 The model is two small MLPs (query tower, document tower; ~4.7k parameters). Training is
 contrastive (InfoNCE with in-batch negatives) on CPU and takes well under a second per run.
@@ -45,6 +51,8 @@ __all__ = ["EmbeddingMethod", "EmbeddingParams", "TwoTowerEncoder", "make_task"]
 
 IN_DIM, LATENT, HIDDEN, OUT_DIM = 32, 8, 48, 16
 CLUSTERS, TRAIN_PAIRS, EVAL_ITEMS, TOP_K = 12, 2048, 1024, 5
+BATCH_EVAL_ITEMS = 512
+NARROW_CLUSTERS = (0, 1)  # where a narrow batch's pairs come from
 NOISE = 0.35
 
 
@@ -80,10 +88,17 @@ class Task:
     to_query: torch.Tensor
     to_doc: torch.Tensor
 
-    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` (query, document) pairs; row ``i`` of both views is the same item."""
+    def sample(
+        self, n: int, seed: int, clusters: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` (query, document) pairs (of ``clusters`` only, if given); row ``i`` of both
+        views is the same item."""
         g = torch.Generator().manual_seed(seed)
-        cluster = torch.randint(0, self.centres.shape[0], (n,), generator=g)
+        if clusters:
+            pick = torch.randint(0, len(clusters), (n,), generator=g)
+            cluster = torch.tensor(list(clusters))[pick]
+        else:
+            cluster = torch.randint(0, self.centres.shape[0], (n,), generator=g)
         z = self.centres[cluster] + 0.6 * torch.randn(n, LATENT, generator=g)
         queries = torch.tanh(z @ self.to_query) + NOISE * torch.randn(n, IN_DIM, generator=g)
         docs = torch.tanh(z @ self.to_doc) + NOISE * torch.randn(n, IN_DIM, generator=g)
@@ -130,13 +145,32 @@ class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
     #: when searched: four runs a batch, the validation recall of every epoch as the pruner's
     search = Search(max_runs=4, intermediate_metric=f"val_recall_at_{TOP_K}")
 
-    def __init__(self, task_seed: int = 0, n_initial: int = 4, name: str | None = None) -> None:
+    def __init__(
+        self,
+        task_seed: int = 0,
+        n_initial: int = 4,
+        name: str | None = None,
+        narrow_batches: Sequence[str] = (),
+    ) -> None:
         self.task = make_task(task_seed)
         self.task_seed = task_seed
         self.n_initial = n_initial
+        self.narrow_batches = frozenset(narrow_batches)
         if name is not None:
             self.name = name
-        self._eval = self.task.sample(EVAL_ITEMS, seed=_stable_seed(str(task_seed), "eval"))
+        self._holdout = self.task.sample(EVAL_ITEMS, seed=_stable_seed(str(task_seed), "eval"))
+
+    def _batch(self, manager: ExperimentsManager) -> tuple[str, Sequence[int]]:
+        """The current batch and the clusters its pairs come from (all: empty)."""
+        iteration = manager.current_iteration
+        batch_id = iteration.batch_id if iteration else ""
+        return batch_id, NARROW_CLUSTERS if batch_id in self.narrow_batches else ()
+
+    def _batch_eval(self, manager: ExperimentsManager) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out pairs of the current batch (its own distribution)."""
+        batch_id, clusters = self._batch(manager)
+        seed = _stable_seed(str(self.task_seed), batch_id, "eval")
+        return self.task.sample(BATCH_EVAL_ITEMS, seed=seed, clusters=clusters)
 
     def initial_model(self) -> TwoTowerEncoder:
         torch.manual_seed(self.task_seed)
@@ -153,13 +187,13 @@ class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
         )
 
     def train(self, model: Any, params: EmbeddingParams, manager: ExperimentsManager) -> Any:
-        iteration = manager.current_iteration
-        batch_id = iteration.batch_id if iteration else ""
+        batch_id, clusters = self._batch(manager)
         # deterministic per (batch, params): a resumed run trains exactly as the first attempt
         torch.manual_seed(_stable_seed(batch_id, params.id))
         queries, docs = self.task.sample(
-            TRAIN_PAIRS, seed=_stable_seed(str(self.task_seed), batch_id)
+            TRAIN_PAIRS, seed=_stable_seed(str(self.task_seed), batch_id), clusters=clusters
         )
+        held_out = self._batch_eval(manager)
         optimiser = torch.optim.Adam(model.parameters(), lr=params.lr)
         for epoch in range(params.epochs):
             model.train()
@@ -176,11 +210,16 @@ class EmbeddingMethod(FineTuningMethod[EmbeddingParams]):
             manager.save_metric(MetricValue("train_loss", total / TRAIN_PAIRS, step=epoch))
             manager.save_metric(
                 MetricValue(
-                    f"val_{self.main_metric}", recall_at_k(model, *self._eval, TOP_K), step=epoch
+                    f"val_{self.main_metric}", recall_at_k(model, *held_out, TOP_K), step=epoch
                 )
             )
             check_prune()  # a no-op unless the iteration is searched with a pruner
         return model
 
     def evaluate(self, model: Any, params: EmbeddingParams, manager: ExperimentsManager) -> float:
-        return recall_at_k(model, *self._eval, TOP_K)
+        """recall@5 on held-out pairs of the run's batch."""
+        return recall_at_k(model, *self._batch_eval(manager), TOP_K)
+
+    def evaluate_holdout(self, model: Any) -> float:
+        """recall@5 on the fixed holdout of the whole task (turns promotion on)."""
+        return recall_at_k(model, *self._holdout, TOP_K)

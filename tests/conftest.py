@@ -76,6 +76,7 @@ LONGEST_FIRST = (
     "test_chaos",
     "test_service",
     "test_service_outage",
+    "test_champion",  # 50 iterations on two legs
 )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from tracker_core import (
     MetricValue,
     RunStatus,
 )
-from tracker_core.finetune import parse_iteration_name, run_iteration
+from tracker_core.finetune import parse_iteration_name, prepare_iteration, run_iteration
 from tracker_core.methods import FineTuningMethod, connect_kwargs
 from tracker_core.stores import RunQuery
 from tracker_core.testing.faults import FaultyProxy
@@ -291,6 +293,84 @@ def test_completion_defers_deleting_an_iteration_still_in_use(
     gone = manager.get_experiment(first.experiment_id)
     assert gone is None or gone.lifecycle_stage == "deleted"
     assert [e.experiment_id for e in manager.get_experiments()] == [third.experiment_id]
+
+
+def test_a_run_another_worker_holds_is_left_for_the_end_and_not_trained_again(
+    backend: BackendUnderTest, managers: list[ExperimentsManager]
+) -> None:
+    """Two workers on one batch: the run of the first params set is held by the other
+    worker, which ends it only once this one has trained every other set. This worker does
+    not wait for it first: it trains the others, comes back to it at the end, and skips it
+    once it ended (one worker trains a run; an ended run is never trained again)."""
+    method = ToyMethod(SETS)
+    mine, other = connect(backend, method), connect(backend, method)
+    managers.extend([mine, other])
+    prepare_iteration(method, other, "batch-1")
+    other.set_run(SETS[0])  # held: its lease is live
+    others_first = threading.Event()
+
+    def hold_then_end() -> None:
+        deadline = time.monotonic() + 20
+        while len(method.trained) < len(SETS) - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if len(method.trained) == len(SETS) - 1:
+            others_first.set()
+        other.save_metric(MetricValue("quality", SETS[0].quality))
+        other.finish_run()
+
+    holder = threading.Thread(target=hold_then_end)
+    holder.start()
+    try:
+        result = run_iteration(method, mine, "batch-1")
+    finally:
+        holder.join()
+    assert others_first.is_set(), "the worker waited for the held run before training others"
+    assert method.trained == SETS[1:]
+    assert [(r.params, r.trained, r.status) for r in result.runs] == [
+        (SETS[0], False, RunStatus.FINISHED),
+        *[(p, True, RunStatus.FINISHED) for p in SETS[1:]],
+    ]
+    assert result.best_metric == 0.9
+
+
+def test_held_runs_that_ended_meanwhile_are_skipped_in_one_read(
+    backend: BackendUnderTest, managers: list[ExperimentsManager]
+) -> None:
+    """Two runs held by other workers end while this worker trains the others: back round
+    to them, it reads the iteration's runs once and skips both, taking neither again."""
+    holders: list[ExperimentsManager] = []
+
+    class EndingOthers(ToyMethod):
+        def train(self, model: Any, params: ToyParams, manager: ExperimentsManager) -> Any:
+            if params == SETS[-1]:  # the holders end their runs while this one trains
+                for other, held in zip(holders, SETS, strict=False):
+                    other.save_metric(MetricValue("quality", held.quality))
+                    other.finish_run()
+            return super().train(model, params, manager)
+
+    method = EndingOthers(SETS)
+    mine = connect(backend, method)
+    holders.extend([connect(backend, method), connect(backend, method)])
+    managers.extend([mine, *holders])
+    plan = prepare_iteration(method, holders[0], "batch-1")
+    holders[1].set_iteration(plan.iteration)
+    holders[0].set_run(SETS[0])
+    holders[1].set_run(SETS[1])
+    taken: list[ToyParams] = []
+    set_run = mine.set_run
+
+    def counted(params: Any, *, wait: float = 0.0) -> bool:
+        taken.append(params)
+        return set_run(params, wait=wait)
+
+    mine.set_run = counted  # type: ignore[method-assign]
+    result = run_iteration(method, mine, "batch-1")
+    assert method.trained == SETS[2:]
+    assert taken == SETS  # the held ones once each (found held), never again
+    assert [(r.params, r.trained, r.status) for r in result.runs] == [
+        *[(p, False, RunStatus.FINISHED) for p in SETS[:2]],
+        *[(p, True, RunStatus.FINISHED) for p in SETS[2:]],
+    ]
 
 
 class _IterationMadeMeanwhile(FaultyProxy):

@@ -120,8 +120,8 @@ def test_three_workers_train_one_iterations_runs_at_once_and_complete_it_once(
         "planned": 6, "queued": 0, "running": 0, "finished": 6, "failed": 0, "pruned": 0,
     }  # fmt: skip
     result = two["result"]
-    assert result["runs"] == 6 and result["trained_runs"] == 6 and result["failed_runs"] == []
-    assert result["started_from_run_id"] == one["result"]["best_run_id"]
+    assert len(result["runs"]) == 6 and result["trained_runs"] == 6 and result["failed_runs"] == []
+    assert result["start_run_id"] == one["result"]["best_run_id"]
 
     with mlflow_manager(trio, "svc-par") as manager:
         # the runs overlapped in time (MLflow's own start and end times), on several workers
@@ -224,31 +224,31 @@ async def _race_run_ends(database: str, rounds: int = 25, width: int = 3) -> Non
 
         for n in range(rounds):
             new = NewTask(f"race-{n}", "m", f"b{n}", None, {}, None)
-            task, _ = await repo.create(new, no_job)
-            await repo.start(task.id, "setup", "w")
+            task, _ = await repo.tasks.create(new, no_job)
+            await repo.tasks.start(task.id, "setup", "w")
             plan = {"experiment_id": f"e{n}", "params": []}
             planned = [PlannedRun(f"p{i}") for i in range(width + 1)] + [
                 PlannedRun("done-before", "FINISHED")
             ]
-            fanned = await repo.fan_out(task.id, "setup", plan, planned, None, jobs)
+            fanned = await repo.runs.fan_out(task.id, "setup", plan, planned, None, jobs)
             assert fanned is not None and fanned.progress == {
                 "planned": width + 2, "queued": width + 1, "running": 0, "finished": 1,
                 "failed": 0, "pruned": 0,
             }  # fmt: skip
-            rows = {r.params_id: r for r in await repo.runs(task.id)}
+            rows = {r.params_id: r for r in await repo.runs.runs(task.id)}
             assert rows["done-before"].job_id is None  # no job for a run that had ended
             for i in range(width + 1):
-                started = await repo.start_run(task.id, f"p{i}", rows[f"p{i}"].job_id or 0,
+                started = await repo.runs.start_run(task.id, f"p{i}", rows[f"p{i}"].job_id or 0,
                                                f"x{i}", "w", jobs)  # fmt: skip
                 assert started is not None
             # a second start of a running run (another job) does nothing
-            assert await repo.start_run(task.id, "p0", -1, "other", "w", jobs) is None
-            first, _ = await repo.end_run(task.id, "p0", "x0", RunEnd("finished"), jobs)
+            assert await repo.runs.start_run(task.id, "p0", -1, "other", "w", jobs) is None
+            first, _ = await repo.runs.end_run(task.id, "p0", "x0", RunEnd("finished"), jobs)
             assert first is not None and first.completion_job_id is None
             # the last `width` runs end at once
             ends = await asyncio.gather(
                 *(
-                    repo.end_run(task.id, f"p{i}", f"x{i}", RunEnd("finished"), jobs)
+                    repo.runs.end_run(task.id, f"p{i}", f"x{i}", RunEnd("finished"), jobs)
                     for i in range(1, width + 1)
                 )
             )
@@ -264,13 +264,13 @@ async def _race_run_ends(database: str, rounds: int = 25, width: int = 3) -> Non
                 )
                 row = await cur.fetchone()
             assert row is not None and row[0] == 1
-            final = await repo.get(task.id)
+            final = await repo.tasks.get(task.id)
             assert final is not None and final.status == TaskStatus.PROCESSING
             assert final.progress is not None and final.progress["finished"] == width + 2
             # a job for a run that already finished does nothing
-            assert await repo.start_run(task.id, "p1", -1, "late", "w", jobs) is None
+            assert await repo.runs.start_run(task.id, "p1", -1, "late", "w", jobs) is None
             # the completion holds the task only once every run ended
-            assert await repo.start_completion(task.id, "c", "w", jobs) is not None
+            assert await repo.runs.start_completion(task.id, "c", "w", jobs) is not None
 
 
 # ---------------------------------------------------------------------- completion, end to end
@@ -345,7 +345,7 @@ def test_cancel_in_the_middle_starts_no_new_run_skips_completion_and_a_later_tas
     again = trio.client.create("svc-cpar", batch_id="cancel-par")
     done = trio.wait_status(again["id"], "done")
     assert done["result"]["experiment_id"] == iteration.experiment_id
-    assert done["result"]["resumed"] is True and done["result"]["runs"] == 8
+    assert done["result"]["resumed"] is True and len(done["result"]["runs"]) == 8
     assert done["result"]["trained_runs"] == 8 - states["FINISHED"]
     ends = Counter(p for event, p, _ in trio.trained("svc-cpar") if event == "end")
     assert len(ends) == 8 and set(ends.values()) == {1}
@@ -441,7 +441,7 @@ def test_embedded_serve_and_a_second_worker_share_one_iterations_runs(
         stack.wait_worker_ready(worker)
         task = stack.client.create("svc-par", batch_id="embedded-par")
         done = stack.wait_status(task["id"], "done")
-        assert done["result"]["runs"] == 6 and done["result"]["trained_runs"] == 6
+        assert len(done["result"]["runs"]) == 6 and done["result"]["trained_runs"] == 6
         assert done["progress"]["finished"] == 6
 
         def runs_trained_by(proc: Any) -> int:

@@ -155,7 +155,11 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullRun]:
                 "api",
             )  # fmt: skip
             stack.wait_healthy(api)
-            worker = stack.spawn(["worker", *FAST_TIMINGS, *common], "worker")  # one slot
+            # one slot; a new training process for every job (no warm child), so the notice
+            # below comes from several processes
+            worker = stack.spawn(
+                ["worker", *FAST_TIMINGS, "--warm-child-seconds", "0", *common], "worker"
+            )
             stack.wait_worker_ready(worker)
             client = stack.client
 

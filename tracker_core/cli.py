@@ -9,6 +9,9 @@ Commands::
     tracker-core run METHOD --batch-id B               # one iteration of a method
     tracker-core gc [--delete]                         # find (and delete) orphaned models
     tracker-core verify [--unmark]                     # marked models whose files are gone
+    tracker-core --plugin P champion                   # the champion (models:/P@champion)
+    tracker-core --plugin P promote RUN | rollback     # a person's decision, with --by
+    tracker-core --plugin P lineage [REF] [--plot F]   # where a model came from
 
 Tables for people, ``--json`` for scripts. Exit status: 0 success, 1 the operation failed
 (``verify``: a marked model has no files), 2 usage error, 130 interrupted, 141 standard
@@ -39,6 +42,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TextIO
 
+from tracker_core.cli_champion import add_champion_commands
 from tracker_core.cli_common import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED
 from tracker_core.cli_common import Output as Output
 from tracker_core.cli_common import UsageError as UsageError
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmark them as a deletion would (runs held by live workers are left alone)",
     )
     p.set_defaults(func=cmd_verify)
+
+    add_champion_commands(sub)
 
     # serve / worker / task: the task service (it imports its web and queue stack on use)
     from tracker_core.service.cli import add_service_commands

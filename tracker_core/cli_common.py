@@ -126,9 +126,10 @@ def require_tracking_store(uri: str) -> None:
 
 
 def _manager(
-    args: argparse.Namespace, *, plugin: bool = False, metric: bool = False
+    args: argparse.Namespace, *, plugin: bool = False, metric: bool = False, **extra: Any
 ) -> ExperimentsManager:
-    """A manager for a command that reads (or repairs) an existing tracking store."""
+    """A manager for a command that reads (or repairs) an existing tracking store; ``extra``
+    are more arguments of ``connect``."""
     from tracker_core.connect import connect
 
     if plugin and not args.plugin:
@@ -144,6 +145,7 @@ def _manager(
         is_loss=args.loss,
         retry=_retry(args),
         lease_seconds=args.lease_seconds or DEFAULT_LEASE_SECONDS,
+        **extra,
     )
 
 

@@ -210,37 +210,8 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
         kwargs["lease_seconds"] = args.lease_seconds
     with connect(args.artifact_uri, tracking_uri=args.tracking_uri, **kwargs) as manager:
         result = run_iteration(method, manager, args.batch_id, seed=args.seed)
-    out.emit(_result_json(result), lambda: _result_table(result))
+    out.emit(result.to_json(), lambda: _result_table(result))
     return 0
-
-
-def _result_json(result: IterationResult) -> dict[str, Any]:
-    return {
-        "plugin": result.plugin_name,
-        "iteration": result.iteration_name,
-        "experiment_id": result.experiment_id,
-        "batch_id": result.batch_id,
-        "start_run_id": result.start_run_id,
-        "started_from_initial": result.started_from_initial,
-        "resumed": result.resumed,
-        "main_metric": result.main_metric,
-        "best_run_id": result.best_run_id,
-        "best_metric": result.best_metric,
-        "best_model_uri": result.best_model_uri,
-        "deleted_iteration_id": result.deleted_iteration_id,
-        "runs": [
-            {
-                "run_id": r.run_id,
-                "params": r.params.to_dict(),
-                "status": r.status.value,
-                "metric": r.metric,
-                "trained": r.trained,
-                "has_model": r.has_model,
-                "error": r.error,
-            }
-            for r in result.runs
-        ],
-    }
 
 
 def _result_table(result: IterationResult) -> Iterator[str]:

@@ -12,6 +12,7 @@ from tracker_core.codecs import ModelFactory
 from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import PromotionConfig
 from tracker_core.retry import RetryConfig
 from tracker_core.stores import ArtifactStore, TrackingStore
 
@@ -38,6 +39,7 @@ def connect(
     tracking_store: TrackingStore | None = None,
     artifact_store: ArtifactStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    promotion: PromotionConfig | None = None,
 ) -> ExperimentsManager:
     """A manager keeping models at ``artifact_uri`` and tracking runs at ``tracking_uri``.
 
@@ -52,7 +54,9 @@ def connect(
     ``tracking_store`` / ``artifact_store``: stores to use instead of those the backend
     makes (wrappers for fault injection, third-party setups; see
     :func:`~tracker_core.opening.open_stores`); ``clock``: what leases and waits read the
-    time from (tests step it).
+    time from (tests step it). ``promotion``: the registered model, margin and webhook of
+    champion/challenger promotion (:mod:`tracker_core.promotion`; default
+    :meth:`PromotionConfig.from_env`).
     """
     arguments.text("artifact_uri", artifact_uri)
     arguments.optional_instance("retry", retry, RetryConfig, "a RetryConfig")
@@ -75,4 +79,5 @@ def connect(
         tracking_store=tracking_store,
         artifact_store=artifact_store,
         clock=clock,
+        promotion=promotion,
     )

@@ -11,6 +11,7 @@ import re
 from tracker_core.uris import redact_text
 
 __all__ = [
+    "RETRYABLE_ERRORS",
     "ArtifactStoreError",
     "BackendNotInstalledError",
     "CleanupRefusedError",
@@ -28,9 +29,11 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotSavedError",
+    "ModelProtectedError",
     "NoActiveIterationError",
     "NoActiveRunError",
     "NoModelToKeepError",
+    "PromotionError",
     "RunInUseError",
     "TrackerError",
     "TrackingStoreError",
@@ -142,6 +145,16 @@ class IterationInUseError(CleanupRefusedError):
     """The iteration still has runs held by live workers; it can be deleted once they end."""
 
 
+class ModelProtectedError(CleanupRefusedError):
+    """The model (or an iteration holding it) is the champion or the rollback model of a
+    registered model: no cleanup deletes it while an alias points at it."""
+
+
+class PromotionError(TrackerError):
+    """A promotion, rollback or champion lookup could not be done as asked (no model
+    registry, no champion to roll back to, a run that holds no servable model)."""
+
+
 class IterationFailedError(TrackerError, RuntimeError):
     """Every run of a fine-tuning iteration failed; the previous iteration was kept."""
 
@@ -174,6 +187,21 @@ class MaxAttemptsReachedException(TrackerError):
         super().__init__(f"{operation}: gave up after {attempts} attempt(s){tail}")
         self.operation = operation
         self.attempts = attempts
+
+
+#: failures of the infrastructure, not of the work: the stores failing past their own retries,
+#: a model not readable yet, a run lease lost, an iteration still in use. They stop an
+#: iteration (its run is left resumable), and another attempt may succeed; the fine-tuning
+#: driver never counts them as a run's failure, and the task service retries them.
+RETRYABLE_ERRORS: tuple[type[TrackerError], ...] = (
+    TrackingStoreError,
+    ArtifactStoreError,
+    TransientError,
+    MaxAttemptsReachedException,
+    ModelNotFoundError,
+    LeaseLostError,
+    IterationInUseError,
+)
 
 
 _SECRET_PATTERNS = [

@@ -10,7 +10,10 @@ is refused, with nothing deleted, for the initial experiment, the current iterat
 iteration where a live worker still holds a run (:class:`~tracker_core.errors.IterationInUseError`):
 deleting it would fail that worker's next call. Such a deletion can instead be *deferred*: the
 experiment is tagged ``tracker.delete_pending`` and :meth:`Iterations.delete_pending` removes it
-once its runs ended or their workers died.
+once its runs ended or their workers died. An iteration holding the champion's or the rollback
+model (a run tagged ``tracker.protected``, see :mod:`tracker_core.promotion`) is refused the
+same way (:class:`~tracker_core.errors.ModelProtectedError`) and deferred: it is deleted by the
+first cleanup after no alias points at its models any more.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tracker_core import tags as T
 from tracker_core.errors import (
     ConfigurationError,
     IterationInUseError,
+    ModelProtectedError,
     NoModelToKeepError,
     TrackerError,
 )
@@ -166,12 +170,19 @@ class Iterations:
         folders, the experiment's folder once it is empty).
 
         Raises :class:`ConfigurationError` for the initial experiment or the current iteration,
-        :class:`IterationInUseError` while a live worker holds one of its runs.
+        :class:`IterationInUseError` while a live worker holds one of its runs,
+        :class:`ModelProtectedError` while it holds the champion's or the rollback model.
         """
         if self.is_initial(experiment_id):
             raise ConfigurationError("the initial experiment is never deleted by iteration cleanup")
         if experiment_id == current_id:
             raise ConfigurationError("refusing to delete the current iteration")
+        protected = self.runs(experiment_id, tags={T.TAG_PROTECTED: T.TRUE})
+        if protected:
+            raise ModelProtectedError(
+                f"iteration {experiment_id} holds the registered champion or rollback model "
+                f"(run {protected[0].run_id}); it is kept while an alias points at it"
+            )
         live = self.live_runs(experiment_id)
         if live:
             holders = ", ".join(
@@ -211,8 +222,11 @@ class Iterations:
         a servable model (:meth:`newest_with_model`), if any (see :meth:`delete`).
 
         Raises :class:`NoModelToKeepError`, nothing deleted, while ``current`` holds no model
-        of a FINISHED run: the previous iteration holds the only fine-tuned model.
+        of a FINISHED run: the previous iteration holds the only fine-tuned model. An iteration
+        that holds the champion's or the rollback model is deferred instead; deferred
+        iterations that may go now are deleted first.
         """
+        self.delete_pending(current_id=current.experiment_id)
         found = self.newest_with_model(current)
         if found is None:
             log.info("delete_previous_iteration: no previous iteration holds a model")
@@ -224,18 +238,27 @@ class Iterations:
                 f"deleting the previous iteration ({previous.experiment_id}) would lose the "
                 "only fine-tuned model; nothing was deleted"
             )
-        self.delete(previous.experiment_id, current_id=current.experiment_id)
+        try:
+            self.delete(previous.experiment_id, current_id=current.experiment_id)
+        except ModelProtectedError as exc:
+            self.mark_pending(previous.experiment_id)
+            log.info("deletion of iteration %s deferred: %s", previous.experiment_id, exc)
 
     def delete_or_defer(self, experiment_id: str, *, current_id: str | None, defer: bool) -> bool:
-        """:meth:`delete`; True once deleted. While live workers hold its runs, with ``defer``
-        the iteration is marked for :meth:`delete_pending` instead (False)."""
+        """:meth:`delete`; True once deleted. While live workers hold its runs, or it holds the
+        champion's or the rollback model, with ``defer`` the iteration is marked for
+        :meth:`delete_pending` instead (False)."""
         try:
             self.delete(experiment_id, current_id=current_id)
-        except IterationInUseError as exc:
+        except (IterationInUseError, ModelProtectedError) as exc:
             if not defer:
                 raise
             self.mark_pending(experiment_id)
-            log.warning("deletion of iteration %s deferred: %s", experiment_id, exc)
+            log.log(
+                logging.INFO if isinstance(exc, ModelProtectedError) else logging.WARNING,
+                "deletion of iteration %s deferred: %s",
+                *(experiment_id, exc),
+            )
             return False
         return True
 

@@ -14,7 +14,7 @@ import atexit
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.codecs import ModelFactory
+from tracker_core.continual import Conclusion, conclude, started_by
 from tracker_core.errors import (
     ConfigurationError,
     InvalidMetricError,
@@ -30,9 +31,11 @@ from tracker_core.errors import (
     ModelNotFoundError,
     TrackerError,
 )
+from tracker_core.lineage import Lineage
 from tracker_core.models import ModelKeeper, is_marked
 from tracker_core.opening import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, open_tracker
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import Promoter, PromotionConfig
 from tracker_core.ranking import Ranking
 from tracker_core.reconcile import (
     AbandonedTwin,
@@ -43,7 +46,11 @@ from tracker_core.reconcile import (
     OrphanScan,
 )
 from tracker_core.retry import RetryConfig
-from tracker_core.retrying import RetryingArtifactStore, RetryingTrackingStore
+from tracker_core.retrying import (
+    RetryingArtifactStore,
+    RetryingRegistryStore,
+    RetryingTrackingStore,
+)
 from tracker_core.stores import ArtifactStore, TrackingStore
 from tracker_core.tracker import ActiveRun, Settings, Tracker
 from tracker_core.values import (
@@ -106,6 +113,8 @@ class ExperimentsManager:
         tracking_store / artifact_store: ready stores (tests, third-party setups); the manager
             calls them under its retry policy.
         clock: what leases, heartbeats and waits read the time from (tests step it).
+        promotion: champion/challenger promotion in the model registry
+            (:class:`~tracker_core.promotion.PromotionConfig`; default: from the environment).
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class ExperimentsManager:
         tracking_store: TrackingStore | None = None,
         artifact_store: ArtifactStore | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        promotion: PromotionConfig | None = None,
     ) -> None:
         self._tracker = open_tracker(
             tracking_uri,
@@ -149,6 +159,7 @@ class ExperimentsManager:
             tracking_store=tracking_store,
             artifact_store=artifact_store,
             clock=clock,
+            promotion=promotion,
         )
         _live_trackers.add(self._tracker)
 
@@ -659,3 +670,65 @@ class ExperimentsManager:
     def unmark_model_missing_files(self, model: MissingModel) -> bool:
         """Unmark a run found by :meth:`find_models_missing_files` as a deletion would."""
         return self._tracker.reconcile.unmark_missing(model, lease_seconds=self.lease_seconds)
+
+    # ------------------------------------------------------------------ promotion and lineage
+    @property
+    def promotion(self) -> Promoter:
+        """The champion in the model registry: ``champion()``, ``promote_run``, ``rollback``
+        (:mod:`tracker_core.promotion`)."""
+        return self._tracker.promoter
+
+    @property
+    def lineage(self) -> Lineage:
+        """The permanent records of the iterations (:mod:`tracker_core.lineage`)."""
+        return self._tracker.lineage
+
+    @property
+    def registry(self) -> RetryingRegistryStore | None:
+        """The model registry, behind the retry policy; None if the tracking store has none."""
+        return self._tracker.stores.registry
+
+    def promote(
+        self,
+        holdout: Callable[[Any], float] | None = None,
+        *,
+        start_run_id: str | None = None,
+        by: str | None = None,
+    ) -> Conclusion:
+        """Conclude the current iteration of a hand-written loop, once its runs ended (before
+        :meth:`delete_previous_iteration`): its best model, scored by ``holdout`` (a fixed
+        evaluation, same direction as the main metric), becomes the champion if it beats
+        the champion; its lineage record is written (also without ``holdout``).
+
+        ``start_run_id``: the run whose model the iteration started from (default: the
+        iteration's ``run_id``, else the champion's run, else the last model's, else the
+        initial model's). Repeatable: a second call finds the decision made."""
+        with self._tracker.lock:
+            experiment = self._tracker.require_iteration()
+            iteration = self._tracker.iteration
+            start = start_run_id or (iteration.run_id if iteration else None)
+            if start is None:
+                champion = self.promotion.champion() if self.promotion.available else None
+                last = self.get_last_model_run()
+                start = (
+                    (champion.run_id if champion else None)
+                    or (last.run_id if last else None)
+                    or self.get_initial_run_id()
+                    or ""
+                )
+            return conclude(
+                self._tracker,
+                experiment,
+                start_run_id=start,
+                holdout=holdout,
+                by=by or started_by(self._tracker.leases.owner),
+            )
+
+    def download_champion_model(self) -> Any:
+        """The champion's model (``models:/<name>@champion``); before the first promotion,
+        the model :meth:`download_last_model` gives."""
+        champion = self.promotion.champion() if self.promotion.available else None
+        if champion is None or champion.run is None:
+            return self.download_last_model()
+        run = champion.run
+        return self._tracker.load_best(lambda: run)

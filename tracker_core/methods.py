@@ -115,6 +115,13 @@ class FineTuningMethod(abc.ABC, Generic[P]):
     search_space: SearchSpace[Any] | None = None
     search: Search | None = None
     proposal: str = "top_n"
+    #: what an iteration starts from: "champion" (the default with a holdout) or "last"
+    start_from: str | None = None
+
+    def evaluate_holdout(self, model: Any) -> float:
+        """Optional: the main metric of ``model`` on a fixed holdout set, the same for every
+        batch. Implementing it turns on promotion (:mod:`tracker_core.promotion`)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def initial_model(self) -> Any:

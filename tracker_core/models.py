@@ -14,10 +14,14 @@ the model is deleted; when it ends FINISHED the iteration is pruned again
 (:meth:`ModelKeeper.prune`). Serving reads the run record once: the record that picked a
 model is the one its files are read with, and a model deleted while read is picked again
 (:meth:`ModelKeeper.load_best`).
+
+A model that a registered-model alias points at (the champion, the rollback model; tag
+``tracker.protected``, see :mod:`tracker_core.promotion`) is never pruned and never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -34,6 +38,7 @@ from tracker_core.errors import (
     ModelFilesMissingError,
     ModelLoadError,
     ModelNotFoundError,
+    ModelProtectedError,
 )
 from tracker_core.progress import transfer_progress
 from tracker_core.ranking import Ranking
@@ -41,7 +46,7 @@ from tracker_core.retrying import Stores
 from tracker_core.stores import RunQuery
 from tracker_core.values import MetricValue, RunRecord, RunStatus
 
-__all__ = ["ModelKeeper", "is_marked", "manifest_of", "model_run_id"]
+__all__ = ["ModelKeeper", "is_marked", "is_protected", "manifest_of", "model_run_id", "sha256_of"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +66,34 @@ def is_marked(run: RunRecord) -> bool:
     return run.tags.get(T.TAG_MODEL_UPLOADED) == T.TRUE
 
 
-def _manifest_tag(files: dict[str, int]) -> dict[str, str]:
-    """The model's file list as a tag, so a download needs no listing; left out when it would
-    not fit a tag (a model of hundreds of files is listed instead)."""
+def is_protected(run: RunRecord) -> bool:
+    """Whether a registered-model alias points at the run's model (never deleted then)."""
+    return run.tags.get(T.TAG_PROTECTED) == T.TRUE
+
+
+def _manifest_tag(key: str, files: dict[str, Any]) -> dict[str, str]:
+    """The model's files (sizes, or hashes) as a tag, so a download needs no listing; left out
+    when it would not fit a tag (a model of hundreds of files is listed instead)."""
     text = json.dumps(files, separators=(",", ":"))
-    return {T.TAG_MODEL_FILES: text} if len(text) <= _MAX_MANIFEST else {}
+    return {key: text} if len(text) <= _MAX_MANIFEST else {}
+
+
+def sha256_of(run: RunRecord) -> dict[str, str] | None:
+    """The SHA-256 of each file of a marked model as written, if recorded."""
+    text = run.tags.get(T.TAG_MODEL_SHA256)
+    try:
+        hashes = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return hashes if isinstance(hashes, dict) else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def manifest_of(run: RunRecord) -> dict[str, int] | None:
@@ -161,7 +189,9 @@ class ModelKeeper:
         as the ``keep`` above, and a FINISHED run's rank never changes."""
         finished_above = 0
         for run in self.marked_runs(experiment_id):
-            if run.status in _NEVER_SERVED or finished_above >= keep:
+            if is_protected(run):
+                finished_above += run.status == RunStatus.FINISHED
+            elif run.status in _NEVER_SERVED or finished_above >= keep:
                 self.delete(run)
             elif run.status == RunStatus.FINISHED:
                 finished_above += 1
@@ -188,11 +218,9 @@ class ModelKeeper:
         staging = Path(tempfile.mkdtemp(prefix="tracker-core-model-"))
         try:
             codec.save(model, staging, requirements)
-            files = {
-                p.relative_to(staging).as_posix(): p.stat().st_size
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
+            paths = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*"))}
+            files = {name: p.stat().st_size for name, p in paths.items() if p.is_file()}
+            hashes = {name: _sha256(paths[name]) for name in files}
             with transfer_progress(f"upload {run.run_id}") as progress:
                 self.artifacts.upload_dir(staging, uri, progress)
         finally:
@@ -204,7 +232,8 @@ class ModelKeeper:
             T.TAG_MODEL_FORMAT: model_format,
             T.TAG_MODEL_DELETED: T.FALSE,
             T.TAG_MODEL_UPLOADED: T.TRUE,
-            **_manifest_tag(files),
+            **_manifest_tag(T.TAG_MODEL_FILES, files),
+            **_manifest_tag(T.TAG_MODEL_SHA256, hashes),
         }
         marker = [MetricValue(T.METRIC_MODEL_UPLOADED, 1.0, step=1)]
         self.tracking.log_batch(run.run_id, marker, None, marks)
@@ -223,7 +252,12 @@ class ModelKeeper:
     def delete(self, run: RunRecord) -> bool:
         """Delete the run's model: unmark it first (a crash between the two steps leaves an
         orphan for gc, never a marked model without files), then its files; True when no
-        file is left."""
+        file is left. Refused (:class:`ModelProtectedError`) while an alias points at it."""
+        if is_protected(run):
+            raise ModelProtectedError(
+                f"the model of run {run.run_id} is a registered champion or rollback model "
+                "(tag tracker.protected): it is not deleted while an alias points at it"
+            )
         self.unmark(run.run_id)
         ok = self.delete_files(run)
         log.info("deleted model of run %s (%s)", run.run_id, "done" if ok else "files remain")

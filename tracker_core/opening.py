@@ -14,6 +14,7 @@ from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.codecs import ModelFactory, get_codec
 from tracker_core.errors import ConfigurationError
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import PromotionConfig
 from tracker_core.registry import Backend, get_backend, scheme_of
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.retrying import Stores
@@ -96,6 +97,7 @@ def open_tracker(
     tracking_store: TrackingStore | None = None,
     artifact_store: ArtifactStore | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    promotion: PromotionConfig | None = None,
 ) -> Tracker:
     """The core of a manager configured so (see
     :class:`~tracker_core.manager.ExperimentsManager` for the arguments)."""
@@ -123,6 +125,7 @@ def open_tracker(
     )
     arguments.optional_store("tracking_store", tracking_store, TrackingStore)
     arguments.optional_store("artifact_store", artifact_store, ArtifactStore)
+    arguments.optional_instance("promotion", promotion, PromotionConfig, "a PromotionConfig")
     artifact_uri = artifact_uri or DEFAULT_ARTIFACT_URI
     check_storage_uri(artifact_uri)
     retry = retry_config or RetryConfig()
@@ -153,6 +156,7 @@ def open_tracker(
         lease_seconds=lease_seconds,
         retry=retry,
         tracking_uri=getattr(tracking_store, "uri", tracking_uri),
+        promotion=promotion or PromotionConfig.from_env(),
     )
     stores = Stores.wrap(tracking_store, artifact_store, retry)
     return Tracker(stores, settings, accumulators=accumulators, clock=clock)

@@ -19,12 +19,19 @@ share. Which operation a method is:
 ``exists``, ``find_dirs``, ``check_root``,             ``exists``, ``find_models``,
 ``list_incomplete_uploads``, ``abort_upload``          ``check_root``, ``list_uploads``,
                                                        ``abort_upload``
+registry: ``get_version``, ``get_version_by_alias``,   ``search``
+``search_versions``
+registry: ``ensure_registered_model``,                 ``create``
+``create_version``
+registry: ``set_alias``, ``set_version_tags``          ``tag``
+registry: ``delete_version``                           ``delete``
 =====================================================  ===================================
 
 ``set_tags`` and ``has_runs`` call the inner store's own (a store may do them in one call);
 ``iter_experiments`` pages through ``search_experiments``, each page retried. Anything else
 a backend's store offers (``display_uri``, ``fs``...) is reached through the wrapper
-unchanged.
+unchanged. The registry (:mod:`tracker_core.registry_store`) is optional: :attr:`Stores.registry`
+is None when the tracking store offers none.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, TypeVar
 import attrs
 
 from tracker_core import tags as T
+from tracker_core.registry_store import ModelVersion, RegistryStore
 from tracker_core.retry import Retrier, RetryConfig, RetryParams
 from tracker_core.stores import (
     ArtifactStore,
@@ -47,7 +55,13 @@ from tracker_core.stores import (
 )
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 
-__all__ = ["RetryingArtifactStore", "RetryingTrackingStore", "Stores", "batch_operation"]
+__all__ = [
+    "RetryingArtifactStore",
+    "RetryingRegistryStore",
+    "RetryingTrackingStore",
+    "Stores",
+    "batch_operation",
+]
 
 R = TypeVar("R")
 W = TypeVar("W")
@@ -239,29 +253,76 @@ class RetryingArtifactStore(_Retrying, ArtifactStore):
         return owned
 
 
+class RetryingRegistryStore(_Retrying, RegistryStore):
+    """A :class:`RegistryStore` whose every call runs under the retry policy."""
+
+    _inner: RegistryStore
+
+    def __init__(self, inner: RegistryStore, config: RetryConfig) -> None:
+        super().__init__(inner, config)
+        self.uri = getattr(inner, "uri", "")
+
+    def ensure_registered_model(self, name: str, tags: Mapping[str, str]) -> None:
+        self._call("create", self._inner.ensure_registered_model, name, tags)
+
+    def create_version(
+        self, name: str, source: str, run_id: str | None, tags: Mapping[str, str]
+    ) -> ModelVersion:
+        return self._call("create", self._inner.create_version, name, source, run_id, tags)
+
+    def get_version(self, name: str, version: str) -> ModelVersion | None:
+        return self._call("search", self._inner.get_version, name, version)
+
+    def search_versions(self, name: str, run_id: str | None = None) -> list[ModelVersion]:
+        return self._call("search", self._inner.search_versions, name, run_id)
+
+    def get_version_by_alias(self, name: str, alias: str) -> ModelVersion | None:
+        return self._call("search", self._inner.get_version_by_alias, name, alias)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._call("tag", self._inner.set_alias, name, alias, version)
+
+    def set_version_tags(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        self._call("tag", self._inner.set_version_tags, name, version, tags)
+
+    def delete_version(self, name: str, version: str) -> None:
+        self._call("delete", self._inner.delete_version, name, version)
+
+
 @attrs.frozen
 class Stores:
-    """The two stores of a manager, each behind the one retry policy; what its services
-    share (a value: nothing swaps a store under a service's feet)."""
+    """The stores of a manager, each behind the one retry policy; what its services share (a
+    value: nothing swaps a store under a service's feet). ``registry`` is None when the
+    tracking store offers no model registry."""
 
     tracking: RetryingTrackingStore
     artifacts: RetryingArtifactStore
+    registry: RetryingRegistryStore | None = None
 
     @classmethod
     def wrap(
         cls, tracking: TrackingStore, artifacts: ArtifactStore, retry: RetryConfig | None = None
     ) -> Stores:
-        """Stores calling ``tracking`` and ``artifacts`` under ``retry``."""
+        """Stores calling ``tracking``, ``artifacts`` and the tracking store's registry (if
+        it offers one) under ``retry``."""
         config = retry or RetryConfig()
+        opener = getattr(tracking, "open_registry", None)  # a duck-typed store may have none
+        registry = opener() if callable(opener) else None
         return cls(
-            RetryingTrackingStore(tracking, config), RetryingArtifactStore(artifacts, config)
+            RetryingTrackingStore(tracking, config),
+            RetryingArtifactStore(artifacts, config),
+            None if registry is None else RetryingRegistryStore(registry, config),
         )
 
     def single_attempt(self) -> None:
         """Every call tried once from now on (interpreter exit)."""
         self.tracking.single_attempt()
         self.artifacts.single_attempt()
+        if self.registry is not None:
+            self.registry.single_attempt()
 
     def close(self) -> None:
         self.tracking.close()
         self.artifacts.close()
+        if self.registry is not None:
+            self.registry.close()

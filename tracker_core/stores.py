@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import attrs
 
 from tracker_core.errors import ArtifactStoreError
+from tracker_core.registry_store import RegistryStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 
 __all__ = [
@@ -219,6 +220,11 @@ class TrackingStore(abc.ABC):
 
     def classify_error(self, exc: BaseException) -> bool | None:
         """True if ``exc`` is transient (worth a retry), False if permanent, None if unknown."""
+        return None
+
+    def open_registry(self) -> RegistryStore | None:
+        """The model registry beside this store (:mod:`tracker_core.registry_store`), or None
+        if it has none (the default); promotion needs one."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

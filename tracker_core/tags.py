@@ -20,11 +20,13 @@ __all__ = [
     "TAG_MODEL_DELETED",
     "TAG_MODEL_FILES",
     "TAG_MODEL_FORMAT",
+    "TAG_MODEL_SHA256",
     "TAG_MODEL_UPLOADED",
     "TAG_MODEL_URI",
     "TAG_PARAMS_ID",
     "TAG_PARAMS_TYPE",
     "TAG_PLUGIN",
+    "TAG_PROTECTED",
     "TAG_PRUNED",
     "TAG_PRUNED_STEP",
     "TAG_PRUNED_VALUE",
@@ -51,6 +53,11 @@ TAG_MODEL_URI = "tracker.model_uri"
 TAG_MODEL_FORMAT = "tracker.model_format"
 #: the model's files and sizes (JSON), so a download needs no listing
 TAG_MODEL_FILES = "tracker.model_files"
+#: the SHA-256 of each of the model's files (JSON), as written (lineage records them)
+TAG_MODEL_SHA256 = "tracker.model_sha256"
+#: "true" while a registered-model alias (the champion, the rollback model) points at the
+#: run's model: no cleanup deletes its model or its iteration (:mod:`tracker_core.promotion`)
+TAG_PROTECTED = "tracker.protected"
 
 METRIC_MODEL_UPLOADED = "model_uploaded"
 METRIC_MODEL_DELETED = "model_deleted"

@@ -9,7 +9,9 @@ Services (each receives what it needs and never calls back up):
 - :class:`~tracker_core.iterations.Iterations`: iteration experiments and their deletion;
 - :class:`~tracker_core.initial.InitialModel`: the initial model, uploaded once;
 - :class:`~tracker_core.reconcile.Reconciler`: what crashes leave (gc, verify);
-- :class:`~tracker_core.ranking.TopRuns`: best quality and top params.
+- :class:`~tracker_core.ranking.TopRuns`: best quality and top params;
+- :class:`~tracker_core.lineage.Lineage`: the permanent record of each iteration;
+- :class:`~tracker_core.promotion.Promoter`: the champion in the model registry.
 
 :class:`Tracker` adds the *session* (the current iteration; the current run is the run
 service's) and the flows that combine services under one lock: entering an iteration, taking
@@ -43,8 +45,10 @@ from tracker_core.errors import (
 from tracker_core.initial import InitialModel
 from tracker_core.iterations import Iterations
 from tracker_core.lease import Leases
+from tracker_core.lineage import Lineage
 from tracker_core.models import ModelKeeper
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import Promoter, PromotionConfig
 from tracker_core.ranking import Ranking, TopRuns
 from tracker_core.reconcile import Reconciler
 from tracker_core.retry import RetryConfig
@@ -80,6 +84,7 @@ class Settings:
     retry: RetryConfig
     #: the tracking store's URI, as given (shown in logs redacted)
     tracking_uri: str | None
+    promotion: PromotionConfig = attrs.field(factory=PromotionConfig)
 
 
 @attrs.frozen
@@ -112,6 +117,19 @@ class Tracker:
         self.initial = InitialModel(stores.tracking, self.iterations, self.runs, self.models)
         self.reconcile = Reconciler(stores, self.models, clock)
         self.top = TopRuns(stores.tracking, self.ranking)
+        self.lineage = Lineage(stores.tracking, self.iterations, self.runs)
+        self.promoter = Promoter(
+            stores.tracking,
+            stores.registry,
+            self.models,
+            self.iterations,
+            self.runs,
+            self.leases,
+            self.lineage,
+            self.ranking,
+            settings.promotion,
+            settings.retry,
+        )
         self.lock = threading.RLock()
         self.iteration: FineTuningIteration | None = None
         self.experiment: ExperimentRecord | None = None

@@ -2,7 +2,11 @@
 
 It finishes the iteration and deletes the iteration it started from (its models included);
 while live workers still hold runs of that iteration its deletion is deferred to a later
-completion. The initial model is never deleted. If no run succeeded,
+completion. The initial model is never deleted. Before that, the iteration is concluded
+(:func:`tracker_core.continual.conclude`): with a method that has a holdout evaluation, its best
+model is the challenger, promoted to champion if it beats the one serving (an iteration that
+holds the champion's or the rollback model is then kept, its deletion deferred); the
+iteration's lineage record is written either way. If no run succeeded,
 :class:`~tracker_core.errors.IterationFailedError` is raised naming the failures; the failed
 iteration is moved to MLflow's deleted experiments (restorable from the UI, and out of the way
 so the same batch can be retried) and the previous iteration, with its best model, is kept.
@@ -14,7 +18,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from tracker_core.continual import conclude, started_by
 from tracker_core.errors import IterationFailedError, IterationInUseError
+from tracker_core.finetune.champion import holdout_of
 from tracker_core.finetune.plan import IterationPlan, _enter
 from tracker_core.finetune.results import IterationResult, _collect
 from tracker_core.manager import ExperimentsManager
@@ -33,6 +39,8 @@ def complete_iteration(
     manager: ExperimentsManager,
     plan: IterationPlan,
     outcomes: Mapping[str, tuple[bool, str | None]],
+    *,
+    by: str | None = None,
 ) -> IterationResult:
     """Step 7, once every run of the iteration has ended: finish the iteration and delete
     the one it started from (deferred while live workers still hold runs of it).
@@ -42,8 +50,13 @@ def complete_iteration(
     of the plan is still unfinished (:class:`~tracker_core.errors.IterationInUseError`). If
     no run succeeded, moves the failed iteration aside and raises
     :class:`~tracker_core.errors.IterationFailedError`; the previous iteration is kept.
+
+    ``by`` names who or what ran the iteration, for its lineage record and the promotion
+    decision (default: ``task <$TRACKER_CORE_TASK_ID>``, else this worker).
     """
     _enter(manager, plan)
+    experiment = manager.tracker.require_iteration()
+    by = by or started_by(manager.tracker.leases.owner)
     experiment_id = plan.experiment_id
     iteration = plan.iteration
     runs = _collect(manager, experiment_id, plan.params, outcomes)
@@ -56,6 +69,7 @@ def complete_iteration(
         )
 
     if not any(r.succeeded for r in runs):
+        conclude(manager.tracker, experiment, start_run_id=plan.start_run_id, holdout=None, by=by)
         manager.finish_iteration()
         failures = "; ".join(
             f"run {r.run_id} {r.params!r}: {r.error or r.status.value}" for r in runs
@@ -77,6 +91,14 @@ def complete_iteration(
     best_run_id, _ = manager.get_best_current_run_id()
     best_uri = manager.get_current_model_url() if best_run_id else None
     best_metric = next((r.metric for r in runs if r.run_id == best_run_id), None)
+    # the challenger is gated (and protected if promoted) before anything is deleted
+    conclusion = conclude(
+        manager.tracker,
+        experiment,
+        start_run_id=plan.start_run_id,
+        holdout=holdout_of(method),
+        by=by,
+    )
 
     # 7. iteration completion: an iteration that live workers still use is deleted later,
     # by the next completion (it is marked pending), never under a running worker
@@ -114,4 +136,5 @@ def complete_iteration(
         best_metric=best_metric,
         best_model_uri=best_uri,
         deleted_iteration_id=deleted,
+        promotion=conclusion.decision,
     )

@@ -7,11 +7,21 @@ Progress and stopping (for a supervisor such as the task service):
 
 - ``on_progress`` is called with an :class:`IterationProgress` once the params sets are known
   and after every run (trained, failed or skipped);
-- ``should_stop`` is polled before every run; when it returns True the driver raises
-  :class:`IterationStopped` there. A method can stop sooner from inside ``train`` by calling
-  :func:`check_stop` (or testing :func:`stop_requested`) at its own safe points. Either way
-  the current run is left unfinished, exactly as after a crash, so calling
-  :func:`run_iteration` again with the same batch resumes it.
+- ``should_stop`` is polled before every run (and while it waits for runs other workers
+  hold); when it returns True the driver raises :class:`IterationStopped` there. A method
+  can stop sooner from inside ``train`` by calling :func:`check_stop` (or testing
+  :func:`stop_requested`) at its own safe points. Either way the current run is left
+  unfinished, exactly as after a crash, so calling :func:`run_iteration` again with the same
+  batch resumes it.
+
+Several processes on one batch (a worker each, sharing the iteration through the runs'
+leases) spread over its params sets: each trains the params sets in order, skipping a run that
+another live worker holds and coming back to it at the end (the runs ended meanwhile are found
+in one read and skipped), where it waits for that run to end (skipped, as finished) or for its
+worker's lease to expire (then trained: its worker died).
+One worker trains a run at a time, and a run that ended is never trained again (a run the
+search's pruner stopped ended too, KILLED: it is skipped like the others, whichever worker
+pruned it).
 
 Failure semantics:
 
@@ -28,24 +38,32 @@ Failure semantics:
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tracker_core.errors import RunInUseError
 from tracker_core.finetune.completion import complete_iteration
 from tracker_core.finetune.plan import IterationPlan, _enter, prepare_iteration
 from tracker_core.finetune.results import IterationProgress, IterationResult
-from tracker_core.finetune.run import _pruning, _StartModel, _train_one
+from tracker_core.finetune.run import _pruning, _StartModel, _train_taken
 from tracker_core.finetune.stopping import IterationStopped, _stop_scope
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod
+from tracker_core.params import FineTuningParams
 
 __all__ = ["run_iteration", "run_prepared"]
 
 log = logging.getLogger(__name__)
+
+#: how often a worker whose every run left is held by other workers looks whether one ended
+#: (or its worker's lease expired)
+HELD_POLL_SECONDS = 0.5
 
 
 def run_iteration(
@@ -136,28 +154,75 @@ def _run_all(
     on_progress: Callable[[IterationProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, tuple[bool, str | None]]:
-    """Steps 4-6 for every params set, in order: ``{params id: (trained, error)}``."""
+    """Steps 4-6 for every params set, in order, a run another live worker holds put back at
+    the end of the line (see the module docstring): ``{params id: (trained, error)}``.
+    A pruned run ended, like any other: it is not trained again."""
     params = plan.params
     pruning = _pruning(method, manager, plan)
     done: dict[str, tuple[bool, str | None]] = {}
+    #: the params sets this call found or left pruned (for the progress reports)
     pruned: set[str] = set()
+    line = collections.deque(enumerate(params, 1))
+    #: runs found held one after another since the last run taken or the last pause
+    held_in_a_row = 0
+    #: the params sets put back since the iteration's runs were last read
+    put_back: set[str] = set()
+    said_held: set[str] = set()
 
     def report() -> None:
         if on_progress is not None:
             failed = sum(1 for _, error in done.values() if error is not None)
             on_progress(IterationProgress(len(params), len(done), failed, len(pruned)))
 
-    report()
-    for index, p in enumerate(params, 1):
-        if should_stop is not None and should_stop():
-            log.info("stop requested: leaving the iteration before run %d/%d", index, len(params))
-            raise IterationStopped(f"stopped before run {index} of {len(params)}")
-        label = f"{index}/{len(params)}"
-        trained, error, was_pruned = _train_one(
-            method, manager, p, start, should_stop, label, pruning
-        )
-        done[p.id] = (trained, error)
-        if was_pruned:
-            pruned.add(p.id)
+    def skip(index: int, p: FineTuningParams) -> None:
+        log.info("run %d/%d %r finished in an earlier attempt; skipped", index, len(params), p)
+        done[p.id] = (False, None)
         report()
+
+    report()
+    while line:
+        index, p = line.popleft()
+        if p.id in put_back:
+            # back round to the held runs: those their workers ended meanwhile, in one read
+            if held_in_a_row > len(line):  # every run left is held: give them a moment
+                time.sleep(HELD_POLL_SECONDS)
+                held_in_a_row = 0
+            put_back.clear()
+            ended = _ended_runs(manager)
+            for entry in [(index, p), *line]:
+                if entry[1].id in ended:
+                    skip(*entry)
+            line = collections.deque(e for e in line if e[1].id not in ended)
+            if p.id in ended:
+                continue
+        label = f"{index}/{len(params)}"
+        if should_stop is not None and should_stop():
+            log.info("stop requested: leaving the iteration before run %s", label)
+            raise IterationStopped(f"stopped before run {index} of {len(params)}")
+        try:
+            taken_ended = manager.set_run(p)
+        except RunInUseError:
+            if p.id not in said_held:
+                said_held.add(p.id)
+                log.info("run %s is held by another worker; back to it later", label)
+            line.append((index, p))
+            put_back.add(p.id)
+            held_in_a_row += 1
+            continue
+        held_in_a_row = 0
+        if taken_ended:
+            skip(index, p)
+        else:
+            trained, error, was_pruned = _train_taken(method, manager, p, start, label, pruning)
+            done[p.id] = (trained, error)
+            if was_pruned:
+                pruned.add(p.id)
+            report()
     return done
+
+
+def _ended_runs(manager: ExperimentsManager) -> set[str]:
+    """The params ids of the current iteration's runs that ended."""
+    experiment_id = manager.current_experiment_id
+    assert experiment_id is not None
+    return {r.run_name for r in manager.get_runs(experiment_id) if r.status.is_terminal}

@@ -30,6 +30,7 @@ import attrs
 
 from tracker_core import tags as T
 from tracker_core.errors import ConfigurationError, InvalidParamsError, ModelNotFoundError
+from tracker_core.finetune.champion import start_policy, starting_run
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import FineTuningMethod, _check_method
 from tracker_core.params import FineTuningParams
@@ -187,6 +188,7 @@ def prepare_iteration(
     resumed_iteration = parse_iteration_name(existing.name) if existing is not None else None
     previous: ExperimentRecord | None = None
     start_run: RunRecord | None = None
+    previous_best_run: RunRecord | None = None  # the previous iteration's best (top params)
     if resumed_iteration is not None:
         start_run_id = resumed_iteration.run_id or initial_run_id
         start_run = manager.get_run_by_id(start_run_id)
@@ -194,10 +196,16 @@ def prepare_iteration(
             previous = manager.get_experiment(start_run.experiment_id)
             if previous is not None and previous.lifecycle_stage != "active":
                 previous = None
+        previous_best_run = start_run
+        if existing is not None and start_policy(method) == "champion":  # not the start's
+            before = manager.tracker.iterations.newest_with_model(existing)
+            if before is not None:
+                previous, previous_best_run = before
         log.info("resuming iteration %r", str(resumed_iteration))
     else:
         if found is not None:
-            previous, start_run = found
+            previous, previous_best_run = found
+            start_run = starting_run(method, manager, previous_best_run)  # the champion's?
             start_run_id = start_run.run_id
             log.info("starting from the best model of %r (run %s)", previous.name, start_run_id)
         else:
@@ -213,7 +221,7 @@ def prepare_iteration(
     )
     params: list[FineTuningParams] = []
     if not start_is_gone:
-        previous_best = start_run if previous is not None else None
+        previous_best = previous_best_run if previous is not None else None
         params = _select(method, manager, policy, iteration, previous, previous_best, seed)
     ended: dict[str, RunStatus] = {}
     if existing is not None:  # runs already created by an earlier attempt are kept

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
 from tracker_core import tags as T
-from tracker_core.errors import ModelNotFoundError
+from tracker_core.errors import ModelNotFoundError, redact
 from tracker_core.manager import ExperimentsManager
 from tracker_core.params import FineTuningParams
+from tracker_core.promotion import Decision
 from tracker_core.values import RunStatus
 
 __all__ = ["IterationProgress", "IterationResult", "RunResult"]
@@ -46,6 +48,18 @@ class RunResult:
     def succeeded(self) -> bool:
         return self.status == RunStatus.FINISHED and self.metric is not None
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "params": self.params.to_dict(),
+            "status": self.status.value,
+            "metric": self.metric,
+            "trained": self.trained,
+            "has_model": self.has_model,
+            "error": None if self.error is None else redact(self.error),
+            "pruned": self.pruned,
+        }
+
 
 @attrs.frozen
 class IterationResult:
@@ -69,6 +83,8 @@ class IterationResult:
     #: the iteration deleted at the end (the one this iteration started from), if any; None
     #: also when its deletion was deferred (live workers still held runs of it)
     deleted_iteration_id: str | None
+    #: the holdout gate's decision on the best model (a method with ``evaluate_holdout``)
+    promotion: Decision | None = None
 
     @property
     def failed_runs(self) -> tuple[RunResult, ...]:
@@ -81,6 +97,41 @@ class IterationResult:
     @property
     def pruned_runs(self) -> tuple[RunResult, ...]:
         return tuple(r for r in self.runs if r.pruned)
+
+    def to_json(self) -> dict[str, Any]:
+        """The one JSON view of a result: ``tracker-core run --json`` prints it, and a task of
+        the service ends ``done`` with it as its ``result``. ``runs`` lists every params set
+        (as :meth:`RunResult.to_json`); ``trained_runs`` counts those trained by this call;
+        ``failed_runs`` repeats the failed ones' id, params and error, ``pruned_runs`` the
+        pruned ones' id and params; ``promotion`` is the holdout gate's decision
+        (:meth:`~tracker_core.decisions.Decision.to_json`, both scores and the outcome) or
+        None."""
+        return {
+            "plugin": self.plugin_name,
+            "iteration": self.iteration_name,
+            "experiment_id": self.experiment_id,
+            "batch_id": self.batch_id,
+            "main_metric": self.main_metric,
+            "is_loss": self.is_loss,
+            "start_run_id": self.start_run_id,
+            "started_from_initial": self.started_from_initial,
+            "resumed": self.resumed,
+            "best_run_id": self.best_run_id,
+            "best_metric": self.best_metric,
+            "best_model_uri": self.best_model_uri,
+            "deleted_iteration_id": self.deleted_iteration_id,
+            "promotion": None if self.promotion is None else self.promotion.to_json(),
+            "runs": [r.to_json() for r in self.runs],
+            "trained_runs": len(self.trained_runs),
+            "failed_runs": [
+                {k: v for k, v in r.to_json().items() if k in ("run_id", "params", "error")}
+                for r in self.failed_runs
+            ],
+            "pruned_runs": [
+                {k: v for k, v in r.to_json().items() if k in ("run_id", "params")}
+                for r in self.pruned_runs
+            ],
+        }
 
 
 @attrs.frozen

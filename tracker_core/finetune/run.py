@@ -1,6 +1,6 @@
 """Steps 4-6 (and 8) for one params set: :func:`train_run`, what one run job of a parallel
 iteration does, in any process, at the same time as the others; the sequential driver
-(:mod:`.driver`) trains each params set with the same ``_train_one``.
+(:mod:`.driver`) trains each params set it takes with the same ``_train_taken``.
 
 One run starts or resumes the run of its params set (a run that ended in an earlier attempt is
 skipped; one another live worker holds is waited for), trains a fresh copy of the starting
@@ -30,14 +30,10 @@ from typing import Any
 from tracker_core import tags as T
 from tracker_core.codecs import get_codec
 from tracker_core.errors import (
-    ArtifactStoreError,
+    RETRYABLE_ERRORS,
     ConfigurationError,
-    LeaseLostError,
-    MaxAttemptsReachedException,
     ModelNotFoundError,
     RunInUseError,
-    TrackingStoreError,
-    TransientError,
 )
 from tracker_core.finetune.plan import IterationPlan, _enter, method_policy
 from tracker_core.finetune.pruning import RunPruned, _prune_scope
@@ -58,16 +54,6 @@ _Pruning = Callable[[], RunPruning] | None
 __all__ = ["train_run"]
 
 log = logging.getLogger(__name__)
-
-#: failures of the infrastructure, not of the run: they stop the iteration (resumable)
-_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    LeaseLostError,
-    TrackingStoreError,
-    ArtifactStoreError,
-    TransientError,
-    MaxAttemptsReachedException,
-    ModelNotFoundError,
-)
 
 
 def train_run(
@@ -96,15 +82,15 @@ def train_run(
         work = Path(tempfile.mkdtemp(prefix="tracker-core-run-", dir=work_dir))
         try:
             try:
-                trained, error, _ = _train_one(
-                    method,
-                    manager,
-                    params,
-                    _StartModel(manager, plan.start_run_id, work / "model"),
-                    should_stop,
-                    label=params.id,
-                    pruning=_pruning(method, manager, plan),
-                )
+                if _take_run(manager, params, should_stop):
+                    log.info("run %s %r finished in an earlier attempt; skipped", params.id, params)
+                    trained, error = False, None
+                else:
+                    start = _StartModel(manager, plan.start_run_id, work / "model")
+                    pruning = _pruning(method, manager, plan)
+                    trained, error, _ = _train_taken(
+                        method, manager, params, start, params.id, pruning
+                    )
             except BaseException:
                 manager.abandon_iteration()
                 raise
@@ -156,21 +142,19 @@ def _pruning(
     )
 
 
-def _train_one(
+def _train_taken(
     method: FineTuningMethod[Any],
     manager: ExperimentsManager,
     p: FineTuningParams,
     start: _StartModel,
-    should_stop: Callable[[], bool] | None,
     label: str,
     pruning: _Pruning = None,
 ) -> _Outcome:
-    """Steps 4-6 for one params set: ``(trained, error, pruned)``. A run that ended in an
-    earlier attempt is skipped; an error of the method fails the run; a pruned run ends
-    KILLED; store errors and interrupts propagate (the run is left unfinished)."""
-    if _take_run(manager, p, should_stop):
-        log.info("run %s %r finished in an earlier attempt; skipped", label, p)
-        return False, None, False
+    """Steps 4-6 for the params set whose run this worker just took (``set_run``, the run
+    not ended): ``(trained, error, pruned)``. A run pruned in an earlier attempt that did not
+    get to end it is ended pruned, not trained again; an error of the method fails the run; a
+    pruned run ends KILLED; store errors and interrupts propagate (the run is left
+    unfinished)."""
     current = manager.tracker.runs.run
     if current is not None and is_pruned(current):
         log.info("run %s was pruned in an earlier attempt; ending it pruned", label)
@@ -192,7 +176,7 @@ def _train_one(
         else:  # raised by the method itself
             end_pruned(manager)
         return True, None, True
-    except _INFRASTRUCTURE_ERRORS:
+    except RETRYABLE_ERRORS:  # the infrastructure's, not the run's: it stops (resumable)
         raise
     except Exception as exc:
         log.warning("run %s failed: %s", manager.current_run_id, _describe(exc), exc_info=True)

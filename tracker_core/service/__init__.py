@@ -9,14 +9,18 @@ module imports what it needs). Modules, one concept each:
 - :mod:`~tracker_core.service.registry`: which fine-tuning methods a service offers;
 - :mod:`~tracker_core.service.models`: task statuses, ids and the API's request/response shapes;
 - :mod:`~tracker_core.service.schema`: the task table, created beside Procrastinate's;
-- :mod:`~tracker_core.service.repository`: reads and state transitions of task rows;
-  :mod:`~tracker_core.service.task_rows` (reads, creation, a task's own job) and
-  :mod:`~tracker_core.service.run_rows` (fan-out, run jobs, completion) hold its parts;
+- :mod:`~tracker_core.service.repository`: reads and state transitions of task rows, composed
+  of :mod:`~tracker_core.service.task_rows` (reads, creation, a task's own job, cancels) and
+  :mod:`~tracker_core.service.run_rows` (fan-out, run jobs, completion), over one seam
+  (:mod:`~tracker_core.service.task_table`);
 - :mod:`~tracker_core.service.queue`: the Procrastinate app: queues, jobs, retries, stalled jobs;
-- :mod:`~tracker_core.service.child`: the child process that runs one task's iteration;
-- :mod:`~tracker_core.service.supervisor`: the worker's side of that child (progress, stop);
+- :mod:`~tracker_core.service.executions`: the life of a task's jobs, told once: what each
+  kind of job does in its child, and how it ends;
+- :mod:`~tracker_core.service.protocol`: the messages of a worker and its child, as types;
+- :mod:`~tracker_core.service.child`: the child process that runs a worker's jobs;
+- :mod:`~tracker_core.service.supervisor`: the worker's side of its children (start, progress,
+  stop, keep warm);
 - :mod:`~tracker_core.service.worker`: a worker process (the task queue + maintenance);
-- :mod:`~tracker_core.service.executions`: one execution of each kind of job, and how it ends;
 - :mod:`~tracker_core.service.api`: the FastAPI application;
 - :mod:`~tracker_core.service.limits`: what the API accepts (body size, JSON and URL rules);
 - :mod:`~tracker_core.service.outage`: riding out an outage of the task database (what counts

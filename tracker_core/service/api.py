@@ -61,7 +61,7 @@ from tracker_core.service.models import (
 from tracker_core.service.outage import Backoff, Outage, OutageRider, probe
 from tracker_core.service.queue import QueueJobs, build_app, defer_run_task
 from tracker_core.service.registry import MethodRegistry
-from tracker_core.service.repository import NewTask, TaskRepository
+from tracker_core.service.repository import CancelAction, NewTask, TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
 from tracker_core.service.tokens import Principal, Scope, TokenStore
@@ -331,7 +331,7 @@ def create_app(
             except ConfigurationError as exc:
                 return _error(422, str(exc), field="proposal", rule=str(exc))
         if body.idempotency_key is not None:
-            existing = await repo().get_by_key(body.idempotency_key)
+            existing = await repo().tasks.get_by_key(body.idempotency_key)
             if existing is not None:
                 return _for_key(existing, body)
         batch_id = body.batch_id
@@ -369,7 +369,7 @@ def create_app(
                 batch_id=task.batch_id,
             )
 
-        task, created = await repo().create(new, defer)
+        task, created = await repo().tasks.create(new, defer)
         if not created:
             return _for_key(task, body)
         log.info(
@@ -392,7 +392,7 @@ def create_app(
         dependencies=[requires(Scope.READ)],
     )
     async def get_task(task_id: str) -> Any:
-        task = await repo().get(task_id)
+        task = await repo().tasks.get(task_id)
         if task is None:
             return _error(404, f"no task with id {task_id!r}")
         return task.as_json()
@@ -404,7 +404,7 @@ def create_app(
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0, le=_MAX_OFFSET),
     ) -> Any:
-        tasks, total = await repo().list(
+        tasks, total = await repo().tasks.list(
             status=status, method=fine_tuning_method, limit=limit, offset=offset
         )
         return {
@@ -420,17 +420,17 @@ def create_app(
         responses={404: {}, 409: {}},
     )
     async def cancel_task(task_id: str, who: Writer) -> Any:
-        outcome = await repo().cancel(task_id, QueueJobs(queue_app), by=who.name)
+        outcome = await repo().tasks.cancel(task_id, QueueJobs(queue_app), by=who.name)
         if outcome is None:
             return _error(404, f"no task with id {task_id!r}")
-        if outcome.action == "finished":
+        if outcome.action == CancelAction.FINISHED:
             return _error(
                 409,
                 f"task {task_id} already ended ({outcome.task.status.value}); "
                 "there is nothing to cancel",
                 task=outcome.task.as_json(),
             )
-        log.info("task %s: %s by %s", task_id, outcome.action, who.name or "anonymous")
+        log.info("task %s: %s by %s", task_id, outcome.action.value, who.name or "anonymous")
         return outcome.task.as_json()
 
     @app.get(

@@ -1,54 +1,63 @@
-"""The child process that runs one job of a task (:func:`child_main`): by ``ChildSpec.kind``,
+"""The child process that runs a worker's jobs (:func:`child_main`), one at a time.
 
-- ``task``: the task's own job: seed steps 1-3 (:func:`~tracker_core.finetune.prepare_iteration`);
-  then, when at most one run can be trained at a time (the task's or the method's
-  ``max_parallel_runs`` is 1, or one run is left), steps 4-8 and 7 right here, as
-  :func:`~tracker_core.finetune.run_iteration` does; otherwise it ends with ``("planned",
-  {"plan", "parallel_runs"})`` and the worker defers one job per run;
-- ``run``: one run job, steps 4-6 and 8 for one params set
-  (:func:`~tracker_core.finetune.train_run`), ending with ``("ran", {run_id, status, metric,
-  trained, error, has_model})``;
-- ``complete``: the completion job, step 7 (:func:`~tracker_core.finetune.complete_iteration`).
+It loads its method and opens its manager once, on the first job, then answers each job
+(:mod:`tracker_core.service.protocol`) with one outcome: a :class:`~.protocol.TaskJob` with
+:func:`~tracker_core.finetune.prepare_iteration` (and :func:`~tracker_core.finetune.run_prepared`
+when at most one run can train at a time), a :class:`~.protocol.RunJob` with
+:func:`~tracker_core.finetune.train_run`, a :class:`~.protocol.CompletionJob` with
+:func:`~tracker_core.finetune.complete_iteration`. What an error becomes: an
+:class:`~tracker_core.errors.IterationFailedError` is :class:`~.protocol.Failed`, one of
+:data:`~tracker_core.errors.RETRYABLE_ERRORS` is :class:`~.protocol.Retry`, any other error
+:class:`~.protocol.Error`. After an outcome that leaves it clean it waits for the worker's next
+job (a warm child: no new process, no new connection, no second schema check); otherwise it
+exits.
 
 Why a child process: the worker's heartbeat runs on its event loop, and training that holds
 the GIL for longer than the stall threshold would make a live worker look dead; a child also
 frees its GPU memory when it ends, and can be terminated for sure when a cancel's grace period
-runs out.
-
-Two pipes join it to its worker:
-
-- *control* (worker -> child): ``"stop"`` asks the iteration to stop at its next safe point
-  (between runs, or where the method calls :func:`tracker_core.finetune.check_stop`). End of
-  file means the worker died (``kill -9``): the child exits at once, leaving its run
-  unfinished, as the worker's own crash would have.
-- *events* (child -> worker): ``("progress", {...})`` after every run (``task`` only) and
-  ``("notice", line)`` for a log line to say once per worker
-  (:data:`tracker_core.service.logs.ONCE`), then exactly one of ``("done", result)``,
-  ``("failed", message)`` (every run failed), ``("planned", ...)``, ``("ran", ...)``,
-  ``("stopped", message)``, ``("retry", message)`` (the stores failed; worth another attempt)
-  or ``("error", message)`` (every message passed through :func:`tracker_core.errors.redact`).
-
-The child ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group; the worker
-decides what happens) and turns SIGTERM into :class:`~tracker_core.finetune.IterationStopped`.
+runs out. It ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group; the
+worker decides what happens) and turns SIGTERM into
+:class:`~tracker_core.finetune.IterationStopped`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import queue
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import attrs
-
 from tracker_core.errors import redact
-from tracker_core.leases import DEFAULT_LEASE_SECONDS
 from tracker_core.service.logs import configure_child_logging
+from tracker_core.service.protocol import (
+    ChildSettings,
+    CompletionJob,
+    Done,
+    Error,
+    Failed,
+    Job,
+    Notice,
+    Outcome,
+    Planned,
+    Progress,
+    Ran,
+    Release,
+    Retry,
+    RunJob,
+    Stop,
+    Stopped,
+    TaskJob,
+    keeps_child,
+)
 
-__all__ = ["ChildSpec", "child_main", "parallel_cap", "result_json"]
+__all__ = ["child_main", "parallel_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -56,71 +65,11 @@ log = logging.getLogger(__name__)
 _ORPHANED = 70
 
 
-@attrs.frozen
-class ChildSpec:
-    """Everything the child needs (picklable)."""
-
-    task_id: str
-    method: str
-    #: what load_method takes: an entry-point name or module:attr
-    method_spec: str
-    batch_id: str
-    tracking_uri: str
-    artifact_uri: str
-    seed: int = 0
-    work_dir: str | None = None
-    log_level: int = logging.WARNING
-    #: the managers' run lease (a dead worker's run resumes this long after it died)
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    #: ``task``, ``run`` or ``complete`` (see the module docstring)
-    kind: str = "task"
-    #: the task's own cap of parallel runs (None: as many as there are free workers)
-    max_parallel_runs: int | None = None
-    #: ``task``: the task's proposal policy and budget (None: the method's)
-    proposal: str | None = None
-    max_runs: int | None = None
-    #: ``run`` and ``complete``: the iteration's plan (IterationPlan.to_json())
-    plan: dict[str, Any] | None = None
-    #: ``run``: the params set to train
-    params_id: str | None = None
-    #: ``complete``: {params id: (trained, error)} as the run jobs reported them
-    outcomes: dict[str, tuple[bool, str | None]] | None = None
-
-    @property
-    def label(self) -> str:
-        return self.task_id if self.params_id is None else f"{self.task_id}/{self.params_id}"
-
-
 def parallel_cap(task_cap: int | None, method_cap: int | None) -> int | None:
     """How many runs of a task may train at once: the smaller of the task's and the method's
     caps; None: no cap (as many as there are free workers)."""
     caps = [c for c in (task_cap, method_cap) if c is not None]
     return min(caps) if caps else None
-
-
-def result_json(result: Any) -> dict[str, Any]:
-    """The task's ``result`` from an :class:`~tracker_core.finetune.IterationResult`."""
-    return {
-        "experiment_id": result.experiment_id,
-        "iteration": result.iteration_name,
-        "best_run_id": result.best_run_id,
-        "best_metric": result.best_metric,
-        "best_model_uri": result.best_model_uri,
-        "main_metric": result.main_metric,
-        "is_loss": result.is_loss,
-        "resumed": result.resumed,
-        "started_from_run_id": result.start_run_id,
-        "deleted_iteration_id": result.deleted_iteration_id,
-        "runs": len(result.runs),
-        "trained_runs": len(result.trained_runs),
-        "failed_runs": [
-            {"run_id": r.run_id, "params": r.params.to_dict(), "error": _redacted(r.error)}
-            for r in result.failed_runs
-        ],
-        "pruned_runs": [
-            {"run_id": r.run_id, "params": r.params.to_dict()} for r in result.pruned_runs
-        ],
-    }
 
 
 def _one_line(exc: BaseException) -> str:
@@ -133,22 +82,23 @@ def _redacted(text: str | None) -> str | None:
     return None if text is None else redact(text)
 
 
-def _relay(events: Connection) -> Any:
+def _relay(events: Connection) -> Callable[[str], None]:
     """Hands a say-once notice to the worker (a small message is one atomic pipe write)."""
 
     def relay(message: str) -> None:
         with contextlib.suppress(OSError):
-            events.send(("notice", message))
+            events.send(Notice(message))
 
     return relay
 
 
 class _Control:
-    """Reads the control pipe in a daemon thread: sets ``stop`` on "stop", exits the process
-    when the worker is gone."""
+    """Reads the control pipe in a daemon thread: :class:`Stop` sets ``stop``; jobs and
+    :class:`Release` wait in ``inbox`` for the main thread; the worker gone ends the process."""
 
     def __init__(self, conn: Connection) -> None:
         self.stop = threading.Event()
+        self.inbox: queue.SimpleQueue[Job | Release] = queue.SimpleQueue()
         self._conn = conn
         threading.Thread(target=self._loop, name="tracker-core-control", daemon=True).start()
 
@@ -159,14 +109,25 @@ class _Control:
             except (EOFError, OSError):
                 # the worker died: leave the run as its crash would (unfinished), now
                 os._exit(_ORPHANED)
-            if message == "stop":
-                self.stop.set()
+            match message:
+                case Stop():
+                    self.stop.set()
+                case TaskJob() | RunJob() | CompletionJob() | Release():
+                    self.inbox.put(message)
+
+    def next_job(self) -> Job | None:
+        """The worker's next job for this child; None when it lets the child go."""
+        message = self.inbox.get()
+        if isinstance(message, Release):
+            return None
+        self.stop.clear()
+        return message
 
 
-def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None:
-    """Entry point of the child process (``multiprocessing`` spawn target)."""
+def child_main(settings: ChildSettings, job: Job, control: Connection, events: Connection) -> None:
+    """Entry point of the child process (``multiprocessing`` target): ``job``, then whatever
+    the worker sends next, until an outcome that does not keep the child or a release."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_child_logging(spec.log_level, f"{spec.kind} {spec.label}", _relay(events))
     ctl = _Control(control)
 
     from tracker_core.finetune import IterationStopped
@@ -176,83 +137,112 @@ def child_main(spec: ChildSpec, control: Connection, events: Connection) -> None
         raise IterationStopped("terminated by the worker")
 
     signal.signal(signal.SIGTERM, on_term)
+    session = _Session(settings)
+    current: Job | None = job
     try:
-        kind, payload = _run(spec, ctl, events)
-    except IterationStopped as exc:
-        kind, payload = "stopped", str(exc)
-    except BaseException as exc:  # the worker must always hear how it ended
-        kind, payload = "error", _one_line(exc)
-    try:
-        events.send((kind, payload))
-    except (BrokenPipeError, OSError):
-        os._exit(_ORPHANED)
+        while current is not None:
+            # who started the iteration, for its lineage record and promotion decision (a
+            # warm child's next job may be another task's)
+            os.environ["TRACKER_CORE_TASK_ID"] = current.task_id
+            configure_child_logging(
+                settings.log_level, f"{current.kind} {current.label}", _relay(events)
+            )
+            outcome = session.answer(current, ctl, events)
+            try:
+                events.send(outcome)
+            except (BrokenPipeError, OSError):
+                os._exit(_ORPHANED)
+            if not keeps_child(outcome) or ctl.stop.is_set():
+                break
+            _free_memory()
+            current = ctl.next_job()
+    except IterationStopped:  # SIGTERM while idle: nothing to stop
+        pass
     finally:
+        session.close()
         events.close()
 
 
-def _run(spec: ChildSpec, ctl: _Control, events: Connection) -> tuple[str, Any]:
-    from tracker_core.connect import connect
-    from tracker_core.errors import (
-        ArtifactStoreError,
-        CleanupRefusedError,
-        IterationFailedError,
-        IterationInUseError,
-        LeaseLostError,
-        MaxAttemptsReachedException,
-        ModelNotFoundError,
-        NoModelToKeepError,
-        TrackerError,
-        TrackingStoreError,
-        TransientError,
-    )
-    from tracker_core.finetune import IterationStopped
-    from tracker_core.methods import connect_kwargs
-    from tracker_core.service.registry import load_spec
-
-    # worth another attempt: store failures past their own retries, and a run lease that
-    # could not be renewed in time (the next attempt takes the run again, or finds it ended)
-    retryable = (
-        TrackingStoreError,
-        ArtifactStoreError,
-        TransientError,
-        MaxAttemptsReachedException,
-        ModelNotFoundError,
-        IterationInUseError,
-        LeaseLostError,
-    )
-    try:
-        method = load_spec(spec.method_spec)
-    except TrackerError as exc:
-        return "error", f"cannot load fine-tuning method {spec.method!r}: {_one_line(exc)}"
-    try:
-        with connect(
-            spec.artifact_uri,
-            tracking_uri=spec.tracking_uri,
-            lease_seconds=spec.lease_seconds,
-            **connect_kwargs(method),
-        ) as manager:
-            if spec.kind == "run":
-                return _train(spec, method, manager, ctl)
-            if spec.kind == "complete":
-                return _complete(spec, method, manager)
-            return _task(spec, method, manager, ctl, events)
-    except IterationStopped:
-        raise
-    except IterationFailedError as exc:
-        return "failed", _one_line(exc)
-    except NoModelToKeepError as exc:
-        return "error", _one_line(exc)
-    except CleanupRefusedError as exc:
-        return ("retry" if isinstance(exc, IterationInUseError) else "error"), _one_line(exc)
-    except retryable as exc:
-        return "retry", _one_line(exc)
-    except TrackerError as exc:
-        return "error", _one_line(exc)
+def _free_memory() -> None:
+    """Between jobs, on a GPU: free what the last job left (its tensors in reference cycles,
+    then the CUDA cache), so another process can have it. A full collection costs a fraction
+    of a second with torch and MLflow loaded, so without a GPU it is left to Python."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def _task(
-    spec: ChildSpec, method: Any, manager: Any, ctl: _Control, events: Connection
-) -> tuple[str, Any]:
+class _Session:
+    """The child's method and manager, loaded and opened on first use, kept for its next jobs."""
+
+    def __init__(self, settings: ChildSettings) -> None:
+        self.settings = settings
+        self._method: Any = None
+        self._stack = contextlib.ExitStack()
+        self._manager: Any = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.close()
+
+    def _open(self) -> tuple[Any, Any]:
+        from tracker_core.connect import connect
+        from tracker_core.methods import connect_kwargs
+        from tracker_core.service.registry import load_spec
+
+        s = self.settings
+        if self._method is None:
+            self._method = load_spec(s.method_spec)
+        if self._manager is None:
+            self._manager = self._stack.enter_context(
+                connect(
+                    s.artifact_uri,
+                    tracking_uri=s.tracking_uri,
+                    lease_seconds=s.lease_seconds,
+                    **connect_kwargs(self._method),
+                )
+            )
+        return self._method, self._manager
+
+    def answer(self, job: Job, ctl: _Control, events: Connection) -> Outcome:
+        """Run one job; how it ended (never raises: the worker must always hear it)."""
+        from tracker_core.errors import RETRYABLE_ERRORS, IterationFailedError, TrackerError
+        from tracker_core.finetune import IterationStopped
+
+        try:
+            try:
+                method, manager = self._open()
+            except TrackerError as exc:
+                if self._method is None:
+                    what = f"cannot load fine-tuning method {self.settings.method!r}"
+                    return Error(f"{what}: {_one_line(exc)}")
+                raise
+            match job:
+                case TaskJob():
+                    return _plan(self.settings, job, method, manager, ctl, events)
+                case RunJob():
+                    return _train(self.settings, job, method, manager, ctl)
+                case CompletionJob():
+                    return _complete(job, method, manager)
+        except IterationStopped as exc:
+            return Stopped(str(exc))
+        except IterationFailedError as exc:
+            return Failed(_one_line(exc))
+        except RETRYABLE_ERRORS as exc:
+            return Retry(_one_line(exc))
+        except BaseException as exc:  # an error of ours or not: said in one line, the child ends
+            return Error(_one_line(exc))
+
+
+def _plan(
+    settings: ChildSettings,
+    job: TaskJob,
+    method: Any,
+    manager: Any,
+    ctl: _Control,
+    events: Connection,
+) -> Outcome:
     """The task's own job: plan the iteration; run it here or hand the plan back."""
     from tracker_core.finetune import (
         IterationProgress,
@@ -264,77 +254,65 @@ def _task(
     def progress(p: IterationProgress) -> None:
         running = 0 if p.finished >= p.planned else 1
         events.send(
-            (
-                "progress",
-                {
-                    "planned": p.planned,
-                    "queued": p.planned - p.finished - running,
-                    "running": running,
-                    "finished": p.finished - p.failed - p.pruned,
-                    "failed": p.failed,
-                    "pruned": p.pruned,
-                },
+            Progress(
+                planned=p.planned,
+                queued=p.planned - p.finished - running,
+                running=running,
+                finished=p.finished - p.failed - p.pruned,
+                failed=p.failed,
+                pruned=p.pruned,
             )
         )
 
     plan = prepare_iteration(
         method,
         manager,
-        spec.batch_id,
-        seed=spec.seed,
-        proposal=spec.proposal,
-        max_runs=spec.max_runs,
+        job.batch_id,
+        seed=settings.seed,
+        proposal=job.proposal,
+        max_runs=job.max_runs,
     )
     if ctl.stop.is_set():
         manager.finish_iteration()
         raise IterationStopped("stopped after planning the iteration")
-    cap = parallel_cap(spec.max_parallel_runs, method.max_parallel_runs)
+    cap = parallel_cap(job.max_parallel_runs, method.max_parallel_runs)
     if (cap is not None and cap <= 1) or len(plan.unfinished) <= 1:
-        # one run at a time: the rest of the iteration here, as run_iteration does;
-        # runs held by other live workers are waited for inside (stoppably): a task
-        # redelivered after a kill -9 resumes once the dead worker's lease expired
+        # one run at a time: the rest of the iteration here, as run_iteration does
         result = run_prepared(
             method,
             manager,
             plan,
-            work_dir=spec.work_dir,
+            work_dir=settings.work_dir,
             on_progress=progress,
             should_stop=ctl.stop.is_set,
         )
-        return "done", result_json(result)
+        return Done(result.to_json())
     manager.finish_iteration()
-    return "planned", {"plan": plan.to_json(), "parallel_runs": cap}
+    return Planned(plan.to_json(), cap)
 
 
-def _train(spec: ChildSpec, method: Any, manager: Any, ctl: _Control) -> tuple[str, Any]:
+def _train(
+    settings: ChildSettings, job: RunJob, method: Any, manager: Any, ctl: _Control
+) -> Outcome:
     """One run job: steps 4-6 (and 8) for one params set."""
     from tracker_core.finetune import IterationPlan, train_run
 
-    assert spec.plan is not None and spec.params_id is not None
-    plan = IterationPlan.from_json(spec.plan, method.params_type)
+    plan = IterationPlan.from_json(job.plan, method.params_type)
     run = train_run(
         method,
         manager,
         plan,
-        plan.params_by_id(spec.params_id),
-        work_dir=spec.work_dir,
+        plan.params_by_id(job.params_id),
+        work_dir=settings.work_dir,
         should_stop=ctl.stop.is_set,
     )
-    return "ran", {
-        "run_id": run.run_id,
-        "status": run.status.value,
-        "metric": run.metric,
-        "trained": run.trained,
-        "error": _redacted(run.error),
-        "has_model": run.has_model,
-    }
+    return Ran(run.run_id, run.status, run.metric, run.trained, _redacted(run.error), run.has_model)
 
 
-def _complete(spec: ChildSpec, method: Any, manager: Any) -> tuple[str, Any]:
+def _complete(job: CompletionJob, method: Any, manager: Any) -> Outcome:
     """The completion job: step 7."""
     from tracker_core.finetune import IterationPlan, complete_iteration
 
-    assert spec.plan is not None
-    plan = IterationPlan.from_json(spec.plan, method.params_type)
-    outcomes = {k: (bool(v[0]), v[1]) for k, v in (spec.outcomes or {}).items()}
-    return "done", result_json(complete_iteration(method, manager, plan, outcomes))
+    plan = IterationPlan.from_json(job.plan, method.params_type)
+    outcomes = {k: (bool(v[0]), v[1]) for k, v in job.outcomes.items()}
+    return Done(complete_iteration(method, manager, plan, outcomes).to_json())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from typing import Any
 
@@ -76,6 +77,7 @@ def _settings(args: argparse.Namespace, *, serve: bool) -> Any:
         "retry_wait_seconds": args.retry_wait_seconds,
         "keep_jobs_hours": args.keep_jobs_hours,
         "database_outage_seconds": args.database_outage_seconds,
+        "warm_child_seconds": args.warm_child_seconds,
         "allow_root": args.allow_root,
     }
     if serve:
@@ -152,6 +154,13 @@ def _hours(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
     return value
 
 
@@ -256,6 +265,14 @@ def _process_args(p: argparse.ArgumentParser) -> None:
         default=300.0,
         help="how long to wait for the task database when it does not answer (requests get "
         "503 meanwhile, training goes on) before exiting with status 1 (default %(default)s)",
+    )
+    t.add_argument(
+        "--warm-child-seconds",
+        type=_non_negative_float,
+        default=10.0,
+        help="how long a training process whose job ended waits for the next job of the same "
+        "method (no new process, no new connection); 0: a new process per job (default "
+        "%(default)s)",
     )
     p.add_argument(
         "--keep-jobs-hours",

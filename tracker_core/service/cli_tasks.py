@@ -60,6 +60,12 @@ def _task_lines(task: dict[str, Any]) -> Iterator[str]:
             f"{result.get('main_metric')}={result.get('best_metric')}"
         )
         yield f"  model:    {result.get('best_model_uri')}"
+        promotion = result.get("promotion")
+        if promotion:
+            yield (
+                f"  promotion: {promotion.get('outcome')} (holdout {promotion.get('holdout')}, "
+                f"champion {promotion.get('champion_holdout')}): {promotion.get('reason')}"
+            )
     if task.get("error"):
         yield f"  error:    {task['error']}"
 

@@ -29,15 +29,15 @@ import attrs
 
 from tracker_core.errors import ConfigurationError
 from tracker_core.uris import redact_text
-from tracker_core.values import validate_name
+from tracker_core.values import RunStatus, validate_name
 
 __all__ = [
     "MAX_BATCH_ID_LENGTH",
     "MAX_METADATA_BYTES",
     "MAX_PARALLEL_RUNS",
-    "RUN_STATES",
     "TERMINAL_STATUSES",
     "RunRow",
+    "RunState",
     "Task",
     "TaskStatus",
     "check_batch_id",
@@ -51,8 +51,6 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_BATCH_ID_LENGTH = 128
 #: the largest ``max_parallel_runs`` a task may ask for
 MAX_PARALLEL_RUNS = 10_000
-#: the states of one run of a task (the run table), in progress order
-RUN_STATES = ("queued", "running", "finished", "failed")
 
 
 class TaskStatus(enum.StrEnum):
@@ -71,6 +69,24 @@ class TaskStatus(enum.StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.ERROR, TaskStatus.CANCELED})
+
+
+class RunState(enum.StrEnum):
+    """The state of one run of a task whose runs are separate jobs (the run table), in
+    progress order: queued (waiting for its job, or in it before it started) -> running ->
+    finished (ended FINISHED) | failed (ended FAILED or KILLED); a run whose job stopped
+    without ending it is queued again."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    @classmethod
+    def ended_as(cls, status: RunStatus) -> RunState:
+        """The state of a run that ended in MLflow with ``status`` (a terminal one)."""
+        assert status.is_terminal, status
+        return cls.FINISHED if status == RunStatus.FINISHED else cls.FAILED
 
 
 def new_id(at: float | None = None) -> str:
@@ -194,7 +210,7 @@ class RunRow:
     task_id: str
     params_id: str
     position: int
-    status: str
+    status: RunState = attrs.field(converter=RunState)
     mlflow_status: str | None
     run_id: str | None
     metric: float | None

@@ -1,28 +1,19 @@
 """The queue: one Procrastinate app, its queues, its jobs, and how they are retried.
 
-Job layout (what a task becomes in Procrastinate's ``procrastinate_jobs`` table); every job
-carries ``task_id``, and the task table stays the one place that tells a task's status:
+What a task becomes in Procrastinate's ``procrastinate_jobs`` table (what each job does and how
+it ends is told in :mod:`tracker_core.service.executions`); every job carries ``task_id``, and
+the task table stays the one place that tells a task's status:
 
-- queue :data:`TASK_QUEUE`, task :data:`RUN_TASK` (``{"task_id": ...}``): the task's own job.
-  It runs seed steps 1-3 (:func:`tracker_core.finetune.prepare_iteration`) in a child process.
-  When the iteration has at most one run left to train, or the task or its method caps its
-  parallelism at 1, the same child goes on with steps 4-8 and 7 one run after another (as
-  :func:`~tracker_core.finetune.run_iteration` does); otherwise it hands the plan back and the
-  worker *fans out*: one :data:`RUN_PARAMS` job per params set, and later one completion job.
-  Its Procrastinate ``lock`` is :func:`iteration_lock` (method + batch). Two tasks of one
-  iteration never execute at once: while the first one's run jobs are out, the second's job
-  finds the iteration taken (the task table says so) and waits in the queue.
-- queue :data:`TASK_QUEUE`, task :data:`RUN_PARAMS` (``{"task_id", "params_id"}``): steps 4-6
-  and 8 for one params set (:func:`tracker_core.finetune.train_run`) in a child process. Its
-  ``lock`` and ``queueing_lock`` are :func:`run_lock` (the iteration's experiment + params
-  id): a run is queued at most once at a time and never trained by two jobs at once. At most
-  ``parallel_runs`` of a task's run jobs are out (queued or running) at a time; each run's
-  end defers the next one.
-- queue :data:`TASK_QUEUE`, task :data:`COMPLETE` (``{"task_id"}``): step 7
-  (:func:`tracker_core.finetune.complete_iteration`). It is deferred by the transaction that
-  records the end of the iteration's last unfinished run, with the task row locked, so it is
-  deferred exactly once and never while a run is unfinished (see
-  :mod:`tracker_core.service.repository`).
+- queue :data:`TASK_QUEUE`, task :data:`RUN_TASK` (``{"task_id"}``): the task's own job. Its
+  ``lock`` is :func:`iteration_lock` (method + batch). Two tasks of one iteration never execute
+  at once: while the first one's run jobs are out, the second's job finds the iteration taken
+  (the task table says so) and waits in the queue.
+- queue :data:`TASK_QUEUE`, task :data:`RUN_PARAMS` (``{"task_id", "params_id"}``): one run
+  job. Its ``lock`` and ``queueing_lock`` are :func:`run_lock` (the iteration's experiment +
+  params id): a run is queued at most once at a time and never trained by two jobs at once.
+- queue :data:`TASK_QUEUE`, task :data:`COMPLETE` (``{"task_id"}``): the completion job,
+  deferred exactly once, by the transaction that records the end of the iteration's last
+  unfinished run (see :mod:`tracker_core.service.repository`).
 - queue :data:`MAINTENANCE_QUEUE`, periodic task :data:`RETRY_STALLED`: puts the jobs of dead
   workers (no heartbeat for ``stall_seconds``) back in the queue, their tasks or runs back to
   waiting. It runs on its own queue, served by a worker slot that never trains, so it runs

@@ -1,11 +1,11 @@
 """A fanned-out task's bookkeeping: its run rows, their jobs and its completion.
 
-:class:`RunRows` is the part of :class:`~tracker_core.service.repository.TaskRepository` that
-works once a task's own job has planned the iteration: :meth:`RunRows.fan_out` writes one run
-row per params set, :meth:`RunRows.start_run` and :meth:`RunRows.end_run` follow each run job,
-the completion job starts with :meth:`RunRows.start_completion`, and every change ends with
-:meth:`RunRows._advance`, under the task's row lock (see
-:mod:`tracker_core.service.repository`). :class:`Jobs` is what this needs of the queue.
+:class:`RunRows` works once a task's own job has planned the iteration:
+:meth:`RunRows.fan_out` writes one run row per params set, :meth:`RunRows.start_run` and
+:meth:`RunRows.end_run` follow each run job, the completion job starts with
+:meth:`RunRows.start_completion`, and every change ends with :meth:`RunRows.advance_locked`,
+under the task's row lock (see :mod:`tracker_core.service.repository`). :class:`Jobs` is what
+this needs of the queue.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from __future__ import annotations
 import builtins
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tracker_core.service.models import RunRow, Task, TaskStatus
+from tracker_core.service.models import RunRow, RunState, Task, TaskStatus
 from tracker_core.service.schema import RUN_TABLE, TASK_TABLE
-from tracker_core.service.task_rows import TaskRows
+from tracker_core.values import RunStatus
+
+if TYPE_CHECKING:
+    from tracker_core.service.task_table import TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +54,25 @@ class PlannedRun:
     (an MLflow status) if it had."""
 
     params_id: str
-    ended: str | None = None
+    ended: RunStatus | None = attrs.field(
+        default=None, converter=attrs.converters.optional(RunStatus)
+    )
 
     @property
-    def state(self) -> str:
-        if self.ended is None:
-            return "queued"
-        return "finished" if self.ended == "FINISHED" else "failed"
+    def state(self) -> RunState:
+        return RunState.QUEUED if self.ended is None else RunState.ended_as(self.ended)
 
 
 @attrs.frozen
 class RunEnd:
-    """How a run job ended: ``state`` ``finished`` or ``failed`` (the run ended in MLflow,
-    ``mlflow_status`` tells how), or ``queued`` (it did not end: it is waiting again, for
-    its job's retry or for a later task); ``failure`` counts one more failed attempt."""
+    """How a run job ended: ``state`` finished or failed (the run ended in MLflow,
+    ``mlflow_status`` tells how), or queued (it did not end: it is waiting again, for its
+    job's retry or for a later task); ``failure`` counts one more failed attempt."""
 
-    state: str
-    mlflow_status: str | None = None
+    state: RunState = attrs.field(converter=RunState)
+    mlflow_status: RunStatus | None = attrs.field(
+        default=None, converter=attrs.converters.optional(RunStatus)
+    )
     run_id: str | None = None
     metric: float | None = None
     error: str | None = None
@@ -75,21 +80,23 @@ class RunEnd:
     failure: bool = False
 
 
-class RunRows(TaskRows):
-    """The run table and the transitions of a fanned-out task (the part of
-    :class:`~tracker_core.service.repository.TaskRepository` between its fan-out and its
-    end)."""
+class RunRows:
+    """The run table and the transitions of a fanned-out task, between its fan-out and its
+    end."""
+
+    def __init__(self, table: TaskTable) -> None:
+        self._table = table
 
     async def _live_fanned_out(
         self, conn: AsyncConnection[Any], cur: Any, task_id: str, jobs: Jobs
     ) -> Task | None:
         """The task, locked, if its iteration is fanned out and still to be worked on; None
         when it ended, or when a cancel was requested (which this call then carries on)."""
-        task = await self._lock(cur, task_id)
+        task = await self._table.lock(cur, task_id)
         if task is None or task.status.is_terminal or not task.fanned_out:
             return None
         if task.cancel_requested_at is not None:
-            await self._advance(conn, cur, task, jobs)
+            await self.advance_locked(conn, cur, task, jobs)
             return None
         return task
 
@@ -107,18 +114,21 @@ class RunRows(TaskRows):
         set, and defer the first run jobs (up to ``parallel_runs``; None: all). The task
         stays ``processing`` and no execution holds it any more. A cancel requested meanwhile
         ends it ``canceled`` (nothing was started). None if this execution lost the task."""
-        async with self._transaction() as (conn, cur):
-            task = await self._lock(cur, task_id)
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None or task.status != TaskStatus.PROCESSING:
                 return None
             if task.execution_id != execution_id:
                 return None
             if task.cancel_requested_at is not None:
-                return await self._mark_canceled(cur, task_id)
+                return await self._table.mark_canceled(cur, task_id)
             await cur.executemany(
                 f"INSERT INTO {_R} (task_id, params_id, position, status, mlflow_status) "  # type: ignore[arg-type]
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (task_id, params_id) DO NOTHING",
-                [(task_id, r.params_id, i, r.state, r.ended) for i, r in enumerate(runs)],
+                [
+                    (task_id, r.params_id, i, r.state.value, r.ended and r.ended.value)
+                    for i, r in enumerate(runs)
+                ],
             )
             await cur.execute(
                 f"UPDATE {_T} SET plan = %s, parallel_runs = %s, execution_id = NULL, "  # type: ignore[arg-type]
@@ -127,7 +137,7 @@ class RunRows(TaskRows):
             )
             row = await cur.fetchone()
             assert row is not None
-            return await self._advance(conn, cur, Task.from_row(row), jobs)
+            return await self.advance_locked(conn, cur, Task.from_row(row), jobs)
 
     async def start_run(
         self,
@@ -142,7 +152,7 @@ class RunRows(TaskRows):
         run: it ended already (a job for a finished run does nothing), its task ended, or a
         cancel was requested. A ``running`` row held by an earlier execution of the *same*
         job is taken over (that execution died: the queue only redelivers a job then)."""
-        async with self._transaction() as (conn, cur):
+        async with self._table.transaction() as (conn, cur):
             task = await self._live_fanned_out(conn, cur, task_id, jobs)
             if task is None:
                 return None
@@ -161,7 +171,7 @@ class RunRows(TaskRows):
             if row is None:
                 return None
             run = RunRow.from_row(row)
-            task = await self._advance(conn, cur, task, jobs)
+            task = await self.advance_locked(conn, cur, task, jobs)
             return task, run
 
     async def end_run(
@@ -171,9 +181,9 @@ class RunRows(TaskRows):
         completion, a cancel). The run row is written only by the execution that holds it,
         so a run is never marked twice. ``(task, run row)``; the row is None if this
         execution did not hold the run any more."""
-        assert end.state in ("queued", "finished", "failed")
-        async with self._transaction() as (conn, cur):
-            task = await self._lock(cur, task_id)
+        assert end.state != RunState.RUNNING
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None:
                 return None, None
             await cur.execute(
@@ -189,14 +199,14 @@ class RunRows(TaskRows):
                 RETURNING *
                 """,  # type: ignore[arg-type]
                 (
-                    end.state,
-                    end.mlflow_status,
+                    end.state.value,
+                    end.mlflow_status and end.mlflow_status.value,
                     end.run_id,
                     end.metric,
                     end.error,
                     end.trained,
                     1 if end.failure else 0,
-                    end.state,
+                    end.state.value,
                     task_id,
                     params_id,
                     execution_id,
@@ -205,13 +215,13 @@ class RunRows(TaskRows):
             row = await cur.fetchone()
             run = None if row is None else RunRow.from_row(row)
             if run is not None:
-                task = await self._advance(conn, cur, task, jobs)
+                task = await self.advance_locked(conn, cur, task, jobs)
             return task, run
 
     async def requeue_run(self, task_id: str, params_id: str, jobs: Jobs) -> Task | None:
         """A run whose worker died: ``queued`` again (its job is back in the queue)."""
-        async with self._transaction() as (conn, cur):
-            task = await self._lock(cur, task_id)
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None:
                 return None
             await cur.execute(
@@ -220,7 +230,7 @@ class RunRows(TaskRows):
                 "WHERE task_id = %s AND params_id = %s AND status = 'running'",
                 (task_id, params_id),
             )
-            return await self._advance(conn, cur, task, jobs)
+            return await self.advance_locked(conn, cur, task, jobs)
 
     async def fail_task(
         self, task_id: str, error: str, jobs: Jobs, *, keep: int | None
@@ -228,8 +238,8 @@ class RunRows(TaskRows):
         """End a task whose runs are out ``error`` now (a run could not be trained, for good):
         its other jobs are canceled (running ones stop at their next safe point, their runs
         left resumable) and no completion runs. ``keep``: the caller's own job."""
-        async with self._transaction() as (conn, cur):
-            task = await self._lock(cur, task_id)
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None or task.status.is_terminal:
                 return None
             await cur.execute(
@@ -239,7 +249,7 @@ class RunRows(TaskRows):
             )
             row = await cur.fetchone()
             assert row is not None
-            await jobs.cancel(conn, await self._job_ids(cur, task), keep=keep)
+            await jobs.cancel(conn, await self._table.job_ids(cur, task), keep=keep)
             return Task.from_row(row)
 
     async def start_completion(
@@ -248,7 +258,7 @@ class RunRows(TaskRows):
         """Let this execution of the completion job hold the task; None when it must not
         complete: the task ended, a cancel was requested, or (never expected) a run is not
         ended."""
-        async with self._transaction() as (conn, cur):
+        async with self._table.transaction() as (conn, cur):
             task = await self._live_fanned_out(conn, cur, task_id, jobs)
             if task is None:
                 return None
@@ -278,7 +288,7 @@ class RunRows(TaskRows):
         """A completion that stopped (its worker stopped or died, or the stores failed): the
         task stays ``processing``, held by no execution, until its job runs again.
         ``execution_id`` None: whoever held it."""
-        return await self._write(
+        return await self._table.write(
             f"""
             UPDATE {_T} SET updated_at = clock_timestamp(), execution_id = NULL,
                    worker = NULL, error = %s, failures = failures + %s
@@ -290,23 +300,23 @@ class RunRows(TaskRows):
         )
 
     async def advance(self, task_id: str, jobs: Jobs) -> Task | None:
-        """:meth:`_advance` in a transaction of its own (after a stalled job was put back)."""
-        async with self._transaction() as (conn, cur):
-            task = await self._lock(cur, task_id)
+        """:meth:`advance_locked` in a transaction of its own (after a stalled job was put back)."""
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None:
                 return None
-            return await self._advance(conn, cur, task, jobs)
+            return await self.advance_locked(conn, cur, task, jobs)
 
     async def runs(self, task_id: str) -> builtins.list[RunRow]:
         """The run rows of a task, in plan order."""
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self._table.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"SELECT * FROM {_R} WHERE task_id = %s ORDER BY position",  # type: ignore[arg-type]
                 (task_id,),
             )
             return [RunRow.from_row(r) for r in await cur.fetchall()]
 
-    async def _advance(self, conn: Any, cur: Any, task: Task, jobs: Jobs) -> Task:
+    async def advance_locked(self, conn: Any, cur: Any, task: Task, jobs: Jobs) -> Task:
         """Under the task's row lock (the caller holds it): count the runs; a canceled task
         ends once none is running; otherwise defer queued runs up to ``parallel_runs`` and,
         when every run has ended, the completion job (once). Writes ``progress``."""
@@ -318,22 +328,24 @@ class RunRows(TaskRows):
             (task.id,),
         )
         rows = await cur.fetchall()
-        counts = {state: 0 for state in ("queued", "running", "finished", "failed")}
-        pruned = 0  # failed rows whose run the search's pruner stopped (KILLED)
-        for r in rows:
-            counts[r["status"]] += 1
-            pruned += r["status"] == "failed" and r["mlflow_status"] == "KILLED"
+        states = [RunState(r["status"]) for r in rows]
+        counts = {state: states.count(state) for state in RunState}
+        # failed rows whose run the search's pruner stopped (KILLED): counted apart
+        pruned = sum(
+            1
+            for r, state in zip(rows, states, strict=True)
+            if state == RunState.FAILED and r["mlflow_status"] == RunStatus.KILLED.value
+        )
         status = task.status
         completion = task.completion_job_id
         if task.cancel_requested_at is not None:
-            if counts["running"] == 0 and task.execution_id is None:
+            if counts[RunState.RUNNING] == 0 and task.execution_id is None:
                 status = TaskStatus.CANCELED
                 log.info("task %s: canceled; no run is running", task.id)
         else:
-            waiting = [r for r in rows if r["status"] == "queued" and r["job_id"] is None]
-            out = counts["running"] + sum(
-                1 for r in rows if r["status"] == "queued" and r["job_id"] is not None
-            )
+            queued = [r for r, state in zip(rows, states, strict=True) if state == RunState.QUEUED]
+            waiting = [r for r in queued if r["job_id"] is None]
+            out = counts[RunState.RUNNING] + len(queued) - len(waiting)
             free = len(waiting) if task.parallel_runs is None else task.parallel_runs - out
             experiment_id = str((task.plan or {})["experiment_id"])
             for r in waiting[: max(0, free)]:
@@ -346,8 +358,8 @@ class RunRows(TaskRows):
                     (job_id, task.id, r["params_id"]),
                 )
             if (
-                counts["queued"] == 0
-                and counts["running"] == 0
+                counts[RunState.QUEUED] == 0
+                and counts[RunState.RUNNING] == 0
                 and completion is None
                 and task.execution_id is None
             ):
@@ -355,9 +367,16 @@ class RunRows(TaskRows):
                 log.info(
                     "task %s: every run ended; completion job %s deferred", task.id, completion
                 )
-        progress = {"planned": len(rows), **counts, "failed": counts["failed"] - pruned}
+        progress = {"planned": len(rows), **{state.value: n for state, n in counts.items()}}
+        progress[RunState.FAILED.value] -= pruned
         progress["pruned"] = pruned
-        workers = sorted({r["worker"] for r in rows if r["status"] == "running" and r["worker"]})
+        workers = sorted(
+            {
+                r["worker"]
+                for r, state in zip(rows, states, strict=True)
+                if state == RunState.RUNNING and r["worker"]
+            }
+        )
         await cur.execute(
             f"""
             UPDATE {_T} SET status = %s, progress = %s, completion_job_id = %s,

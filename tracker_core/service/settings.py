@@ -20,7 +20,9 @@ Timings, and what they decide:
   answer again (an outage: PostgreSQL stopped, restarted, unreachable) before it gives up
   and exits (see :mod:`tracker_core.service.outage`);
 - ``lease_seconds``: the run lease of the managers the training processes use (see
-  :mod:`tracker_core.leases`): a killed worker's run can be resumed this long after it died.
+  :mod:`tracker_core.leases`): a killed worker's run can be resumed this long after it died;
+- ``warm_child_seconds``: how long a training process whose job ended clean waits for the
+  worker's next job of the same method (0: a new process for every job).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class ServiceSettings:
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_positive)
     lease_seconds: float = attrs.field(default=DEFAULT_LEASE_SECONDS, validator=_positive)
     database_outage_seconds: float = attrs.field(default=300.0, validator=_positive)
+    warm_child_seconds: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     #: jobs that ended are deleted from the queue's tables this many hours later (their
     #: tasks stay: the task table is the record)
     keep_jobs_hours: int = attrs.field(default=24, validator=attrs.validators.ge(0))

@@ -1,30 +1,32 @@
-"""The task table's rows: reads, creation, and the transitions of a task's own job.
+"""The task table's rows: reads, creation, the transitions of a task's own job, and cancels.
 
-:class:`TaskRows` is the part of :class:`~tracker_core.service.repository.TaskRepository` that
-touches one task row at a time: the connection, transaction and row-lock helpers every
-transition uses, the API's reads and :meth:`TaskRows.create`, and what the worker of a task's
-own job writes before its runs are out (start, progress, finish, requeue, failures). See
+:class:`TaskRows`, over the one database seam (:class:`~.task_table.TaskTable`), holds the
+API's reads and
+:meth:`TaskRows.create`, what the worker of a task's own job writes before its runs are out
+(start, progress, finish, requeue, failures) and :meth:`TaskRows.cancel`. See
 :mod:`tracker_core.service.repository` for the locking rules.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import enum
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from tracker_core.service.models import Task, TaskStatus
-from tracker_core.service.schema import RUN_TABLE, TASK_TABLE
+from tracker_core.service.schema import TASK_TABLE
+from tracker_core.service.task_table import TaskTable
+
+if TYPE_CHECKING:
+    from tracker_core.service.run_rows import Jobs, RunRows
 
 _T = TASK_TABLE
-_R = RUN_TABLE
 #: defers the task's job on the given connection (inside the transaction); the job id
 Deferrer = Callable[[AsyncConnection[Any], Task], Awaitable[int]]
 
@@ -46,39 +48,64 @@ class NewTask:
     created_by: str | None = None
 
 
+class StartReason(enum.Enum):
+    """Why :meth:`TaskRows.start` started a task's own job, or did not."""
+
+    #: the task is now processing for this execution
+    STARTED = "started"
+    #: no such task
+    UNKNOWN = "unknown"
+    #: it is done, error or canceled
+    ENDED = "ended"
+    #: a cancel was waiting for it
+    CANCELED = "canceled"
+    #: its runs are out already (a redelivered job)
+    FANNED_OUT = "fanned_out"
+    #: another task of the same iteration (``holder``) is executing its runs
+    WAITING = "waiting"
+
+
 @attrs.frozen
 class StartOutcome:
-    """What :meth:`TaskRepository.start` found. ``reason``: ``started`` (``task`` is now
-    processing for this execution), ``unknown``, ``ended`` (done, error or canceled),
-    ``canceled`` (a cancel was waiting for it), ``fanned_out`` (its runs are out already: a
-    redelivered job) or ``waiting`` (another task of the same iteration, ``holder``, is
-    executing its runs)."""
+    """What :meth:`TaskRows.start` found (see :class:`StartReason`)."""
 
-    reason: str
+    reason: StartReason
     task: Task | None = None
     holder: str | None = None
 
 
-class TaskRows:
-    """The task table, over a psycopg async connection pool (Procrastinate's own): its
-    reads and single-row transitions (the base of
-    :class:`~tracker_core.service.repository.TaskRepository`)."""
+class CancelAction(enum.Enum):
+    """What a cancel request did."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
-        self._pool = pool
+    #: the task was pending: it never starts
+    CANCELED = "canceled"
+    #: it is processing: it stops at its next safe point
+    REQUESTED = "requested"
+    #: it had ended: nothing to cancel
+    FINISHED = "finished"
+
+
+@attrs.frozen
+class CancelOutcome:
+    """``task`` after a cancel request, and what the request did."""
+
+    task: Task
+    action: CancelAction
+
+
+class TaskRows:
+    """The reads and single-row transitions of the task table; the cancel carries on with
+    the task's runs (``runs``)."""
+
+    def __init__(self, table: TaskTable, runs: RunRows) -> None:
+        self._table, self._runs = table, runs
 
     # ------------------------------------------------------------------ reads
-    async def _one(self, query: str, params: tuple[Any, ...]) -> Task | None:
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
     async def get(self, task_id: str) -> Task | None:
-        return await self._one(f"SELECT * FROM {_T} WHERE id = %s", (task_id,))
+        return await self._table.one(f"SELECT * FROM {_T} WHERE id = %s", (task_id,))
 
     async def get_by_key(self, key: str) -> Task | None:
-        return await self._one(f"SELECT * FROM {_T} WHERE idempotency_key = %s", (key,))
+        return await self._table.one(f"SELECT * FROM {_T} WHERE idempotency_key = %s", (key,))
 
     async def list(
         self,
@@ -98,7 +125,7 @@ class TaskRows:
             "limit": limit,
             "offset": offset,
         }
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self._table.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(f"SELECT count(*) AS n FROM {_T} {where}", params)  # type: ignore[arg-type]
             total_row = await cur.fetchone()
             await cur.execute(
@@ -116,7 +143,7 @@ class TaskRows:
         With an idempotency key already used, nothing is written and the existing task is
         returned with ``created`` False (the caller compares the requests).
         """
-        async with self._pool.connection() as conn:
+        async with self._table.pool.connection() as conn:
             async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
                     f"""
@@ -165,64 +192,21 @@ class TaskRows:
         return Task.from_row(existing), False
 
     # ------------------------------------------------------------------ worker writes
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[tuple[AsyncConnection[Any], Any]]:
-        """A connection from the pool, in a transaction, with a cursor of dict rows."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=dict_row) as cur,
-        ):
-            yield conn, cur
-
-    async def _lock(self, cur: Any, task_id: str) -> Task | None:
-        """The task's row, locked until the transaction ends (every transition takes it)."""
-        await cur.execute(f"SELECT * FROM {_T} WHERE id = %s FOR UPDATE", (task_id,))
-        row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
-    async def _mark_canceled(self, cur: Any, task_id: str) -> Task:
-        """End the locked task ``canceled``; no execution holds it any more."""
-        await cur.execute(
-            f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
-            "execution_id = NULL WHERE id = %s RETURNING *",
-            (task_id,),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return Task.from_row(row)
-
-    async def _job_ids(self, cur: Any, task: Task) -> builtins.list[int]:
-        """Every job of the task that may still be queued or running."""
-        await cur.execute(
-            f"SELECT job_id FROM {_R} WHERE task_id = %s AND job_id IS NOT NULL "
-            "AND status IN ('queued', 'running')",
-            (task.id,),
-        )
-        ids = [int(r["job_id"]) for r in await cur.fetchall()]
-        return [j for j in (task.job_id, task.completion_job_id) if j is not None] + ids
-
-    async def _write(self, query: str, params: tuple[Any, ...]) -> Task | None:
-        async with self._transaction() as (_conn, cur):
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            row = await cur.fetchone()
-        return None if row is None else Task.from_row(row)
-
     async def start(self, task_id: str, execution_id: str, worker: str) -> StartOutcome:
         """Move the task to ``processing`` for this execution of its own job, unless it must
         not run (see :class:`StartOutcome`)."""
-        async with self._transaction() as (_conn, cur):
-            task = await self._lock(cur, task_id)
+        async with self._table.transaction() as (_conn, cur):
+            task = await self._table.lock(cur, task_id)
             if task is None:
-                return StartOutcome("unknown")
+                return StartOutcome(StartReason.UNKNOWN)
             if task.status.is_terminal:
-                return StartOutcome("ended", task)
+                return StartOutcome(StartReason.ENDED, task)
             if task.cancel_requested_at is not None:
                 if not task.fanned_out:  # the cancel arrived while its job was being fetched
-                    task = await self._mark_canceled(cur, task_id)
-                return StartOutcome("canceled", task)
+                    task = await self._table.mark_canceled(cur, task_id)
+                return StartOutcome(StartReason.CANCELED, task)
             if task.fanned_out:
-                return StartOutcome("fanned_out", task)
+                return StartOutcome(StartReason.FANNED_OUT, task)
             # a task of the same iteration whose runs are out holds the iteration (its own
             # job, which would hold the iteration's Procrastinate lock, has ended)
             await cur.execute(
@@ -232,7 +216,7 @@ class TaskRows:
             )
             holder = await cur.fetchone()
             if holder is not None:
-                return StartOutcome("waiting", task, holder=str(holder["id"]))
+                return StartOutcome(StartReason.WAITING, task, holder=str(holder["id"]))
             await cur.execute(
                 f"""
                 UPDATE {_T} SET status = 'processing', updated_at = clock_timestamp(),
@@ -244,10 +228,10 @@ class TaskRows:
             )
             row = await cur.fetchone()
             assert row is not None
-            return StartOutcome("started", Task.from_row(row))
+            return StartOutcome(StartReason.STARTED, Task.from_row(row))
 
     async def progress(self, task_id: str, execution_id: str, progress: dict[str, Any]) -> bool:
-        task = await self._write(
+        task = await self._table.write(
             f"UPDATE {_T} SET progress = %s, updated_at = clock_timestamp() "
             "WHERE id = %s AND execution_id = %s AND status = 'processing' RETURNING *",
             (Jsonb(progress), task_id, execution_id),
@@ -265,7 +249,7 @@ class TaskRows:
     ) -> Task | None:
         """End the task (done, error or canceled) if this execution still holds it."""
         assert status.is_terminal
-        return await self._write(
+        return await self._table.write(
             f"""
             UPDATE {_T} SET status = %s, updated_at = clock_timestamp(), result = %s,
                    error = %s, execution_id = NULL
@@ -287,7 +271,7 @@ class TaskRows:
         """Back to ``pending`` (a worker stopped, or a retry after a store failure); with
         ``failed`` the task's failure count goes up. ``execution_id`` None: whoever held it
         (a dead worker)."""
-        return await self._write(
+        return await self._table.write(
             f"""
             UPDATE {_T} SET status = 'pending', updated_at = clock_timestamp(),
                    execution_id = NULL, worker = NULL, error = %s,
@@ -300,16 +284,52 @@ class TaskRows:
         )
 
     async def failures(self, task_id: str) -> int:
-        async with self._pool.connection() as conn:
+        async with self._table.pool.connection() as conn:
             cur = await conn.execute(f"SELECT failures FROM {_T} WHERE id = %s", (task_id,))  # type: ignore[arg-type]
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
     async def cancel_abandoned(self, task_id: str, note: str) -> Task | None:
         """A task whose cancel was requested and whose worker died: canceled."""
-        return await self._write(
+        return await self._table.write(
             f"UPDATE {_T} SET status = 'canceled', updated_at = clock_timestamp(), "
             "execution_id = NULL, error = %s WHERE id = %s "
             "AND status IN ('pending', 'processing') RETURNING *",
             (note, task_id),
         )
+
+    # ------------------------------------------------------------------ API: cancel
+    async def cancel(
+        self, task_id: str, jobs: Jobs, *, by: str | None = None
+    ) -> CancelOutcome | None:
+        """Cancel a pending task (it never starts), or ask a processing one to stop: its
+        queued jobs are canceled, its running ones asked to stop at their next safe point,
+        and a task whose runs are out ends ``canceled`` once none is running (no completion).
+        ``by``: who asks (an API token's name; the first one who asked is kept). None if
+        there is no such task."""
+        async with self._table.transaction() as (conn, cur):
+            task = await self._table.lock(cur, task_id)
+            if task is None:
+                return None
+            if task.status.is_terminal:
+                return CancelOutcome(task, CancelAction.FINISHED)
+            requested = (
+                "updated_at = clock_timestamp(), "
+                "cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), "
+                "canceled_by = CASE WHEN cancel_requested_at IS NULL THEN %s "
+                "ELSE canceled_by END"
+            )
+            if task.status == TaskStatus.PENDING:
+                query = f"UPDATE {_T} SET status = 'canceled', {requested}, error = NULL"
+                action = CancelAction.CANCELED
+            else:
+                query = f"UPDATE {_T} SET {requested}"
+                action = CancelAction.REQUESTED
+            await cur.execute(f"{query} WHERE id = %s RETURNING *", (by, task_id))  # type: ignore[arg-type]
+            updated = await cur.fetchone()
+            assert updated is not None
+            task = Task.from_row(updated)
+            await jobs.cancel(conn, await self._table.job_ids(cur, task))
+            if task.fanned_out:
+                task = await self._runs.advance_locked(conn, cur, task, jobs)
+            return CancelOutcome(task, action)

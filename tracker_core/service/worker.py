@@ -2,53 +2,24 @@
 
 One worker process runs two Procrastinate workers on one event loop:
 
-- the *task* worker (``concurrency`` slots) serves :data:`~tracker_core.service.queue.TASK_QUEUE`,
-  whose three kinds of jobs (see :mod:`tracker_core.service.queue`) each run in a child
-  process (:mod:`tracker_core.service.supervisor`):
-
-  - a task's own job moves the task to ``processing`` and plans its iteration (seed steps
-    1-3). Run one at a time (the task's or the method's ``max_parallel_runs`` is 1, or one
-    run is left), the same child trains the runs in order and completes the iteration, and
-    the job ends the task as before. Otherwise it fans out: one run job per params set (at
-    most ``parallel_runs`` out at a time), recorded with the task in one transaction;
-  - a run job trains one params set; its end is recorded in the transaction that defers the
-    next queued run, or the completion job once every run has ended;
-  - the completion job finishes the iteration (step 7) and ends the task ``done`` (with the
-    result; runs that failed are listed in it) or ``error`` (every run failed).
-
+- the *task* worker (``concurrency`` slots) serves :data:`~tracker_core.service.queue.TASK_QUEUE`:
+  a task's own job, its run jobs and its completion job, each in a child process (what each
+  does and how it ends: :mod:`tracker_core.service.executions`);
 - the *maintenance* worker (one slot, never busy training) serves
   :data:`~tracker_core.service.queue.MAINTENANCE_QUEUE`: every ``stall_check_seconds`` it puts
   the jobs of dead workers back in the queue (:meth:`WorkerRuntime.retry_stalled_jobs`).
 
-How a job ends, by what its child reports:
+A Procrastinate abort (a cancel, or this worker stopping) reaches a job as a cancellation of
+its coroutine; :meth:`WorkerRuntime._guard` turns it into a stop request to the job's child.
 
-- ``done`` -> ``done`` with the result; ``failed`` (every run failed) or ``error`` -> ``error``
-  with the message; a run job's ``ran`` -> the run ``finished`` or ``failed``;
-- ``retry`` (a store failure after the stores' own retries) or a child that died -> retried
-  after ``retry_wait_seconds * 2**(n-1)``, ``error`` after ``max_attempts`` such failures
-  (of the task's own job or its completion, or of one run: the task then ends ``error`` and
-  its other jobs are stopped);
-- a cancel -> the child is asked to stop at its next safe point, terminated after
-  ``cancel_grace_seconds``; the task ends ``canceled`` once none of its jobs is running (the
-  unfinished runs are left as a crash leaves them; no completion runs);
-- the worker stopping (Ctrl-C, SIGTERM) -> the same stop, within ``shutdown_grace_seconds``;
-  the job goes back to the queue, to resume on any worker (a task not yet fanned out goes
-  back to ``pending``);
-- the worker killed (``kill -9``): its children exit (their control pipe closes), its heartbeat
-  stops, and after ``stall_seconds`` another worker's maintenance puts its jobs back; a run
-  resumes once the dead worker's run lease expired.
-- the task database does not answer (stopped, restarted, unreachable): every database call
-  of the worker (Procrastinate's and the task table's) waits for it with backoff
-  (:mod:`tracker_core.service.outage`) while the children keep training; a job that ended
-  meanwhile is written when the database answers again. Dead workers are judged only once
-  the database has been up for ``stall_seconds`` (as this worker saw it, and as the server's
-  start time says), so no live worker's job is taken for a stalled one because the outage
-  kept its heartbeat from landing. An outage longer than ``database_outage_seconds`` ends the
-  process (:class:`~tracker_core.service.errors.DatabaseOutageError`).
-
-What each kind of job does once it runs, and how it ends, is in
-:mod:`tracker_core.service.executions`; this module wires the stops, the maintenance and the
-process.
+When the task database does not answer (stopped, restarted, unreachable), every database call
+of the worker (Procrastinate's and the task table's) waits for it with backoff
+(:mod:`tracker_core.service.outage`) while the children keep training; a job that ended
+meanwhile is written when the database answers again. Dead workers are judged only once the
+database has been up for ``stall_seconds`` (as this worker saw it, and as the server's start
+time says), so no live worker's job is taken for a stalled one because the outage kept its
+heartbeat from landing. An outage longer than ``database_outage_seconds`` ends the process
+(:class:`~tracker_core.service.errors.DatabaseOutageError`).
 """
 
 from __future__ import annotations
@@ -65,7 +36,7 @@ from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Status
 
 from tracker_core.service.errors import ServiceError
-from tracker_core.service.executions import JobExecutions, _Stop
+from tracker_core.service.executions import JobExecutions, JobStop
 from tracker_core.service.models import TaskStatus
 from tracker_core.service.outage import (
     Backoff,
@@ -75,8 +46,8 @@ from tracker_core.service.outage import (
     describe,
     is_outage,
     probe,
-    riding,
 )
+from tracker_core.service.protocol import StopReason
 from tracker_core.service.queue import (
     COMPLETE,
     MAINTENANCE_QUEUE,
@@ -91,18 +62,24 @@ from tracker_core.service.registry import MethodRegistry
 from tracker_core.service.repository import TaskRepository
 from tracker_core.service.schema import ensure_schema
 from tracker_core.service.settings import ServiceSettings
-from tracker_core.service.supervisor import preload, stores_to_preload, warm_up
+from tracker_core.service.supervisor import (
+    WarmChildren,
+    preload,
+    stop_forkserver,
+    stores_to_preload,
+    warm_up,
+)
 
 __all__ = ["WorkerRuntime", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
-class WorkerRuntime(JobExecutions):
-    """What the jobs of one worker process share: settings, the task table, the methods,
-    the queue (to defer and cancel jobs inside the task table's transactions), and how it
-    rides out an outage of its database (``rider``, whose ``outage`` is the database as this
-    worker sees it)."""
+class WorkerRuntime:
+    """What the jobs of one worker process share: settings, the task table, the queue (to
+    defer and cancel jobs inside the task table's transactions), how each kind of job runs
+    (``executions``, with this process's warm children), and how it rides out an outage of
+    its database (``rider``, whose ``outage`` is the database as this worker sees it)."""
 
     def __init__(
         self,
@@ -113,7 +90,9 @@ class WorkerRuntime(JobExecutions):
         *,
         rider: OutageRider | None = None,
     ) -> None:
-        super().__init__(settings, repo, registry, jobs)
+        self.settings, self.repo, self.jobs = settings, repo, jobs
+        self.children = WarmChildren(settings.warm_child_seconds)
+        self.executions = JobExecutions(settings, repo, registry, jobs, self.children)
         self.rider = rider or OutageRider(Outage(settings.database_outage_seconds), Backoff())
         self.outage = self.rider.outage
 
@@ -122,12 +101,12 @@ class WorkerRuntime(JobExecutions):
         self,
         context: JobContext,
         what: str,
-        body: Callable[[_Stop], Coroutine[Any, Any, None]],
+        body: Callable[[JobStop], Coroutine[Any, Any, None]],
     ) -> None:
         """Run a job's body. A Procrastinate abort (a cancel, or this worker stopping)
         arrives as a cancellation: it becomes a stop request to the child, and the job ends
         once the child has stopped."""
-        stop = _Stop()
+        stop = JobStop()
         inner = asyncio.create_task(body(stop))
         while True:
             try:
@@ -138,15 +117,15 @@ class WorkerRuntime(JobExecutions):
                     raise
                 if context.abort_reason() == AbortReason.USER_REQUEST:
                     log.info("%s: cancel requested", what)
-                    stop.request("cancel", self.settings.cancel_grace_seconds)
+                    stop.request(StopReason.CANCEL, self.settings.cancel_grace_seconds)
                 else:
                     log.info("%s: worker stopping", what)
-                    stop.request("shutdown", self.settings.shutdown_grace_seconds)
+                    stop.request(StopReason.SHUTDOWN, self.settings.shutdown_grace_seconds)
 
     async def run_task_job(self, context: JobContext, task_id: str) -> None:
         """The task's own job: plan the iteration, then run it here or fan it out."""
         await self._guard(
-            context, f"task {task_id}", lambda stop: self._execute(context, task_id, stop)
+            context, f"task {task_id}", lambda stop: self.executions.task(context, task_id, stop)
         )
 
     async def run_params_job(self, context: JobContext, task_id: str, params_id: str) -> None:
@@ -154,7 +133,7 @@ class WorkerRuntime(JobExecutions):
         await self._guard(
             context,
             f"task {task_id} run {params_id}",
-            lambda stop: self._execute_run(context, task_id, params_id, stop),
+            lambda stop: self.executions.run(context, task_id, params_id, stop),
         )
 
     async def complete_job(self, context: JobContext, task_id: str) -> None:
@@ -162,7 +141,7 @@ class WorkerRuntime(JobExecutions):
         await self._guard(
             context,
             f"task {task_id} completion",
-            lambda stop: self._execute_completion(context, task_id, stop),
+            lambda stop: self.executions.completion(context, task_id, stop),
         )
 
     # ------------------------------------------------------------------ maintenance
@@ -181,7 +160,7 @@ class WorkerRuntime(JobExecutions):
         for job in stalled:
             assert job.id is not None
             task_id = str(job.task_kwargs.get("task_id", ""))
-            before = await self.repo.get(task_id) if task_id else None
+            before = await self.repo.tasks.get(task_id) if task_id else None
             try:
                 await app.job_manager.retry_job(job)
             except Exception as exc:  # it ended or was retried meanwhile
@@ -192,7 +171,7 @@ class WorkerRuntime(JobExecutions):
                 continue
             if job.task_name == RUN_PARAMS:
                 params_id = str(job.task_kwargs.get("params_id", ""))
-                await self.repo.requeue_run(task_id, params_id, self.jobs)
+                await self.repo.runs.requeue_run(task_id, params_id, self.jobs)
                 log.warning(
                     "task %s run %s: its worker stopped heartbeating; job %s is back in the "
                     "queue (the run resumes once the dead worker's lease expired)",
@@ -201,18 +180,18 @@ class WorkerRuntime(JobExecutions):
                     job.id,
                 )
             elif job.task_name == COMPLETE:
-                await self.repo.release(task_id, None, None)
-                await self.repo.advance(task_id, self.jobs)
+                await self.repo.runs.release(task_id, None, None)
+                await self.repo.runs.advance(task_id, self.jobs)
                 log.warning(
                     "task %s: its completion's worker died; job %s requeued", task_id, job.id
                 )
             else:
                 if status == Status.FAILED:  # a cancel was pending: Procrastinate failed it
-                    await self.repo.cancel_abandoned(task_id, "canceled; its worker had died")
+                    await self.repo.tasks.cancel_abandoned(task_id, "canceled; its worker had died")
                     log.warning("task %s: its worker died while it was being canceled", task_id)
                     continue
                 if before.status == TaskStatus.PROCESSING:
-                    await self.repo.requeue(task_id, before.execution_id, None)
+                    await self.repo.tasks.requeue(task_id, before.execution_id, None)
                 log.warning(
                     "task %s: worker %s stopped heartbeating; its job %s is back in the queue",
                     task_id,
@@ -278,7 +257,7 @@ async def run_worker(
     await rider.run(lambda: probe(conninfo, settings.heartbeat_seconds + 5))
     async with app.open_async():
         await rider.run(lambda: ensure_schema(app))
-        repo = riding(TaskRepository(app.connector.pool), rider)  # type: ignore[attr-defined]
+        repo = TaskRepository(app.connector.pool, rider=rider)  # type: ignore[attr-defined]
         runtime = WorkerRuntime(settings, repo, registry, QueueJobs(app), rider=rider)
         common: dict[str, Any] = {
             "install_signal_handlers": False,
@@ -312,7 +291,12 @@ async def run_worker(
                 name="tracker-core maintenance worker",
             ),
         ]
-        log.info("worker %s: %d task slot(s) on %s", runtime.name, settings.concurrency, TASK_QUEUE)
+        log.info(
+            "worker %s: %d task slot(s) on %s",
+            runtime.executions.name,
+            settings.concurrency,
+            TASK_QUEUE,
+        )
         if ready is not None:
             ready.set()
         stopper = asyncio.create_task(stop.wait())
@@ -327,8 +311,10 @@ async def run_worker(
         stopper.cancel()
         given_up.cancel()
         results = await asyncio.gather(*workers, return_exceptions=True)
+        await runtime.children.close()
         with contextlib.suppress(Exception):
             await warming
+        await asyncio.to_thread(stop_forkserver)
         stopped_first = stopper in done  # errors while stopping are said in a line each
         for task, result in zip(workers, results, strict=True):
             if not isinstance(result, BaseException) or isinstance(result, asyncio.CancelledError):

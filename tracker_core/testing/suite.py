@@ -17,6 +17,8 @@ The suite is one module per concept, each of which can also be imported on its o
   state, interoperability (invariants 4-6);
 - :mod:`~tracker_core.testing.suite_params`: typed params round-trip through the store;
 - :mod:`~tracker_core.testing.suite_reconcile`: gc and verify find what crashes leave;
+- :mod:`~tracker_core.testing.suite_promotion`: champion and challenger, cleanup keeps the
+  champion's files, promotion is crash-safe (invariant 3);
 - :mod:`~tracker_core.testing.suite_quiet`: tracker-core's calls print nothing;
 - :mod:`~tracker_core.testing.suite_search`: the search policy's history and resume, pruned
   runs.
@@ -35,6 +37,7 @@ from tracker_core.testing import (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_promotion,
     suite_quiet,
     suite_reconcile,
     suite_runs,
@@ -46,6 +49,7 @@ from tracker_core.testing.suite_leases import *  # noqa: F403
 from tracker_core.testing.suite_metrics import *  # noqa: F403
 from tracker_core.testing.suite_models import *  # noqa: F403
 from tracker_core.testing.suite_params import *  # noqa: F403
+from tracker_core.testing.suite_promotion import *  # noqa: F403
 from tracker_core.testing.suite_quiet import *  # noqa: F403
 from tracker_core.testing.suite_reconcile import *  # noqa: F403
 from tracker_core.testing.suite_runs import *  # noqa: F403
@@ -59,6 +63,7 @@ _MODULES = (
     suite_metrics,
     suite_models,
     suite_params,
+    suite_promotion,
     suite_quiet,
     suite_reconcile,
     suite_runs,

@@ -26,6 +26,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.protos.service_pb2 import LogBatch
+from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 from mlflow.utils.proto_json_utils import parse_dict
@@ -33,7 +34,13 @@ from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_r
 
 from tracker_core.values import MetricValue
 
-__all__ = ["SingleAttemptRestStore", "call_once", "send_once", "single_attempt_client"]
+__all__ = [
+    "SingleAttemptRegistryRestStore",
+    "SingleAttemptRestStore",
+    "call_once",
+    "send_once",
+    "single_attempt_client",
+]
 
 
 def call_once(
@@ -158,6 +165,34 @@ class SingleAttemptRestStore(RestStore):  # type: ignore[misc]
         }
         send_once(
             self.get_host_creds(), endpoint, method, body, LogBatch.Response(), timeout=self.timeout
+        )
+
+
+class SingleAttemptRegistryRestStore(RegistryRestStore):  # type: ignore[misc]
+    """MLflow's REST model registry store, sending each request once with a timeout of
+    ``timeout`` seconds (the registry's counterpart of :class:`SingleAttemptRestStore`)."""
+
+    def __init__(self, get_host_creds: Callable[[], Any], timeout: float) -> None:
+        super().__init__(get_host_creds)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    def _call_endpoint(
+        self,
+        api: Any,
+        json_body: str | None,
+        call_all_endpoints: bool = False,
+        extra_headers: Any = None,
+    ) -> Any:
+        # RestStore._call_endpoint (mlflow 3.17.2) with call_once for call_endpoint
+        self._validate_workspace_support_if_specified()
+        endpoint, method = self._get_endpoint_from_method(api)  # type: ignore[no-untyped-call]
+        return call_once(
+            self.get_host_creds(),
+            endpoint,
+            method,
+            json_body,
+            self._get_response_from_method(api),  # type: ignore[no-untyped-call]
+            timeout=self.timeout,
         )
 
 

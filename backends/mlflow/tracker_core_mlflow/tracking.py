@@ -42,6 +42,7 @@ from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunSta
 from tracker_core_mlflow import filters
 from tracker_core_mlflow.errors import classify_mlflow_error, error_code, tracking_errors
 from tracker_core_mlflow.quiet import quiet
+from tracker_core_mlflow.registry import MlflowRegistryStore
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -271,6 +272,10 @@ class MlflowTrackingStore(TrackingStore):
 
     def classify_error(self, exc: BaseException) -> bool | None:
         return classify_mlflow_error(exc)
+
+    def open_registry(self) -> MlflowRegistryStore:
+        """MLflow's Model Registry beside this store (``$MLFLOW_REGISTRY_URI``, else here)."""
+        return MlflowRegistryStore(self.uri, request_timeout=self.request_timeout)
 
     # -- experiments ------------------------------------------------------------------
     @_operation
