@@ -140,6 +140,13 @@ def postgres_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield url
 
 
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private PostgreSQL cluster for one test module (the task service's database)."""
+    with servers.postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
 # ------------------------------------------------------------------ artifact side
 # moto's S3 server and the GCS emulator: one each per test process, shared with the
 # backend-specific test modules (tests/_s3gcs_fixtures.py)

@@ -42,12 +42,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.postgres(tmp_path_factory.mktemp("pg")) as url:
-        yield url
-
-
 #: the tests' fast timings, with a longer run lease: three workers training at once on one
 #: SQLite file renew their leases under contention (a killed worker's run resumes 8 s later)
 TIMINGS = ["--lease-seconds", "8", "--stall-seconds", "5"]

@@ -48,12 +48,6 @@ API = "/api/v1/fine-tuning"
 
 
 @pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.postgres(tmp_path_factory.mktemp("pg")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def stack(pg: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API and one worker with two task slots."""
     with stack_on(pg, tmp_path_factory.mktemp("svc")) as s:

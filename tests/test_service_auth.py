@@ -90,12 +90,6 @@ def make_token(database: str, name: str, scope: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.postgres(tmp_path_factory.mktemp("pg")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def secured(pg: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API on loopback whose database holds tokens (so every request needs one); no worker.
     ``stack.tokens``: a token per scope, plus ``bob`` (tasks:write), a revoked and an expired

@@ -165,13 +165,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _process_args(p: argparse.ArgumentParser) -> None:
-    add_database_args(p)
-    p.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        default=os.environ.get("TRACKER_CORE_DATA") or DEFAULT_DATA_DIR,
-        help="the embedded layout's folder: database, MLflow SQLite, models "
-        "(default: $TRACKER_CORE_DATA, else ./%(default)s)",
+    add_database_args(
+        p, DEFAULT_DATA_DIR, "the embedded layout's folder: database, MLflow SQLite, models"
     )
     p.add_argument(
         "--tracking-uri",

@@ -59,8 +59,11 @@ def token_from(args: argparse.Namespace) -> str | None:
     return os.environ.get("TRACKER_CORE_TOKEN") or None
 
 
-def add_database_args(p: argparse.ArgumentParser) -> None:
-    """``--database`` and ``--database-file``."""
+def add_database_args(
+    p: argparse.ArgumentParser, data_dir_default: str, data_dir_help: str
+) -> None:
+    """``--database``, ``--database-file`` and ``--data-dir``: where the task database is, for
+    ``serve``, ``worker`` and ``token`` alike (``data_dir_help``: what the folder is)."""
     p.add_argument(
         "--database",
         metavar="URL",
@@ -72,6 +75,12 @@ def add_database_args(p: argparse.ArgumentParser) -> None:
         "--database-file",
         metavar="FILE",
         help="read the task database's URL from this file (keeps its password out of `ps`)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=os.environ.get("TRACKER_CORE_DATA") or data_dir_default,
+        help=f"{data_dir_help} (default: $TRACKER_CORE_DATA, else ./%(default)s)",
     )
 
 
@@ -173,13 +182,7 @@ def add_token_commands(sub: Any, data_dir_default: str) -> None:
     tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
 
     def common(q: argparse.ArgumentParser) -> None:
-        add_database_args(q)
-        q.add_argument(
-            "--data-dir",
-            metavar="DIR",
-            default=os.environ.get("TRACKER_CORE_DATA") or data_dir_default,
-            help="the embedded layout's folder (default: $TRACKER_CORE_DATA, else ./%(default)s)",
-        )
+        add_database_args(q, data_dir_default, "the embedded layout's folder")
         q.add_argument(
             "--allow-root", action="store_true", help="as for serve (the embedded database)"
         )
