@@ -60,7 +60,8 @@ class Iterations:
         self._tracking, self._artifacts = stores.tracking, stores.artifacts
         self._models = models
         self._leases = leases
-        self._initial: ExperimentRecord | None = None
+        #: the plugin's experiments that are not iterations, by name (see plugin_experiment)
+        self._named: dict[str, ExperimentRecord | None] = {}
 
     # ------------------------------------------------------------------ naming and creation
     def tags(self, kind: str, batch_id: str = "") -> dict[str, str]:
@@ -82,17 +83,25 @@ class Iterations:
     def initial_name(self) -> str:
         return f"{self.plugin_name} / {INITIAL_EXPERIMENT_NAME}"
 
+    def plugin_experiment(
+        self, suffix: str, kind: str, create: bool = False
+    ) -> ExperimentRecord | None:
+        """The plugin's experiment ``"<plugin> / <suffix>"`` of ``kind`` that is not an iteration
+        (the initial model's, the lineage's): remembered while active, created if ``create``;
+        None if it does not exist."""
+        name = f"{self.plugin_name} / {suffix}"
+        known = self._named.get(name)
+        if known is None or known.lifecycle_stage != "active":
+            known = self.get_or_create(name, self.tags(kind)) if create else self.by_name(name)
+            self._named[name] = known
+        return known
+
     def initial(self, create: bool = False) -> ExperimentRecord | None:
         """The initial model's experiment (created if ``create``); None if it does not exist."""
-        if self._initial is None or self._initial.lifecycle_stage != "active":
-            if create:
-                self._initial = self.get_or_create(self.initial_name, self.tags(T.KIND_INITIAL))
-            else:
-                self._initial = self.by_name(self.initial_name)
-        return self._initial
+        return self.plugin_experiment(INITIAL_EXPERIMENT_NAME, T.KIND_INITIAL, create)
 
     def forget_initial(self) -> None:
-        self._initial = None
+        self._named.pop(self.initial_name, None)
 
     def is_initial(self, experiment_id: str) -> bool:
         initial = self.initial()

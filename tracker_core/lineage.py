@@ -140,7 +140,6 @@ class Lineage:
 
     def __init__(self, tracking: TrackingStore, iterations: Iterations, runs: RunTracker) -> None:
         self._tracking, self._iterations, self._runs = tracking, iterations, runs
-        self._experiment: ExperimentRecord | None = None
 
     @property
     def name(self) -> str:
@@ -148,13 +147,7 @@ class Lineage:
 
     def experiment(self, create: bool = False) -> ExperimentRecord | None:
         """The lineage experiment (created if ``create``); None if there is none yet."""
-        if self._experiment is None or self._experiment.lifecycle_stage != "active":
-            if create:
-                tags = self._iterations.tags(KIND_LINEAGE)
-                self._experiment = self._iterations.get_or_create(self.name, tags)
-            else:
-                self._experiment = self._iterations.by_name(self.name)
-        return self._experiment
+        return self._iterations.plugin_experiment(KIND_LINEAGE, KIND_LINEAGE, create)
 
     def write(self, record: LineageRecord) -> str:
         """Write (or rewrite) the record of its iteration; returns its lineage run's id."""
