@@ -7,7 +7,8 @@
   (``tests/test_third_party_backend.py``);
 - ``backend`` (the manager, driver and CLI behaviour): the reference leg ``local-sqlite`` and
   one remote leg ``s3-server`` (:data:`DEFAULT_LEGS`); ``--all-legs`` (``make test-all``) runs
-  the whole local / S3 / GCS x SQLite / server matrix.
+  the whole local / S3 / GCS x SQLite / server matrix, and the few cases marked ``all_legs``
+  (a long test's remote leg).
 
 Servers are real processes on 127.0.0.1, started once per session by
 :mod:`tracker_core.testing.servers`; each test gets its own artifact prefix and its own plugin
@@ -40,6 +41,12 @@ LEGS = [f"{a}-{t}" for a in ARTIFACT_SIDES for t in TRACKING_SIDES]
 #: the legs behaviour tests run on by default: the reference leg and one remote leg (the store
 #: contracts run every store; the other legs only combine stores the contracts already cover)
 DEFAULT_LEGS = ("local-sqlite", "s3-server")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "all_legs: run only under --all-legs (make test-all), like the other legs"
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -76,7 +83,8 @@ LONGEST_FIRST = (
     "test_chaos",
     "test_service",
     "test_service_outage",
-    "test_champion",  # 50 iterations on two legs
+    "test_champion",  # 50 iterations
+    "test_service_secrets",  # ~100 s of MLflow's own connection retries on a wrong password
 )
 
 
@@ -100,19 +108,48 @@ def _group(item: pytest.Item) -> str | None:
     return _module(item) if _module(item) in SHARED_STACK_MODULES else None
 
 
+# tryfirst: pytest-xdist reads the xdist_group marks in its own pytest_collection_modifyitems
+# (on each test process), so they must be added before it runs
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--all-legs"):
         other_legs = set(LEGS) - set(DEFAULT_LEGS)
-        deselected = [item for item in items if _param(item, "backend") in other_legs]
+
+        def elsewhere(item: pytest.Item) -> bool:
+            return (
+                _param(item, "backend") in other_legs
+                or item.get_closest_marker("all_legs") is not None
+            )
+
+        deselected = [item for item in items if elsewhere(item)]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
-            items[:] = [item for item in items if _param(item, "backend") not in other_legs]
+            items[:] = [item for item in items if not elsewhere(item)]
     order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: order.get(_module(item), len(order)))  # stable: modules stay whole
     for item in items:
         group = _group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup``, pytest-xdist groups a test by the ``@group`` it appends to its
+    node id; a pytest that ignores that rewrite (9.2 with xdist 3.8) silently gives every test
+    its own group, and each shared-stack module then starts its stack in every test process."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist test processes
+        return
+    lost = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist's --dist loadgroup does not group tests on this pytest "
+            f"({len(lost)} tests without their group, e.g. {lost[0]}): "
+            "install the pytest pinned in requirements/constraints.txt"
+        )
 
 
 # ------------------------------------------------------------------ tracking side
