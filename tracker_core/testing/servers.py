@@ -80,6 +80,18 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+#: set by coverage.py (make coverage) to measure every Python process it starts; the servers
+#: here run no tracker-core code, and tracing them would only slow every request they answer
+_COVERAGE_VARS = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
+
+
+def _server_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    server_env = dict(os.environ if env is None else env)
+    for var in _COVERAGE_VARS:
+        server_env.pop(var, None)
+    return server_env
+
+
 def _spawn(
     cmd: Sequence[str],
     log_path: Path,
@@ -96,7 +108,7 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
+            env=_server_env(env),
             cwd=cwd,
             user=user,
             start_new_session=True,  # own process group: workers die with the server
