@@ -35,9 +35,9 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
 def manager_for(tracking: str, tmp_path: Path) -> Iterator[Any]:
     opened: list[ExperimentsManager] = []
 
-    def make(method: ToyMethod) -> ExperimentsManager:
+    def make(method: ToyMethod, **kwargs: Any) -> ExperimentsManager:
         manager = tracker_core.connect(
-            str(tmp_path / "models"), tracking_uri=tracking, **connect_kwargs(method)
+            str(tmp_path / "models"), tracking_uri=tracking, **connect_kwargs(method), **kwargs
         )
         opened.append(manager)
         return manager
@@ -137,7 +137,8 @@ def test_a_run_killed_before_its_params_were_logged_is_resumed(manager_for: Any)
     (experiment,) = manager.get_experiments()
     manager.tracking.create_run(experiment.experiment_id, SETS[2].id, {})  # no params
     method.crash_on = set()
-    result = run_iteration(method, manager_for(method), "b1")
+    # the params-less run holds no lease: it is taken over once a lease would have lapsed
+    result = run_iteration(method, manager_for(method, lease_seconds=3), "b1")
     assert result.resumed and [r.params for r in result.runs] == SETS[:3]
     assert all(r.status == RunStatus.FINISHED for r in result.runs)
 
