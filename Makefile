@@ -27,6 +27,8 @@ TEST_CMD       := $(VPY) $(PYTEST)
 
 # Branch coverage of tracker_core and of the backends over `make test` (subprocesses and
 # worker processes included; settings in pyproject.toml), one figure each; README quotes them.
+# `combine` merges and removes every readable data file; what is left was cut short (a process
+# a test killed mid-write; coverage warns and skips it) and is removed so the reports stay quiet.
 COVERAGE     := $(VENV)/bin/coverage
 COVERAGE_DIR := .coverage-data
 
@@ -56,7 +58,7 @@ test-all: venv
 coverage: venv
 	rm -rf $(COVERAGE_DIR) && mkdir -p $(COVERAGE_DIR)
 	$(COVERAGE) run $(PYTEST) || status=$$?; \
-	$(COVERAGE) combine -q && \
+	$(COVERAGE) combine -q && rm -f $(COVERAGE_DIR)/coverage.* && \
 	echo "branch coverage, tracker_core: $$($(COVERAGE) report --include='*/tracker_core/*' --format=total)%" && \
 	echo "branch coverage, backends:     $$($(COVERAGE) report --include='*/backends/*' --format=total)%" && \
 	exit $${status:-0}
