@@ -286,3 +286,32 @@ def test_backend_and_wrapper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert default_tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert default_tracking_uri() == "http://example:5000"
+
+
+class _DriverError(Exception):
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (_DriverError('FATAL:  password authentication failed for user "ml"'), True),
+        (_DriverError("connection failed", sqlstate="28P01"), True),
+        (_DriverError("(1045, \"Access denied for user 'ml'@'host'\")"), True),
+        (_DriverError("Login failed for user 'ml'. (18456)"), True),
+        (_DriverError("FATAL:  the database system is starting up", sqlstate="57P03"), False),
+        (_DriverError("connection refused\n\tIs the server running on that host?"), False),
+    ],
+)
+def test_a_refused_login_is_told_from_a_database_that_is_down(
+    error: Exception, refused: bool
+) -> None:
+    """A refused login fails a store at once; a database that is down or starting is left to
+    MLflow's own connection retries (the end-to-end case: tests/test_service_secrets.py)."""
+    from tracker_core_mlflow.errors import login_refused
+
+    wrapped = RuntimeError("(psycopg.OperationalError) see the cause")
+    wrapped.__cause__ = error
+    assert login_refused(wrapped) is refused

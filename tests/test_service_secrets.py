@@ -5,8 +5,8 @@ a URL read from ``--database-file`` or ``$TRACKER_CORE_DATABASE_URL``) and MLflo
 database (role ``ml``, its password in ``$MLFLOW_TRACKING_URI``'s userinfo); both roles log in
 with scram passwords. An API (with an admin token) and a worker run a task to ``done`` (its
 models in the pickle format); while that worker trains a second task, a worker with the wrong
-tracking password fails a third (MLflow retries a failed connection for about 100 s, so the
-two overlap), and the second is canceled. Every log line, every answer of the API and of the
+tracking password fails a third at once (a refused login is not retried), and the second is
+canceled. Every log line, every answer of the API and of the
 ``task`` commands, and every process's command line is searched for the secrets. Real
 processes, nothing mocked.
 """
@@ -180,10 +180,10 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullRun]:
                 ["worker", *FAST_TIMINGS, "--max-attempts", "1", *common], "worker-wrong"
             )
             stack.wait_worker_ready(bad)
-            doomed = client.create("svc-fast", batch_id="s-fail")
-            stack.wait_status(doomed["id"], "processing")
             listings.append(_listing(stack.procs))
+            doomed = client.create("svc-fast", batch_id="s-fail")
             tasks["error"] = stack.wait_status(doomed["id"], "error", timeout=300)
+            listings.append(_listing(stack.procs))
             # then the slow one is canceled while it trains
             answers.append(json.dumps(client.cancel(slow["id"])))
             tasks["canceled"] = stack.wait_status(slow["id"], "canceled")
@@ -234,6 +234,7 @@ def test_no_secret_in_any_log_line_answer_or_process_listing(full_run: FullRun) 
 
 def test_a_task_failed_on_wrong_tracking_credentials_says_why(full_run: FullRun) -> None:
     failed = full_run.tasks["error"]
+    assert "the database refused the login" in failed["error"], failed["error"]
     assert "password authentication failed" in failed["error"], failed["error"]
     assert 'for user "ml"' in failed["error"] and failed["worker"].endswith(
         str(full_run.stack.procs[2].pid)

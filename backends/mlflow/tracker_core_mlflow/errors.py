@@ -28,6 +28,7 @@ __all__ = [
     "classify_mlflow_error",
     "environ_changed_while_read",
     "error_code",
+    "login_refused",
     "scrub_chain",
     "tracking_errors",
 ]
@@ -141,6 +142,26 @@ def _classify_one(exc: BaseException) -> bool | None:
     if code != "INTERNAL_ERROR" and 400 <= http < 500:
         return classify_http_status(http)
     return None  # a local INTERNAL_ERROR: look at what caused it
+
+
+#: what a database server says when it refuses a login (PostgreSQL: SQLSTATE class 28 and its
+#: messages; MySQL: error 1045; SQL Server: error 18456), wherever the driver puts it
+_LOGIN_REFUSED = re.compile(
+    r'password authentication failed|no pg_hba\.conf entry|role "[^"]*" does not exist'
+    r"|Access denied for user|Login failed for user"
+)
+
+
+def login_refused(exc: BaseException) -> bool:
+    """Whether a database server refused the login (a wrong password, an unknown role, an
+    access rule): permanent, unlike a server that is down or still starting."""
+    for link in exception_chain(exc):
+        sqlstate = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("28"):
+            return True
+        if _LOGIN_REFUSED.search(str(link)):
+            return True
+    return False
 
 
 def classify_mlflow_error(exc: BaseException) -> bool | None:

@@ -40,7 +40,13 @@ from tracker_core.errors import ConfigurationError, TrackingStoreError, redact
 from tracker_core.stores import ExperimentQuery, RunQuery, TrackingStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 from tracker_core_mlflow import filters
-from tracker_core_mlflow.errors import classify_mlflow_error, error_code, tracking_errors
+from tracker_core_mlflow.errors import (
+    classify_mlflow_error,
+    error_code,
+    login_refused,
+    scrub_chain,
+    tracking_errors,
+)
 from tracker_core_mlflow.quiet import quiet
 from tracker_core_mlflow.registry import MlflowRegistryStore
 
@@ -223,6 +229,37 @@ def check_tracking_uri(tracking_uri: str) -> None:
     )
 
 
+#: database schemes MLflow reaches through SQLAlchemy over the network
+_SERVER_DATABASES = frozenset({"postgresql", "mysql", "mssql"})
+
+
+def _refuse_a_refused_login(uri: str, display_uri: str, password: str | None) -> None:
+    """Connect once, and fail at once if the database refuses the login.
+
+    MLflow retries a failed first connection ten times with doubling sleeps (about 100 s):
+    right for a database that is down or starting, which is left to it, but a wrong password
+    or an unknown role would only fail the same way 100 s later. Raises a permanent
+    :class:`~tracker_core.errors.TrackingStoreError` carrying the server's words, redacted."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect():
+            return
+    except Exception as exc:
+        if not login_refused(exc):
+            return  # down, starting, unreachable...: MLflow's own retries handle it
+        scrub_chain(exc, password)
+        orig = getattr(exc, "orig", None) or exc
+        detail = redact(str(orig).strip(), password)
+        raise TrackingStoreError(
+            f"open on tracking store {display_uri} failed: the database refused the login: {detail}"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
 def _deleted_name(name: str, experiment_id: str) -> str:
     return f"{name} (deleted {experiment_id})"
 
@@ -253,6 +290,8 @@ class MlflowTrackingStore(TrackingStore):
         self.display_uri = redact(tracking_uri, self._password)
         self.request_timeout = resolve_request_timeout(request_timeout)
         if client is None:
+            if urlsplit(tracking_uri).scheme.split("+", 1)[0].lower() in _SERVER_DATABASES:
+                _refuse_a_refused_login(tracking_uri, self.display_uri, self._password)
             with (
                 quiet("mlflow.store.db.utils", _is_migration_chatter),
                 _sqlite_init_lock(tracking_uri) as is_sqlite,
