@@ -243,13 +243,14 @@ def _refuse_a_refused_login(uri: str, display_uri: str, password: str | None) ->
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    engine = None
     try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
         with engine.connect():
             return
     except Exception as exc:
         if not login_refused(exc):
-            return  # down, starting, unreachable...: MLflow's own retries handle it
+            return  # down, starting, unreachable, no driver...: MLflow says so itself
         scrub_chain(exc, password)
         orig = getattr(exc, "orig", None) or exc
         detail = redact(str(orig).strip(), password)
@@ -257,7 +258,8 @@ def _refuse_a_refused_login(uri: str, display_uri: str, password: str | None) ->
             f"open on tracking store {display_uri} failed: the database refused the login: {detail}"
         ) from exc
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 
 
 def _deleted_name(name: str, experiment_id: str) -> str:
