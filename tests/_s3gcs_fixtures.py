@@ -20,6 +20,7 @@ import attrs
 import pytest
 
 from tracker_core import ExperimentsManager, FineTuningIteration, FineTuningParams, MetricValue
+from tracker_core.testing.harness import fresh_sqlite_uri
 from tracker_core.testing.servers import gcs_emulator, moto_server
 
 __all__ = [
@@ -147,7 +148,7 @@ def artifact_leg(
 @pytest.fixture
 def sqlite_tracking_uri(tmp_path: Path) -> Iterator[str]:
     """An in-process SQLite MLflow store of this test's own."""
-    yield f"sqlite:///{tmp_path / 'mlflow.db'}"
+    yield fresh_sqlite_uri(tmp_path)
 
 
 def tiny_model() -> Any:

@@ -29,7 +29,7 @@ from tracker_core.finetune import run_iteration
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import connect_kwargs
 from tracker_core.promotion import Outcome, PromotionConfig
-from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.testing.harness import BackendUnderTest, fresh_sqlite_uri
 from tracker_core.webhook import Webhook, signature
 
 TWO_LEGS = pytest.mark.parametrize("backend", ["local-sqlite", "s3-server"], indirect=True)
@@ -176,7 +176,7 @@ def test_fifty_iterations_with_deletion_then_lineage_back_to_the_initial_model(
 
 
 def test_a_person_promotes_and_rolls_back_on_the_command_line(tmp_path: Path) -> None:
-    leg = BackendUnderTest("local", str(tmp_path / "models"), f"sqlite:///{tmp_path / 'm.db'}")
+    leg = BackendUnderTest("local", str(tmp_path / "models"), fresh_sqlite_uri(tmp_path, "m.db"))
     sets = [ToyParams(lr=0.1, quality=0.5)]
     method = HoldoutToy(sets, overfit={"batch-2"})
     try:
@@ -248,7 +248,7 @@ def test_the_webhook_is_signed_and_sent_once_per_promotion(
 ) -> None:
     url, handler = receiver
     secret = "s3cret-hmac-key"
-    leg = BackendUnderTest("local", str(tmp_path / "models"), f"sqlite:///{tmp_path / 'm.db'}")
+    leg = BackendUnderTest("local", str(tmp_path / "models"), fresh_sqlite_uri(tmp_path, "m.db"))
     method = HoldoutToy([ToyParams(lr=0.1, quality=0.5)], overfit={"batch-2"})
     promotion = PromotionConfig(webhook=Webhook(secret, url=url))
     caplog.set_level(logging.DEBUG)
@@ -279,7 +279,7 @@ def test_the_webhook_is_signed_and_sent_once_per_promotion(
 
 def test_the_champion_run_loads_with_torch(tmp_path: Path) -> None:
     """What ``mgr.download_champion_model()`` gives is the champion's weights."""
-    leg = BackendUnderTest("local", str(tmp_path / "models"), f"sqlite:///{tmp_path / 'm.db'}")
+    leg = BackendUnderTest("local", str(tmp_path / "models"), fresh_sqlite_uri(tmp_path, "m.db"))
     method = HoldoutToy([ToyParams(lr=0.25, quality=0.5)], overfit={"batch-2"})
     try:
         manager = _connect(leg, method)
@@ -310,7 +310,7 @@ def test_the_webhook_can_be_a_command_given_the_signed_body(tmp_path: Path) -> N
         "out.with_suffix('.sig').write_text(os.environ['TRACKER_SIGNATURE'])\n"
     )
     secret = "command-secret"
-    leg = BackendUnderTest("local", str(tmp_path / "models"), f"sqlite:///{tmp_path / 'm.db'}")
+    leg = BackendUnderTest("local", str(tmp_path / "models"), fresh_sqlite_uri(tmp_path, "m.db"))
     method = HoldoutToy([ToyParams(lr=0.1, quality=0.5)])
     hook = Webhook(secret, command=[sys.executable, "-c", script])
     try:

@@ -16,6 +16,7 @@ import tracker_core
 from tracker_core.codecs import StateDictCodec
 from tracker_core.errors import ConfigurationError, InvalidModelError, ModelLoadError
 from tracker_core.manager import ExperimentsManager
+from tracker_core.testing.harness import fresh_sqlite_uri
 
 
 def folder(tmp_path: Path, name: str = "model") -> Path:
@@ -27,7 +28,7 @@ def folder(tmp_path: Path, name: str = "model") -> Path:
 def manager(tmp_path: Path, **kwargs: Any) -> ExperimentsManager:
     return tracker_core.connect(
         str(tmp_path / "models"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         main_metric="quality",
         plugin_name="p",
         **kwargs,

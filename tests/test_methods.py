@@ -20,6 +20,7 @@ from tracker_core.methods import (
     load_method,
     sample_params,
 )
+from tracker_core.testing.harness import fresh_sqlite_uri
 from tracker_core.values import FineTuningIteration
 
 
@@ -99,7 +100,7 @@ def test_run_iteration_rejects_a_manager_for_another_method(tmp_path: Path) -> N
     method = ToyMethod(SETS)
     manager = connect(
         str(tmp_path / "artifacts"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         **{**connect_kwargs(method), "main_metric": "other"},
     )
     with manager, pytest.raises(ConfigurationError, match="main metric"):

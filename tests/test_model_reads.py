@@ -16,7 +16,7 @@ import torch
 import tracker_core
 from tracker_core import ExperimentsManager, FineTuningIteration, MetricValue
 from tracker_core.testing.faults import FaultyProxy
-from tracker_core.testing.harness import FAST_RETRY
+from tracker_core.testing.harness import FAST_RETRY, fresh_sqlite_uri
 from tracker_core.testing.support import Params, tiny_model
 
 
@@ -24,7 +24,7 @@ from tracker_core.testing.support import Params, tiny_model
 def manager(tmp_path: Path) -> Iterator[ExperimentsManager]:
     mgr = tracker_core.connect(
         str(tmp_path / "artifacts"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         main_metric="q",
         plugin_name="reads",
         model_format="state_dict",

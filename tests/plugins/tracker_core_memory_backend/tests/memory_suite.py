@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tracker_core.testing.contract_artifacts import *  # noqa: F403
-from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.testing.harness import BackendUnderTest, fresh_sqlite_uri
 from tracker_core.testing.suite import (  # noqa: F401 - the smoke: collected here
     mgr,
     test_crash_between_write_and_mark_keeps_previous_best,
@@ -32,7 +32,7 @@ def _memory(tmp_path: Path) -> BackendUnderTest:
     return BackendUnderTest(
         "memory",
         artifact_root=f"memory://suite-{uuid.uuid4().hex[:8]}/models",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
     )
 
 
