@@ -84,7 +84,6 @@ LONGEST_FIRST = (
     "test_service",
     "test_service_outage",
     "test_champion",  # 50 iterations
-    "test_service_secrets",  # ~100 s of MLflow's own connection retries on a wrong password
 )
 
 

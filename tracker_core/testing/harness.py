@@ -19,10 +19,10 @@ third-party backend runs a suite by defining the fixture and importing the tests
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,8 +41,13 @@ __all__ = ["FAST_RETRY", "BackendUnderTest", "fresh_sqlite_uri"]
 #: retries for tests: few attempts, short waits
 FAST_RETRY = RetryConfig(RetryParams(max_attempts=3, wait_time_seconds=0.05, max_wait_seconds=0.2))
 
-_template_lock = threading.Lock()
-_template: list[Path] = []
+
+@functools.cache
+def _migrated_sqlite_template() -> Path:
+    """An empty MLflow SQLite database at the current schema, made once per process."""
+    work = Path(tempfile.mkdtemp(prefix="tracker-core-sqlite-"))
+    open_stores(str(work / "models"), tracking_uri=f"sqlite:///{work / 'template.db'}")
+    return work / "template.db"
 
 
 def fresh_sqlite_uri(folder: Path, name: str = "mlflow.db") -> str:
@@ -52,14 +57,9 @@ def fresh_sqlite_uri(folder: Path, name: str = "mlflow.db") -> str:
     MLflow migrates a new SQLite database on first use (about 2 s of CPU, most of a short
     test); this copies a database migrated once per process instead. A database already
     there is left as it is (a test that reconnects finds its runs)."""
-    with _template_lock:
-        if not _template:
-            work = Path(tempfile.mkdtemp(prefix="tracker-core-sqlite-"))
-            open_stores(str(work / "models"), tracking_uri=f"sqlite:///{work / 'template.db'}")
-            _template.append(work / "template.db")
-        if not (folder / name).exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(_template[0], folder / name)
+    if not (folder / name).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_sqlite_template(), folder / name)
     return f"sqlite:///{folder / name}"
 
 

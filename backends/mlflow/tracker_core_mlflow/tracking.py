@@ -213,9 +213,14 @@ TRACKING_SCHEMES = (
 )
 
 
+def _store_scheme(tracking_uri: str) -> str:
+    """The scheme of a tracking URI, without SQLAlchemy's ``+driver`` suffix."""
+    return urlsplit(tracking_uri).scheme.split("+", 1)[0].lower()
+
+
 def check_tracking_uri(tracking_uri: str) -> None:
     """Refuse, before any connection, a URI for which MLflow has no tracking store."""
-    scheme = urlsplit(tracking_uri).scheme.split("+", 1)[0].lower()
+    scheme = _store_scheme(tracking_uri)
     if tracking_uri in ("databricks", "databricks-uc", "uc") or scheme in TRACKING_SCHEMES:
         return
     if len(scheme) <= 1:  # a plain path (or a Windows drive): MLflow's file store
@@ -292,7 +297,7 @@ class MlflowTrackingStore(TrackingStore):
         self.display_uri = redact(tracking_uri, self._password)
         self.request_timeout = resolve_request_timeout(request_timeout)
         if client is None:
-            if urlsplit(tracking_uri).scheme.split("+", 1)[0].lower() in _SERVER_DATABASES:
+            if _store_scheme(tracking_uri) in _SERVER_DATABASES:
                 _refuse_a_refused_login(tracking_uri, self.display_uri, self._password)
             with (
                 quiet("mlflow.store.db.utils", _is_migration_chatter),
