@@ -23,6 +23,7 @@ from tracker_core.service.client import ServiceClient
 from tracker_core.service.errors import ServiceUnavailableError
 from tracker_core.service.settings import psycopg_url
 from tracker_core.testing import servers
+from tracker_core.testing.harness import fresh_sqlite_uri
 
 TESTS_DIR = Path(__file__).parent
 #: short timings so that dead workers are found in seconds (a live one beats every 0.5 s)
@@ -61,7 +62,12 @@ def create_database(url: str, name: str) -> str:
 
 
 def premigrate(tracking_uri: str, artifact_uri: str) -> None:
-    """Create MLflow's SQLite schema once, so no training process pays for it in a test."""
+    """Create MLflow's schema before the service starts, so no training process pays for it
+    in a test. A SQLite database is a copy of one migrated once per test process."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        fresh_sqlite_uri(path.parent, path.name)
+        return
     import tracker_core
 
     with tracker_core.connect(

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tracker_core
 from tracker_core import FineTuningIteration, MetricValue
-from tracker_core.testing.harness import FAST_RETRY
+from tracker_core.testing.harness import FAST_RETRY, fresh_sqlite_uri
 from tracker_core.testing.support import Params, marked_models, stored_models, tiny_model
 
 qualities = st.lists(
@@ -31,7 +31,7 @@ def test_exactly_the_best_keep_models_exist(
 ) -> None:
     mgr = tracker_core.connect(
         str(tmp_path / "artifacts"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         main_metric="q",
         plugin_name=f"p-{uuid.uuid4().hex[:8]}",
         is_loss=is_loss,

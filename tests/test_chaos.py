@@ -37,6 +37,7 @@ from tracker_core.fsspec_store import FsspecArtifactStore
 from tracker_core.methods import FineTuningMethod
 from tracker_core.testing import servers
 from tracker_core.testing.faults import FaultyProxy
+from tracker_core.testing.harness import fresh_sqlite_uri
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -187,7 +188,7 @@ def test_the_upload_kill_point_fires_with_the_upload_in_flight(
         assert W.LARGE_DIM**2 * 4 >= 2 * S3_PART_SIZE
     manager = tracker_core.connect(
         uri,
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         storage_options=options,
         main_metric=W.MAIN_METRIC,
         plugin_name="soak-kill-points",
@@ -228,7 +229,7 @@ def _tiny() -> Any:
 def _manager(tmp_path: Path) -> ExperimentsManager:
     return tracker_core.connect(
         str(tmp_path / "models"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         main_metric="score",
         plugin_name="soak-regression",
         model_format="state_dict",

@@ -25,7 +25,7 @@ from tracker_core.cli import main
 from tracker_core.finetune import IterationResult, run_iteration
 from tracker_core.manager import ExperimentsManager
 from tracker_core.methods import connect_kwargs
-from tracker_core.testing.harness import BackendUnderTest
+from tracker_core.testing.harness import BackendUnderTest, fresh_sqlite_uri
 
 
 @attrs.frozen
@@ -89,7 +89,7 @@ def local_tracked(tmp_path: Path) -> Iterator[Tracked]:
     run the CLI as a real process."""
     folder = tmp_path / "project"
     folder.mkdir()
-    leg = BackendUnderTest("local", str(folder / "models"), f"sqlite:///{folder / 'mlflow.db'}")
+    leg = BackendUnderTest("local", str(folder / "models"), fresh_sqlite_uri(folder))
     store = _track(leg)
     yield store
     store.manager.close()

@@ -24,11 +24,12 @@ from tracker_core.finetune import (
 )
 from tracker_core.methods import connect_kwargs
 from tracker_core.stores import RunQuery
+from tracker_core.testing.harness import fresh_sqlite_uri
 
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('hooks') / 'mlflow.db'}"
+    return fresh_sqlite_uri(tmp_path_factory.mktemp("hooks"))
 
 
 @pytest.fixture

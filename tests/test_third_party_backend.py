@@ -19,7 +19,7 @@ from _s3gcs_fixtures import same_weights, tiny_model
 import tracker_core
 from tracker_core import registry
 from tracker_core.errors import BackendNotInstalledError, UnknownSchemeError
-from tracker_core.testing.harness import FAST_RETRY
+from tracker_core.testing.harness import FAST_RETRY, fresh_sqlite_uri
 
 PLUGIN = Path(__file__).parent / "plugins" / "tracker_core_memory_backend"
 
@@ -84,7 +84,7 @@ def test_connect_picks_up_a_backend_installed_from_its_own_distribution(
     assert "memory" in tracker_core.available_schemes()
     manager = tracker_core.connect(
         "memory://x/models",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=fresh_sqlite_uri(tmp_path),
         main_metric="quality",
         plugin_name="third-party",
         retry=FAST_RETRY,
