@@ -28,6 +28,9 @@ __all__ = ["Heartbeat", "Lease", "Leases"]
 
 log = logging.getLogger(__name__)
 
+#: a claim landing after its expiry is made again, in the next epoch, this many times at most
+_MAX_LATE_CLAIMS = 3
+
 
 def _when(ms: int | None) -> str:
     if ms is None:
@@ -235,6 +238,8 @@ class Leases:
         clock = self.clock
         deadline = clock.monotonic() + wait
         poll = min(max(self.lease_seconds / 10, 0.05), 5.0)
+        late = 0  # claims of ours that landed after their own expiry
+        first = False  # whether a claim of ours was the run's first (epoch 1)
         while True:
             state = rules.lease_state(run, self.ttl_ms)
             mine = state.owner == self.owner
@@ -255,7 +260,7 @@ class Leases:
                 if run.status.is_terminal and not hold:
                     return run, None  # its holder ended it: nothing to train
                 continue
-            epoch = state.epoch if mine and not state.released else state.epoch + 1
+            epoch = state.epoch if mine and not state.released and not late else state.epoch + 1
             expires = clock.now_ms() + self.ttl_ms
             params, tags = rules.claim_params(epoch, self.owner, expires)
             if epoch == state.epoch:
@@ -273,11 +278,32 @@ class Leases:
                     run, created = fresh, False
                     continue
                 # our claim landed; the error came after it
-            break
+            first = first or epoch == 1
+            if clock.now_ms() < expires:
+                break
+            # the claim landed after its own expiry (its write was retried for longer than a
+            # lease): it can be neither renewed (the heartbeat counts it lost) nor trusted
+            # (another worker may count the run abandoned), so the next epoch is claimed, which
+            # only one worker can win (claims are write-once)
+            late += 1
+            if late >= _MAX_LATE_CLAIMS:
+                raise LeaseLostError(
+                    f"run {run.run_id}: {late} claims of its lease landed after their expiry "
+                    f"(the tracking store answers slower than a lease of "
+                    f"{self.lease_seconds:g} s): give the workers a longer lease_seconds"
+                )
+            log.warning(
+                "run %s: the claim of lease %d landed after its expiry (retried for longer "
+                "than a lease); claiming the next",
+                run.run_id,
+                epoch,
+            )
+            # no longer a run only this worker knows: another worker may have claimed it
+            run, created = self.get_existing(run.run_id), False
         lease = Lease(self, run.run_id, epoch, expires)
         log.debug("run %s: lease %d held by %s", run.run_id, epoch, self.owner)
         try:
-            if epoch == 1 and not run.status.is_terminal:
+            if first and not run.status.is_terminal:
                 self._yield_to_taken_twin(run)
             if not created:
                 # the record the claim was decided on may be old (a search retried for

@@ -161,6 +161,54 @@ def test_taken_over_worker_is_told(backend: BackendUnderTest, clock: SteppedCloc
     assert heir.get_run_by_id(heir.get_best_quality()[0] or "") is not None
 
 
+class _LateClaims:
+    """The store under one worker: its next ``times`` lease claims land ``late`` seconds after
+    they were sent, as a claim whose write was retried for longer than a lease."""
+
+    def __init__(self, target: Any, clock: SteppedClock, late: float, times: int) -> None:
+        self._target, self._clock, self._late, self._times = target, clock, late, times
+        self.epochs: list[str] = []  # the epochs of the claims that landed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def log_batch(
+        self, run_id: str, metrics: Any = (), params: Any = None, tags: Any = None
+    ) -> None:
+        claims = [
+            k[len(LEASE_CLAIM_PREFIX) :] for k in params or {} if k.startswith(LEASE_CLAIM_PREFIX)
+        ]
+        if claims and self._times > 0:
+            self._times -= 1
+            self._clock.advance(self._late)
+        self._target.log_batch(run_id, metrics, params, tags)
+        self.epochs += claims
+
+
+def test_a_claim_that_lands_after_its_expiry_is_made_again(
+    backend: BackendUnderTest, clock: SteppedClock
+) -> None:
+    """A claim retried for longer than a lease lands already expired: the worker claims the
+    next epoch instead of training under a lease it lost at once (the chaos trial's
+    ``LeaseLostError`` at the first metric, 2026-12-04), and holds the run from then on."""
+    holder, other = two_workers(backend, lease_seconds=LEASE, clock=clock)
+    late = holder.tracking.wrap(lambda store: _LateClaims(store, clock, 1.5 * LEASE, times=1))
+    assert holder.set_run(Params(lr=0.1)) is False
+    assert late.epochs == ["1", "2"]
+    with pytest.raises(RunInUseError):
+        other.set_run(Params(lr=0.1))
+    holder.save_metric(MetricValue("quality", 0.1))
+    clock.advance(2 * LEASE, step=LEASE / 4)  # and the heartbeat keeps the new epoch
+    holder.save_metric(MetricValue("quality", 0.2))
+    holder.finish_run()
+    late_forever = other.tracking.wrap(lambda store: _LateClaims(store, clock, 1.5 * LEASE, 99))
+    with pytest.raises(LeaseLostError, match="landed after their expiry"):
+        other.set_run(Params(lr=0.2))
+    assert late_forever.epochs == ["1", "2", "3"]
+    holder.close()
+    other.close()
+
+
 _SAME_PARAMS_STEPS = 20
 
 
