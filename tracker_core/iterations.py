@@ -204,6 +204,10 @@ class Iterations:
                 "die and their leases expire), or defer it: delete_iteration(..., defer=True)"
             )
         try:
+            # marked first: a deletion cut short (a killed worker) after the last model went
+            # leaves an iteration that no longer holds a model, which "the previous iteration"
+            # never names again; the mark has the next cleanup (delete_pending) finish it
+            self.mark_pending(experiment_id)
             for run in self._models.marked_runs(experiment_id):
                 self._models.delete(run)
             self._tracking.delete_experiment(experiment_id)

@@ -22,6 +22,7 @@ from tracker_core.errors import (
 )
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
+from tracker_core.testing.faults import FaultyProxy
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import (
     Params,
@@ -171,6 +172,34 @@ def test_delete_previous_iteration_removes_models_and_frees_name(mgr: Experiment
     assert mgr.current_experiment_id not in (None, first)
     assert mgr.tracking.search_runs(RunQuery((mgr.current_experiment_id or "",))) == []
     assert mgr.has_initial_model()
+
+
+def test_a_deletion_cut_short_after_the_last_model_is_finished_by_the_next(
+    mgr: ExperimentsManager,
+) -> None:
+    """A worker killed inside ``delete_previous_iteration``, after the previous iteration's
+    only model was deleted and before the experiment was: that iteration holds no model, so
+    it is no longer anyone's "previous iteration"; the next cleanup still deletes it (the
+    chaos soak's seed 9, keep=1: "the previous iteration (b0) was not deleted")."""
+    mgr.set_iteration(iteration(mgr, "1"))
+    first = mgr.current_experiment_id or ""
+    run_with_quality(mgr, Params(lr=0.1), 0.5)
+    mgr.set_iteration(iteration(mgr, "2"))
+    run_with_quality(mgr, Params(lr=0.1), 0.6)
+    proxy = mgr.tracking.wrap(FaultyProxy)
+    proxy.fail("delete_experiment", error=_Killed("killed"))
+    with pytest.raises(_Killed):
+        mgr.delete_previous_iteration()
+    assert marked_models(mgr, first) == set()  # its model went, the experiment did not
+    assert mgr.tracking.get_experiment(first).lifecycle_stage == "active"  # type: ignore[union-attr]
+    mgr.delete_previous_iteration()
+    gone = mgr.tracking.get_experiment(first)
+    assert gone is None or gone.lifecycle_stage == "deleted"
+    assert [e.name for e in mgr.get_experiments()] == [str(iteration(mgr, "2"))]
+
+
+class _Killed(BaseException):
+    """Where a worker would be killed: nothing after it runs, nothing catches it."""
 
 
 def test_delete_previous_iteration_without_previous_is_a_noop(mgr: ExperimentsManager) -> None:
