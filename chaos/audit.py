@@ -209,10 +209,14 @@ class _Auditor:
                 c["runs_finished"].fail(f"no iteration for batch {batch}")
                 continue
             # an iteration holding the champion's or the rollback model is kept, and one
-            # whose model lost its alias in the last completion waits for the next cleanup
+            # whose model lost its alias in the last completion waits for the next cleanup;
+            # the pending tag stays on an iteration once deleted (a deletion is marked
+            # pending before it starts, so that one cut short is finished by the next)
             holds = aliased & {r.info.run_id for r in self.runs(exp.experiment_id)}
-            pending = exp.tags.get("tracker.delete_pending") == "true"
-            final = batch == final_batch or bool(holds) or pending
+            waiting = exp.tags.get("tracker.delete_pending") == "true" and (
+                exp.lifecycle_stage == "active"
+            )
+            final = batch == final_batch or bool(holds) or waiting
             if final != (exp.lifecycle_stage == "active"):
                 c["top_keep"].fail(
                     f"iteration {batch} is {exp.lifecycle_stage}, expected "
