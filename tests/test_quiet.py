@@ -185,10 +185,10 @@ def test_quick_start_prints_nothing(
     handler shows WARNING and above on stderr): it runs, and nothing from MLflow or
     tracker-core is on stdout or stderr. (It is the README's first-run check too:
     test_readme.py tests the quick start across batches.)"""
-    uri, script = "sqlite:///mlflow.db", readme_quick_start("sqlite:///mlflow.db") + RAN
     if tracking == "server":  # a server other tests share: their experiments are there too
-        uri = request.getfixturevalue("server_tracking")
-        script = readme_quick_start(uri)
+        script = readme_quick_start(request.getfixturevalue("server_tracking"))
+    else:
+        script = readme_quick_start("sqlite:///mlflow.db") + RAN
     out, err = run_script(script, tmp_path)
     assert out == ""
     assert err.splitlines() == []
