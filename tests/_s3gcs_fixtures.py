@@ -1,27 +1,22 @@
 """Fixtures shared by the S3 / GCS backend tests (import the ones a module uses).
 
-The moto S3 server and the GCS emulator are started once per test process however many
-modules import these fixtures (a module-level registry, stopped at interpreter exit), so
-importing them into several modules does not start several servers.
+The moto S3 server and the GCS emulator are the run's shared ones (``_shared_servers``):
+importing these fixtures into several modules does not start several servers.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _shared_servers
 import attrs
 import pytest
 
 from tracker_core import ExperimentsManager, FineTuningIteration, FineTuningParams, MetricValue
 from tracker_core.testing.harness import fresh_sqlite_uri
-from tracker_core.testing.servers import gcs_emulator, moto_server
 
 __all__ = [
     "AWS_TEST_ENV",
@@ -58,18 +53,6 @@ _CLEARED = (
     "MLFLOW_TRACKING_URI",
 )
 
-_lock = threading.Lock()
-_stack = contextlib.ExitStack()
-_servers: dict[str, str] = {}
-atexit.register(_stack.close)
-
-
-def _shared(name: str, factory: Callable[[], AbstractContextManager[str]]) -> str:
-    with _lock:
-        if name not in _servers:
-            _servers[name] = _stack.enter_context(factory())
-        return _servers[name]
-
 
 def unique_name(prefix: str) -> str:
     """A bucket-safe unique name."""
@@ -78,14 +61,14 @@ def unique_name(prefix: str) -> str:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> str:
-    """moto's S3 server (one per test process): ``http://127.0.0.1:PORT``."""
-    return _shared("moto", moto_server)
+    """moto's S3 server (one per run): ``http://127.0.0.1:PORT``."""
+    return _shared_servers.address("moto")
 
 
 @pytest.fixture(scope="session")
 def gcs_endpoint() -> str:
-    """The GCS emulator (one per test process): ``http://127.0.0.1:PORT``."""
-    return _shared("gcs", gcs_emulator)
+    """The GCS emulator (one per run): ``http://127.0.0.1:PORT``."""
+    return _shared_servers.address("gcs")
 
 
 @pytest.fixture

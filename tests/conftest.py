@@ -10,13 +10,15 @@
   the whole local / S3 / GCS x SQLite / server matrix, and the few cases marked ``all_legs``
   (a long test's remote leg).
 
-Servers are real processes on 127.0.0.1, started once per session by
-:mod:`tracker_core.testing.servers`; each test gets its own artifact prefix and its own plugin
-name, so tests never see each other's experiments.
+Servers are real processes on 127.0.0.1 (:mod:`tracker_core.testing.servers`); the MLflow
+server, moto and the GCS emulator are started once for a whole run (``_shared_servers.py``),
+PostgreSQL once per test process or module that needs it; each test gets its own artifact
+prefix and its own plugin name, so tests never see each other's experiments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # a dead server must fail fast, not after minutes of MLflow's own retries
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+import _shared_servers
 
 from tracker_core.testing import servers
 from tracker_core.testing.harness import BackendUnderTest
@@ -47,6 +51,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "all_legs: run only under --all-legs (make test-all), like the other legs"
     )
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # the controller of a pytest-xdist run: one MLflow server, moto and GCS emulator for
+        # every test process, started before them (tests/_shared_servers.py)
+        stack = contextlib.ExitStack()
+        config.add_cleanup(stack.close)
+        _shared_servers.start_for_test_processes(stack)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -158,9 +168,8 @@ def sqlite_tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
+def server_tracking() -> str:
+    return _shared_servers.address("mlflow")
 
 
 @pytest.fixture(scope="session")
