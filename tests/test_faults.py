@@ -558,6 +558,30 @@ def test_s3_classifier_on_connection_errors() -> None:
     assert classify_s3_error(ValueError("x")) is None
 
 
+def test_s3_classifier_on_answers_without_their_details() -> None:
+    """A HEAD answer has no body: its code is its status. aiohttp's own response errors are
+    judged by status. An s3fs ``OSError`` that lost its botocore cause is judged by its type
+    (missing, forbidden) or errno (s3fs's EBUSY for SlowDown / ServiceUnavailable)."""
+    import aiohttp
+    from botocore.exceptions import ClientError
+
+    def head(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": ""}}, "HeadObject")
+
+    assert classify_s3_error(head("503")) is True
+    assert classify_s3_error(head("403")) is False
+
+    def answer(status: int) -> aiohttp.ClientResponseError:
+        return aiohttp.ClientResponseError(None, (), status=status)  # type: ignore[arg-type]
+
+    assert classify_s3_error(answer(503)) is True
+    assert classify_s3_error(answer(400)) is False
+    assert classify_s3_error(FileNotFoundError("bucket/key")) is False
+    assert classify_s3_error(PermissionError("bucket/key")) is False
+    assert classify_s3_error(OSError(errno.EBUSY, "SlowDown")) is True
+    assert classify_s3_error(OSError(errno.EIO, "?")) is None
+
+
 def test_gcs_classifier() -> None:
     import aiohttp
     import google.auth.exceptions as gae
@@ -576,3 +600,11 @@ def test_gcs_classifier() -> None:
     assert classify_gcs_error(gae.RefreshError("invalid_grant")) is False  # type: ignore[no-untyped-call]
     assert classify_gcs_error(gae.TransportError("unreachable")) is True  # type: ignore[no-untyped-call]
     assert classify_gcs_error(ValueError("x")) is None
+    # aiohttp's own response errors, by status
+    for status, transient in ((503, True), (429, True), (404, False)):
+        error = aiohttp.ClientResponseError(None, (), status=status)  # type: ignore[arg-type]
+        assert classify_gcs_error(error) is transient
+    # no credentials to be found (no key, no gcloud, no metadata server): no retry finds one
+    assert classify_gcs_error(gae.DefaultCredentialsError("none found")) is False  # type: ignore[no-untyped-call]
+    # gcsfs's 400 (a request it calls invalid)
+    assert classify_gcs_error(ValueError("Bad Request: gs://b/o")) is False

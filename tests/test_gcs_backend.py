@@ -55,6 +55,9 @@ def test_storage_emulator_host_is_honoured(
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
     fs = gcs_filesystem()
     assert fs._endpoint == gcs_endpoint and fs.credentials.method == "anon"
+    # the emulators' own convention: host:port without a scheme (google-cloud-storage's too)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint.removeprefix("http://") + "/")
+    assert gcs_filesystem()._endpoint == gcs_endpoint
     manager = tracker_core.connect(
         f"gs://{gcs_bucket}/env", tracking_uri=sqlite_tracking_uri,
         main_metric="quality", plugin_name="plugin", retry=FAST_RETRY,
@@ -127,6 +130,10 @@ def test_credentials_value_hides_its_secret() -> None:
         "endpoint_url": "http://e",
         "token": "anon",
     }
+    assert GCSCredentials("b", project="p", service_account_file="/k.json").storage_options() == {
+        "project": "p",
+        "token": "/k.json",  # gcsfs reads the key file itself
+    }
 
 
 def test_seed_counterpart_class(
@@ -139,6 +146,7 @@ def test_seed_counterpart_class(
     assert isinstance(manager, tracker_core.ExperimentsManager)
     assert manager.artifacts.root == f"gs://{gcs_bucket}/mlflow"
     assert manager.model_format == "mlflow.pytorch"
+    assert manager.gcs_credentials is creds  # the seed's attribute
     experiment_id, run_id = round_trip(manager)
     assert manager.delete_model(run_id, experiment_id) is True
     assert manager.get_run_by_id(run_id, models_only=True) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 pytest.importorskip("mlflow")
 
@@ -23,12 +24,13 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tracker_core.errors import TrackingStoreError, TransientError
+from tracker_core.errors import ModelNotFoundError, TrackingStoreError, TransientError
 from tracker_core.retry import Retrier
-from tracker_core.stores import RunQuery
+from tracker_core.stores import ExperimentQuery, RunQuery
 from tracker_core.testing.contract_tracking import log_runs, make_experiment, unique
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.servers import free_port
+from tracker_core.values import MetricValue
 from tracker_core_mlflow import (
     MlflowBackend,
     MLflowClientWrapper,
@@ -36,7 +38,9 @@ from tracker_core_mlflow import (
     TransientTrackingStoreError,
     default_tracking_uri,
 )
-from tracker_core_mlflow.tracking import batches
+from tracker_core_mlflow.errors import tracking_errors
+from tracker_core_mlflow.registry import MlflowRegistryStore
+from tracker_core_mlflow.tracking import batches, check_tracking_uri
 
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -90,6 +94,37 @@ def test_create_that_loses_the_race_returns_the_winner(
     assert len(calls) == 2
 
 
+# -- searches MLflow's filter language cannot express ------------------------------------------
+def test_clauses_mlflow_cannot_quote_are_checked_on_the_answer(
+    store: MlflowTrackingStore, tmp_path: Path
+) -> None:
+    """A value holding both quote kinds has no quoting in MLflow's filter language, nor a key
+    holding a backtick: those clauses are checked on the runs (experiments) MLflow returns,
+    so a search still finds exactly the matching ones."""
+    both = "both ' and \""
+    group = unique("group")
+    exp = make_experiment(store, tmp_path, g=group)
+    match = store.create_run(exp, both, {"t": both})
+    store.log_batch(match.run_id, [MetricValue("m", 1.0)], {"p": both})
+    other = store.create_run(exp, "plain", {"t": "plain"})
+    store.log_batch(other.run_id, [MetricValue("m", 2.0)], {"p": "plain"})
+
+    def names(**kw: Any) -> list[str]:
+        return [r.run_name for r in store.search_runs(RunQuery((exp,), **kw))]
+
+    assert names(tags={"t": both}) == [both]
+    assert names(params={"p": both}) == [both]
+    assert names(run_name=both) == [both]
+    # MLflow refuses such keys when they are logged: no run has one
+    assert names(tags={"k`x": "v"}) == [] and names(has_metric="k`m") == []
+    with pytest.raises(TrackingStoreError, match="cannot order by metric 'k`m': it has a backtick"):
+        store.search_runs(RunQuery((exp,), order_by_metric="k`m"))
+
+    odd = store.create_experiment(f"{unique()} {both}", (tmp_path / "odd").as_uri(), {"g": group})
+    query = ExperimentQuery(tags={"g": group}, exclude_names=(odd.name,))
+    assert [e.experiment_id for e in store.iter_experiments(query)] == [exp]
+
+
 # -- logging --------------------------------------------------------------------------------
 def test_batches_respect_mlflow_limits() -> None:
     metrics = [Metric(f"m{i}", 1.0, 1, 0) for i in range(2500)]
@@ -104,7 +139,40 @@ def test_batches_respect_mlflow_limits() -> None:
         assert len(m) + len(p) + len(t) <= 1000
 
 
+def test_metric_history_skips_nan_values_with_a_warning(
+    store: MlflowTrackingStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow takes NaN from other clients; a MetricValue cannot hold it: skipped, and said."""
+    run = store.create_run(make_experiment(store, tmp_path), "nan", {})
+    points = [Metric("m", 0.5, 1, 0), Metric("m", float("nan"), 2, 1), Metric("m", 0.7, 3, 2)]
+    store.client.log_batch(run.run_id, points, synchronous=True)
+    history = store.get_metric_history(run.run_id, "m")
+    assert [(v.value, v.step) for v in history] == [(0.5, 0), (0.7, 2)]
+    assert f"{run.run_id}: skipped 1 NaN value(s) of metric 'm'" in caplog.text
+
+
+def test_delete_tag_of_a_deleted_run_is_refused(store: MlflowTrackingStore, tmp_path: Path) -> None:
+    run = store.create_run(make_experiment(store, tmp_path), "gone", {"a": "1"})
+    store.delete_run(run.run_id)
+    with pytest.raises(TrackingStoreError, match="must be in the 'active' state") as info:
+        store.delete_tag(run.run_id, "a")
+    assert store.classify_error(info.value) is False
+
+
 # -- errors ---------------------------------------------------------------------------------
+def test_an_unopenable_sqlite_database_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    db = tmp_path / "a-file" / "mlflow.db"
+    with pytest.raises(TrackingStoreError) as info:
+        MlflowTrackingStore(f"sqlite:///{db}")
+    message = str(info.value)
+    assert f"cannot open the SQLite tracking database {db}: Not a directory" in message
+    assert "check that the path is right" in message
+
+
+def test_a_plain_path_is_mlflow_s_file_store() -> None:
+    for uri in ("./mlruns", "/srv/mlruns", "C:\\mlruns"):
+        check_tracking_uri(uri)  # accepted: MLflow reads a path as its file store
 
 
 def test_dead_server_is_transient_and_password_is_redacted() -> None:
@@ -141,6 +209,11 @@ def test_bad_request_is_permanent(store: MlflowTrackingStore) -> None:
     assert store.classify_error(info.value) is False  # the contract: not True
 
 
+def _chained(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
@@ -150,6 +223,9 @@ def test_bad_request_is_permanent(store: MlflowTrackingStore) -> None:
         (RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "x"}), False),
         (RestException({"error_code": "RESOURCE_ALREADY_EXISTS", "message": "x"}), False),
         (RestException({"error_code": "PERMISSION_DENIED", "message": "x"}), False),
+        # codes outside both lists: judged by their HTTP status
+        (RestException({"error_code": "RESOURCE_EXHAUSTED", "message": "x"}), True),
+        (RestException({"error_code": "ABORTED", "message": "x"}), False),
         (MlflowException("x", error_code=INVALID_PARAMETER_VALUE), False),
         (MlflowException("API request to endpoint /x failed with error code 502 != 200"), True),
         (MlflowException("API request to endpoint /x failed with error code 429 != 200"), True),
@@ -171,10 +247,29 @@ def test_bad_request_is_permanent(store: MlflowTrackingStore) -> None:
         (ValueError("(sqlite3.IntegrityError) UNIQUE constraint failed: params.key, p"), True),
         (RestException({"error_code": "BAD_REQUEST", "message": 'dup "experiment_pk"'}), False),
         (ValueError("x"), None),
+        (requests.exceptions.RetryError("too many 503 error responses"), True),
+        (_chained(RuntimeError("wrapped"), TransientError("lost connection")), True),
     ],
 )
 def test_classify_error_table(exc: BaseException, expected: bool | None) -> None:
     assert MlflowTrackingStore("sqlite:///:memory:").classify_error(exc) is expected
+
+
+def test_tracking_errors_keep_ours_and_do_not_call_mlflow_s_answer_foreign() -> None:
+    ours = TrackingStoreError("already a tracker-core error")
+    with pytest.raises(TrackingStoreError) as info, tracking_errors("get_run", "http://h:5000"):
+        raise ours
+    assert info.value is ours  # not wrapped twice
+    # an MLflow error body cut short (not valid JSON): still MLflow's, not a foreign page
+    body = '{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Run \'abc\' not fo'
+    answer = MlflowException(
+        "API request to endpoint /api/2.0/mlflow/runs/get failed with error code 404 != 200. "
+        f"Response body: '{body}'"
+    )
+    with pytest.raises(TrackingStoreError) as info, tracking_errors("get_run", "http://h:5000"):
+        raise answer
+    assert "RESOURCE_DOES_NOT_EXIST" in str(info.value)
+    assert "not MLflow's" not in str(info.value)
 
 
 def test_classify_locked_database() -> None:
@@ -185,6 +280,43 @@ def test_classify_locked_database() -> None:
     assert classify(OperationalError("INSERT", {}, Exception("database is locked"))) is True
     assert classify(requests.exceptions.ConnectionError("refused")) is True
     assert classify(requests.exceptions.ReadTimeout("slow")) is True
+
+
+# -- model registry -------------------------------------------------------------------------
+def test_registry_answers_none_for_what_is_missing_and_refuses_bad_input(
+    store: MlflowTrackingStore,
+) -> None:
+    """What is missing is None (or, to delete, nothing to do); a bad request is a permanent
+    TrackingStoreError in MLflow's words."""
+    registry = store.open_registry()
+    assert repr(registry) == f"MlflowRegistryStore({store.display_uri!r})"
+    name = unique("model")
+    assert registry.get_version(name, "1") is None  # no such model
+    registry.delete_version(name, "1")
+    registry.ensure_registered_model(name, {"k": "v"})
+    registry.ensure_registered_model(name, {"k": "v"})  # already there
+    assert registry.get_version(name, "1") is None  # no such version
+    assert registry.get_version_by_alias(name, "champion") is None
+    registry.delete_version(name, "1")
+    refused = [
+        (lambda: registry.get_version(name, "one"), "must be an integer"),
+        (lambda: registry.delete_version(name, "one"), "must be an integer"),
+        (lambda: registry.get_version_by_alias(name, ""), "alias"),
+        (lambda: registry.ensure_registered_model("", {}), "'name'"),
+        (lambda: registry.ensure_registered_model(unique("m"), {"k" * 300: "v"}), "250"),
+    ]
+    for call, rule in refused:
+        with pytest.raises(TrackingStoreError, match=rule) as info:
+            call()
+        assert registry.classify_error(info.value) is False
+
+
+def test_registry_uri_hides_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    registry = MlflowRegistryStore("http://user:sentinelpw@127.0.0.1:9")
+    assert "sentinelpw" not in repr(registry) and "127.0.0.1:9" in repr(registry)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///elsewhere.db")
+    assert MlflowRegistryStore("sqlite:///here.db").uri == "sqlite:///elsewhere.db"
 
 
 # -- concurrency ----------------------------------------------------------------------------
@@ -261,6 +393,33 @@ def test_codec_refuses_non_empty_directory(tmp_path: Path) -> None:
         MlflowPytorchCodec().save(torch.nn.Linear(1, 1), tmp_path)
 
 
+def test_codec_a_failed_save_leaves_the_directory_empty(tmp_path: Path) -> None:
+    """A model MLflow cannot pickle: the error is MLflow's, and the directory is left as it
+    was given (there, and empty), so a retry or another format can use it."""
+    torch = pytest.importorskip("torch")
+    from tracker_core_mlflow import MlflowPytorchCodec
+
+    class Unpicklable(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    with pytest.raises(TypeError, match="pickle"):
+        MlflowPytorchCodec().save(Unpicklable(), model_dir)
+    assert model_dir.is_dir() and list(model_dir.iterdir()) == []
+    with pytest.raises(ModelNotFoundError, match=f"no MLflow model .MLmodel file. in {model_dir}"):
+        MlflowPytorchCodec().load(model_dir)
+
+
+def test_an_explicit_torch_requirement_wins() -> None:
+    from tracker_core_mlflow.codec import default_requirements
+
+    assert default_requirements(["Torch>=2.0", "numpy", "numpy"]) == ["Torch>=2.0", "numpy"]
+    assert default_requirements(["numpy"])[0].startswith("torch==")
+
+
 def test_backend_and_wrapper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tracker_core.registry import Backend
     from tracker_core.retry import RetryConfig, RetryParams
@@ -281,6 +440,10 @@ def test_backend_and_wrapper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert wrapper.tracking_store is wrapper.tracking_store
     assert wrapper.client is wrapper.tracking_store.client
     assert MLflowClientWrapper(uri).retry_config == RetryConfig()
+    assert repr(wrapper) == f"MLflowClientWrapper({uri!r})"
+    # a client of the caller's own is used as it is
+    given = MlflowTrackingStore(uri, client=wrapper.client)
+    assert given.client is wrapper.client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert default_tracking_uri() == "sqlite:///mlflow.db"

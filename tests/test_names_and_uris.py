@@ -157,6 +157,10 @@ def test_the_seed_classes_check_their_arguments_too(tmp_path: Path) -> None:
     assert "12345678" not in str(info.value)  # a refused secret is never shown
     with pytest.raises(InvalidArgumentError, match=r"^bucket_name="):
         GCSCredentials(bucket_name="")
+    key = "-----BEGIN PRIVATE KEY-----SENTINEL"
+    with pytest.raises(InvalidArgumentError, match=r"^service_account_info=<str> ") as info:
+        GCSCredentials("bucket", service_account_info=key)  # type: ignore[arg-type]
+    assert "SENTINEL" not in str(info.value) and "dict" in str(info.value)
     creds = S3Credentials("minio:9000", "key", "secret", "bucket", secure=False)
     with pytest.raises(InvalidArgumentError, match=r"^prefix="):
         ExperimentsManagerWithAmazonS3Backend(db, creds, "m", "p", prefix=7)
@@ -164,4 +168,29 @@ def test_the_seed_classes_check_their_arguments_too(tmp_path: Path) -> None:
         ExperimentsManagerWithGoogleCloudStorageBackend(
             db, GCSCredentials(bucket_name="b"), "m", "p", keep=1.5
         )
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "folder"),
+    [
+        ("file:///srv/models", "/srv/models"),
+        ("file://localhost/srv/models/", "/srv/models"),
+        ("file:///srv/my%20models", "/srv/my models"),
+    ],
+)
+def test_local_file_uris_name_a_folder_of_this_host(uri: str, folder: str) -> None:
+    from tracker_core_local.backend import local_root_uri
+
+    assert local_root_uri(uri) == Path(folder).resolve().as_uri()
+
+
+def test_a_file_uri_on_another_host_is_refused(tmp_path: Path) -> None:
+    """``file://nas/models`` names a host: refused, naming it, before anything is written
+    (read as a local folder it would silently put the models on this machine)."""
+    with pytest.raises(ConfigurationError, match=r"file URIs must be local, got host 'nas'"):
+        connect(
+            "file://nas/models", tracking_uri=f"sqlite:///{tmp_path}/m.db",
+            main_metric="m", plugin_name="p",
+        )  # fmt: skip
     assert not (tmp_path / "m.db").exists()

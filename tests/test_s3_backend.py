@@ -80,6 +80,31 @@ def test_aws_endpoint_url_wins_over_mlflow_s3_endpoint_url(
     assert fs.s3.meta.endpoint_url == moto_endpoint
 
 
+def test_mlflow_s3_ignore_tls_goes_with_mlflow_s3_endpoint_url(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's pair of variables for an S3-compatible store with a self-signed certificate:
+    the endpoint is used unverified, as MLflow's own S3 client would."""
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "https://minio.internal:9000")
+    monkeypatch.setenv("MLFLOW_S3_IGNORE_TLS", "true")
+    fs = s3_filesystem()
+    assert fs.endpoint_url == "https://minio.internal:9000"
+    assert fs.client_kwargs == {"verify": False}
+    monkeypatch.setenv("MLFLOW_S3_IGNORE_TLS", "false")
+    assert s3_filesystem().client_kwargs == {}
+
+
+def test_download_part_size_is_a_storage_option(
+    s3_bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    fs = s3_filesystem({"endpoint_url": moto_endpoint, "download_part_size": 1024})
+    assert fs.download_part_size == 1024
+    data = bytes(range(256)) * 10  # 2,560 bytes: three ranges
+    fs.pipe_file(f"{s3_bucket}/w.bin", data)
+    fs.get_file(f"{s3_bucket}/w.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == data
+
+
 def test_filesystem_tries_each_request_once_with_timeouts(aws_env: dict[str, str]) -> None:
     fs = s3_filesystem({"endpoint_url": "http://127.0.0.1:9"})
     assert fs.retries == 1
@@ -149,9 +174,17 @@ def test_seed_class_with_s3_credentials(
     assert isinstance(manager, tracker_core.ExperimentsManager)
     assert manager.artifacts.root == f"s3://{s3_bucket}/mlflow"
     assert manager.model_format == "mlflow.pytorch"
+    assert manager.s3_credentials is creds  # the seed's attribute
     experiment_id, run_id = round_trip(manager)
-    assert manager.delete_model(run_id, experiment_id) is True
     fs = s3_filesystem({"endpoint_url": moto_endpoint})
+    run = manager.get_run_by_id(run_id, models_only=True)
+    assert run is not None
+    model_key = run.tags[T.TAG_MODEL_URI][len("s3://") :]
+    # the seed's private step: the model's objects go, the run still names its model
+    assert manager._delete_model(run_id, experiment_id) is True
+    assert fs.find(model_key) == []
+    assert manager.get_run_by_id(run_id, models_only=True) is not None
+    assert manager.delete_model(run_id, experiment_id) is True
     assert fs.find(f"{s3_bucket}/mlflow/") != []  # the initial model is still there
     assert manager.get_run_by_id(run_id, models_only=True) is None
 
