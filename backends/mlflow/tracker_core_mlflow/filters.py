@@ -18,6 +18,7 @@ MLflow's filter language (``mlflow.utils.search_utils``) has quirks this module 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -71,9 +72,12 @@ def _parses_back(clause: str, expected: str, experiments: bool) -> bool:
     return len(parsed) == 3 and parsed[1].get("value") == expected
 
 
+@functools.lru_cache(maxsize=4096)
 def quote_value(prefix: str, value: str, *, experiments: bool = False) -> str | None:
     """The clause ``<prefix> <quoted value>`` (prefix includes the comparator), verified with
-    MLflow's own parser in context; None if no quoting round-trips."""
+    MLflow's own parser in context; None if no quoting round-trips. Remembered: the check
+    costs milliseconds of parsing, and a worker searches by the same names and values again
+    and again (a run's name at every claim and resume, a model's mark at every prune)."""
     for quote in ("'", '"'):
         if quote in value:
             continue
