@@ -17,8 +17,9 @@ PIP_INSTALL := PIP_DISABLE_PIP_VERSION_CHECK=1 $(VPY) -m pip install --no-input 
 # The test command; README quotes it. Extra pytest options: make test PYTEST_ARGS="-k s3 -x".
 # Three test processes (pytest-xdist) on two cores: most tests wait on a server, a subprocess or
 # a lease, so two processes left the cores idle a third of the time (measured: 711 s of pytest
-# with 2, 640 s with 3, same code). Modules whose tests share module-scoped servers stay in one
-# process (tests/conftest.py). TEST_PROCESSES=0 runs everything in this process.
+# with 2, 640 s with 3, same code; on 2026-12-04, 678 s with 4 and 591 s with 3, same code: a
+# fourth process costs more CPU than it fills). Modules whose tests share module-scoped servers
+# stay in one process (tests/conftest.py). TEST_PROCESSES=0 runs everything in this process.
 # `make test` runs the store contracts on every store and the behaviour on two legs
 # (tests/conftest.py); `make test-all` runs the behaviour on all six legs of the matrix.
 PYTEST_ARGS    ?=

@@ -64,8 +64,17 @@ def address(name: str) -> str:
 
 def start_for_test_processes(stack: contextlib.ExitStack) -> None:
     """Start every shared server at once (the controller of a pytest-xdist run, before it
-    starts the test processes, which inherit the addresses); ``stack`` stops them."""
-    with ThreadPoolExecutor(len(_FACTORIES)) as pool:
-        futures = {name: pool.submit(_start, name, stack) for name in _FACTORIES}
+    starts the test processes, which inherit the addresses); ``stack`` stops them, at once
+    too (a server may take its stop grace to end)."""
+    own = {name: contextlib.ExitStack() for name in _FACTORIES}
+    stack.callback(_close_all, list(own.values()))
+    with ThreadPoolExecutor(len(own)) as pool:
+        futures = {name: pool.submit(_start, name, own[name]) for name in own}
     for name, future in futures.items():
         os.environ[_variable(name)] = future.result()
+
+
+def _close_all(stacks: list[contextlib.ExitStack]) -> None:
+    with ThreadPoolExecutor(len(stacks)) as pool:
+        for done in [pool.submit(s.close) for s in stacks]:
+            done.result()
