@@ -25,7 +25,7 @@ from tracker_core import (
 from tracker_core.finetune import parse_iteration_name, prepare_iteration, run_iteration
 from tracker_core.methods import FineTuningMethod, connect_kwargs
 from tracker_core.stores import RunQuery
-from tracker_core.testing.faults import FaultyProxy
+from tracker_core.testing.faults import FaultyProxy, Killed
 from tracker_core.testing.harness import BackendUnderTest
 
 
@@ -39,15 +39,11 @@ def tiny_model() -> nn.Module:
     return nn.Linear(8, 4)  # 36 parameters
 
 
-class SimulatedCrash(BaseException):
-    """Stands for the process dying (a kill, an OOM): not an error of the run."""
-
-
 class ToyMethod(FineTuningMethod[ToyParams]):
     """Training adds ``lr`` to every weight; evaluation reports ``params.quality``.
 
     ``fail_on`` / ``crash_on`` hold 1-based train-call numbers that raise RuntimeError /
-    SimulatedCrash; ``fail_all`` makes every run fail.
+    Killed; ``fail_all`` makes every run fail.
     """
 
     params_type = ToyParams
@@ -76,7 +72,7 @@ class ToyMethod(FineTuningMethod[ToyParams]):
         self.received.append(weights(model))
         call = len(self.trained)
         if call in self.crash_on:
-            raise SimulatedCrash(f"crash on train call {call}")
+            raise Killed(f"crash on train call {call}")
         if self.fail_all or call in self.fail_on:
             raise RuntimeError(f"boom on train call {call}")
         with torch.no_grad():
@@ -191,7 +187,7 @@ def test_crash_mid_iteration_resumes(
     method.crash_on = {3}
     manager = connect(backend, method)
     managers.append(manager)
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(Killed):
         run_iteration(method, manager, "batch-1")
     assert len(method.trained) == 3
     assert list(tmpdir_watch.iterdir()) == []

@@ -10,7 +10,12 @@ import threading
 from collections import Counter
 from typing import Any
 
-__all__ = ["FaultyProxy"]
+__all__ = ["FaultyProxy", "Killed"]
+
+
+class Killed(BaseException):
+    """Stands for the process dying at that point (a kill, an OOM): a ``BaseException``, so no
+    retry policy or ``except Exception`` catches it and nothing after it runs."""
 
 
 class FaultyProxy:

@@ -22,7 +22,7 @@ from tracker_core.errors import (
 )
 from tracker_core.manager import ExperimentsManager
 from tracker_core.stores import RunQuery
-from tracker_core.testing.faults import FaultyProxy
+from tracker_core.testing.faults import FaultyProxy, Killed
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import (
     Params,
@@ -187,8 +187,8 @@ def test_a_deletion_cut_short_after_the_last_model_is_finished_by_the_next(
     mgr.set_iteration(iteration(mgr, "2"))
     run_with_quality(mgr, Params(lr=0.1), 0.6)
     proxy = mgr.tracking.wrap(FaultyProxy)
-    proxy.fail("delete_experiment", error=_Killed("killed"))
-    with pytest.raises(_Killed):
+    proxy.fail("delete_experiment", error=Killed("killed"))
+    with pytest.raises(Killed):
         mgr.delete_previous_iteration()
     assert marked_models(mgr, first) == set()  # its model went, the experiment did not
     assert mgr.tracking.get_experiment(first).lifecycle_stage == "active"  # type: ignore[union-attr]
@@ -196,10 +196,6 @@ def test_a_deletion_cut_short_after_the_last_model_is_finished_by_the_next(
     gone = mgr.tracking.get_experiment(first)
     assert gone is None or gone.lifecycle_stage == "deleted"
     assert [e.name for e in mgr.get_experiments()] == [str(iteration(mgr, "2"))]
-
-
-class _Killed(BaseException):
-    """Where a worker would be killed: nothing after it runs, nothing catches it."""
 
 
 def test_delete_previous_iteration_without_previous_is_a_noop(mgr: ExperimentsManager) -> None:

@@ -22,16 +22,12 @@ import pytest
 from tracker_core.errors import ModelProtectedError, TransientError
 from tracker_core.manager import ExperimentsManager
 from tracker_core.promotion import Outcome
-from tracker_core.testing.faults import FaultyProxy
+from tracker_core.testing.faults import FaultyProxy, Killed
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import Params, iteration, mgr, stored_models, weights
 from tracker_core.values import FineTuningIteration, MetricValue
 
 __all__ = ["mgr"]  # completed at the end
-
-
-class Killed(BaseException):
-    """Stands for the process dying at a kill point: no retry policy catches it."""
 
 
 def scored_model(score: float) -> Any:

@@ -37,6 +37,7 @@ from tracker_core.pruning import RunPruning
 from tracker_core.search import Search, SearchSpace
 from tracker_core.search_study import history, propose
 from tracker_core.stores import RunQuery
+from tracker_core.testing.faults import Killed
 from tracker_core.testing.harness import BackendUnderTest
 from tracker_core.testing.support import marked_models, processes, stored_models, tiny_model
 from tracker_core.values import FineTuningIteration, MetricValue, RunStatus
@@ -59,10 +60,6 @@ STEPS = 4
 class Point(FineTuningParams):
     x: float
     y: float = 0.5
-
-
-class SimulatedCrash(BaseException):
-    """Stands for the process dying in the middle of a run."""
 
 
 class Curve(FineTuningMethod[Point]):
@@ -103,7 +100,7 @@ class Curve(FineTuningMethod[Point]):
     def train(self, model: Any, params: Point, manager: ExperimentsManager) -> Any:
         self.trained.append(params)
         if len(self.trained) in self.crash_on:
-            raise SimulatedCrash(f"crash on train call {len(self.trained)}")
+            raise Killed(f"crash on train call {len(self.trained)}")
         quality = _quality(params)
         for step in range(STEPS):
             if step == 1 and self.wait_for_finished:
@@ -195,7 +192,7 @@ def test_search_proposes_the_same_sets_when_resumed(backend: BackendUnderTest) -
 
     method.trained.clear()
     method.crash_on = {3}
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(Killed):
         run_iteration(method, mgr, "b2", seed=7)
     method.crash_on = set()
     trained_first = list(method.trained[:2])
