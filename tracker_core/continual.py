@@ -2,7 +2,8 @@
 
 :func:`conclude` is what the driver's completion (:func:`tracker_core.finetune.complete_iteration`,
 also the task service's completion job) and a hand-written loop (``manager.promote(...)``) call
-once an iteration's runs have ended: with a holdout evaluation, the iteration's best model is
+once an iteration's runs have ended (:func:`promote` is the hand-written loop's, choosing
+the run the iteration started from): with a holdout evaluation, the iteration's best model is
 the challenger, gated by :class:`~tracker_core.promotion.Promoter`; with or without one, the
 iteration's :class:`~tracker_core.lineage.LineageRecord` is written. Both are repeatable, so a
 repeated completion concludes the same way.
@@ -27,7 +28,7 @@ from tracker_core.promotion import Decision
 from tracker_core.tracker import Tracker
 from tracker_core.values import ExperimentRecord, RunRecord, RunStatus
 
-__all__ = ["START_FROM", "Conclusion", "conclude", "start_run", "started_by"]
+__all__ = ["START_FROM", "Conclusion", "conclude", "promote", "start_run", "started_by"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,36 @@ def conclude(
     record = _record(tracker, experiment, best, start_run_id, decision, by)
     tracker.lineage.write(record)
     return Conclusion(decision, record)
+
+
+def promote(
+    tracker: Tracker,
+    holdout: Holdout | None = None,
+    *,
+    start_run_id: str | None = None,
+    by: str | None = None,
+) -> Conclusion:
+    """:func:`conclude` the tracker's current iteration; it started from ``start_run_id``,
+    by default the iteration's ``run_id``, else the champion's run, else the last model's,
+    else the initial model's (see ``ExperimentsManager.promote``)."""
+    with tracker.lock:
+        experiment = tracker.require_iteration()
+        iteration = tracker.iteration
+        start = start_run_id or (iteration.run_id if iteration else None)
+        if start is None:
+            champion = tracker.promoter.champion() if tracker.promoter.available else None
+            last = tracker.last_model()
+            start = (champion.run_id if champion else None) or (last[1].run_id if last else None)
+            if not start:
+                initial = tracker.initial.run()
+                start = initial.run_id if initial else ""
+        return conclude(
+            tracker,
+            experiment,
+            start_run_id=start,
+            holdout=holdout,
+            by=by or started_by(tracker.leases.owner),
+        )
 
 
 def _record(

@@ -3,8 +3,9 @@ it, public and private, as one adapter over a :class:`~tracker_core.tracker.Trac
 
 The constructor checks every argument (:mod:`tracker_core.arguments`) before anything is
 written, opens the two stores of the backend that the artifact URI's scheme names, and builds
-the tracker. Each method is a delegation to the tracker or one of its services; the work, and
-its documentation, is there. At interpreter exit, every manager still open sends its queued
+the tracker. Each method is a delegation to the tracker, one of its services or
+:class:`~tracker_core.lookup.ModelLookup` (the seed's model lookups); the work, and its
+documentation, is there. At interpreter exit, every manager still open sends its queued
 metrics and lets go of its run (:meth:`~tracker_core.tracker.Tracker.at_exit`).
 """
 
@@ -16,22 +17,20 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, overload
 
-from tracker_core import arguments, leases
+from tracker_core import arguments, continual, leases
 from tracker_core import tags as T
 from tracker_core.accumulators import MetricsAccumulator
 from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.codecs import ModelFactory
-from tracker_core.continual import Conclusion, conclude, started_by
+from tracker_core.continual import Conclusion
 from tracker_core.errors import (
-    ConfigurationError,
     InvalidMetricError,
-    ModelFilesMissingError,
-    ModelNotFoundError,
     TrackerError,
 )
 from tracker_core.lineage import Lineage
+from tracker_core.lookup import ModelLookup
 from tracker_core.models import ModelKeeper, is_marked
 from tracker_core.opening import DEFAULT_ARTIFACT_URI, DEFAULT_TRACKING_URI, open_tracker
 from tracker_core.params import FineTuningParams
@@ -73,6 +72,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=FineTuningParams)
+_V = TypeVar("_V")
 
 _live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
 
@@ -81,6 +81,23 @@ _live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
 def _at_exit() -> None:
     for tracker in list(_live_trackers):
         tracker.at_exit()
+
+
+class _Setting(Generic[_V]):
+    """A read-only manager attribute: one value of its :class:`Settings`."""
+
+    def __init__(self, read: Callable[[Settings], _V]) -> None:
+        self._read = read
+
+    @overload
+    def __get__(self, manager: None, owner: type) -> _Setting[_V]: ...
+    @overload
+    def __get__(self, manager: ExperimentsManager, owner: type) -> _V: ...
+    def __get__(self, manager: ExperimentsManager | None, owner: type) -> _V | _Setting[_V]:
+        return self if manager is None else self._read(manager.settings)
+
+    def __set__(self, manager: ExperimentsManager, value: object) -> NoReturn:
+        raise AttributeError("a manager's settings are fixed at construction")
 
 
 class ExperimentsManager:
@@ -161,6 +178,7 @@ class ExperimentsManager:
             clock=clock,
             promotion=promotion,
         )
+        self._lookup = ModelLookup(self._tracker)
         _live_trackers.add(self._tracker)
 
     @classmethod
@@ -239,54 +257,20 @@ class ExperimentsManager:
     def ranking(self) -> Ranking:
         return self._tracker.ranking
 
-    @property
-    def is_loss(self) -> bool:
-        """True if the main metric is a loss (lower is better)."""
-        return self.settings.is_loss
-
-    @property
-    def main_metric(self) -> str:
-        return self.settings.main_metric
-
-    @property
-    def plugin_name(self) -> str:
-        return self.settings.plugin_name
-
-    @property
-    def keep(self) -> int:
-        return self.settings.keep
-
-    @property
-    def n_top_runs(self) -> int:
-        return self.settings.n_top_runs
-
-    @property
-    def model_format(self) -> str:
-        return self.settings.model_format
-
-    @property
-    def model_factory(self) -> ModelFactory | None:
-        return self.settings.model_factory
-
-    @property
-    def params_type(self) -> type[FineTuningParams] | None:
-        return self.settings.params_type
-
-    @property
-    def requirements(self) -> list[str] | None:
-        return list(self.settings.requirements) if self.settings.requirements else None
-
-    @property
-    def retry_config(self) -> RetryConfig:
-        return self.settings.retry
-
-    @property
-    def tracking_uri(self) -> str | None:
-        return self.settings.tracking_uri
-
-    @property
-    def lease_seconds(self) -> float:
-        return self.settings.lease_seconds
+    is_loss: _Setting[bool] = _Setting(lambda s: s.is_loss)  # True if lower main_metric is better
+    main_metric: _Setting[str] = _Setting(lambda s: s.main_metric)
+    plugin_name: _Setting[str] = _Setting(lambda s: s.plugin_name)
+    keep: _Setting[int] = _Setting(lambda s: s.keep)
+    n_top_runs: _Setting[int] = _Setting(lambda s: s.n_top_runs)
+    model_format: _Setting[str] = _Setting(lambda s: s.model_format)
+    model_factory: _Setting[ModelFactory | None] = _Setting(lambda s: s.model_factory)
+    params_type: _Setting[type[FineTuningParams] | None] = _Setting(lambda s: s.params_type)
+    requirements: _Setting[list[str] | None] = _Setting(
+        lambda s: list(s.requirements) if s.requirements else None
+    )
+    retry_config: _Setting[RetryConfig] = _Setting(lambda s: s.retry)
+    tracking_uri: _Setting[str | None] = _Setting(lambda s: s.tracking_uri)
+    lease_seconds: _Setting[float] = _Setting(lambda s: s.lease_seconds)
 
     @property
     def current_iteration(self) -> FineTuningIteration | None:
@@ -403,8 +387,7 @@ class ExperimentsManager:
         FINISHED run in the newest iteration (created before the current one, if any) that
         holds one. :meth:`download_last_model`, :meth:`get_top_params` and
         :meth:`delete_previous_iteration` use this iteration."""
-        found = self._tracker.last_model()
-        return found[1] if found else None
+        return self._lookup.last_run()
 
     def delete_previous_iteration(self) -> None:
         """Prune the current iteration, then delete the one it started from (see
@@ -477,10 +460,7 @@ class ExperimentsManager:
 
     def get_run_by_id(self, run_id: str, models_only: bool = False) -> RunRecord | None:
         """The run with that id; with ``models_only``, None unless it holds a marked model."""
-        run = self._tracker.runs.get(run_id)
-        if run is None or (models_only and not is_marked(run)):
-            return None
-        return run
+        return self._lookup.run(run_id, marked_only=models_only)
 
     def save_metric(self, metric_value: MetricValue) -> None:
         """Feed the value to the accumulators and queue what they yield; queued values are
@@ -533,13 +513,7 @@ class ExperimentsManager:
         """Delete the model of a run (of the current iteration unless ``experiment_id``);
         never the initial model. False, with a warning, when the run holds no model."""
         experiment_id = experiment_id or self._tracker.require_iteration().experiment_id
-        if self._tracker.iterations.is_initial(experiment_id):
-            raise ConfigurationError("deleting the initial model is not allowed")
-        run = self.get_run_by_id(run_id)
-        if run is None or run.experiment_id != experiment_id or not is_marked(run):
-            log.warning("run %s of experiment %s holds no model", run_id, experiment_id)
-            return False
-        return self._tracker.delete_model(run)
+        return self._lookup.delete(run_id, experiment_id)
 
     def model_is_uploaded(self) -> bool:
         """Whether the current run holds a marked model."""
@@ -557,75 +531,45 @@ class ExperimentsManager:
 
     def get_best_current_run_id(self) -> tuple[str | None, bool]:
         """Best model run of the current iteration; ``(None, True)`` without a current one."""
-        experiment = self._tracker.experiment
-        if experiment is None:
+        if self._tracker.experiment is None:
             return None, True
-        best = self.models.best_run(experiment.experiment_id)
+        best = self._lookup.current_best()
         return (best.run_id if best else None), False
 
     def get_last_model_url(self) -> str | None:
         """Storage URL of the model the next iteration starts from; None if there is none."""
-        run = self.get_last_model_run()
-        return self.models.uri_of(run) if run else None
+        return self._lookup.url(self._lookup.last_run())
 
     def get_current_model_url(self) -> str | None:
         """Storage URL of the current iteration's best model; None if there is none."""
-        experiment = self._tracker.experiment
-        run = self.models.best_run(experiment.experiment_id) if experiment else None
+        run = self._lookup.current_best()
         if run is None:
             log.info("no model in the current iteration")
-        return self.models.uri_of(run) if run else None
+        return self._lookup.url(run)
 
     def download_model_files(
         self, run_id: str, destination: Path, progress: bool | None = None
     ) -> Path:
         """Copy the run's marked model files into ``destination``; returns the model folder."""
-        run = self.get_run_by_id(run_id, models_only=True)
-        if run is None:
-            raise ModelNotFoundError(f"run {run_id} holds no model")
-        return self.models.download_files(run, Path(destination), progress)
+        return self._lookup.files(run_id, destination, progress)
 
     def download_model_by_run_id(self, run_id: str) -> Any | None:
         """The run's model; None if the run holds none (its files missing raise
         :class:`ModelFilesMissingError`). Store failures raise."""
-        run = self.get_run_by_id(run_id, models_only=True)
-        try:
-            if run is None:
-                raise ModelNotFoundError(f"run {run_id} holds no model")
-            return self._tracker.load(run)
-        except ModelFilesMissingError:
-            raise
-        except ModelNotFoundError as exc:
-            log.info("no model to download: %s", exc)
-            return None
+        return self._lookup.load(run_id)
 
     def download_model(self, experiment_name: str, run_name: str) -> Any | None:
         """The model of the run named ``run_name`` in the experiment ``experiment_name``."""
-        experiment = self._tracker.iterations.by_name(experiment_name)
-        if experiment is None:
-            log.warning("no experiment named %r", experiment_name)
-            return None
-        run = self._tracker.runs.first(experiment.experiment_id, run_name=run_name)
-        if run is None:
-            log.warning("no run named %r in %r", run_name, experiment_name)
-            return None
-        return self.download_model_by_run_id(run.run_id)
+        return self._lookup.load_named(experiment_name, run_name)
 
     def download_best_model(self, experiment_id: str) -> Any:
         """The best model of an experiment; the initial model if it holds none."""
-
-        def pick() -> RunRecord | None:
-            best = self.models.best_run(experiment_id)
-            if best is None:
-                log.info("experiment %s holds no model; using the initial model", experiment_id)
-            return best
-
-        return self._tracker.load_best(pick)
+        return self._lookup.load_best(experiment_id)
 
     def download_last_model(self) -> Any:
         """The model the next iteration starts from (see :meth:`get_last_model_run`); else
         the initial model."""
-        return self._tracker.load_best(self.get_last_model_run)
+        return self._tracker.load_best(self._lookup.last_run)
 
     def get_top_params_by_experiment_id(
         self, experiment_id: str, params_type: type[P] | None = None
@@ -703,32 +647,9 @@ class ExperimentsManager:
         ``start_run_id``: the run whose model the iteration started from (default: the
         iteration's ``run_id``, else the champion's run, else the last model's, else the
         initial model's). Repeatable: a second call finds the decision made."""
-        with self._tracker.lock:
-            experiment = self._tracker.require_iteration()
-            iteration = self._tracker.iteration
-            start = start_run_id or (iteration.run_id if iteration else None)
-            if start is None:
-                champion = self.promotion.champion() if self.promotion.available else None
-                last = self.get_last_model_run()
-                start = (
-                    (champion.run_id if champion else None)
-                    or (last.run_id if last else None)
-                    or self.get_initial_run_id()
-                    or ""
-                )
-            return conclude(
-                self._tracker,
-                experiment,
-                start_run_id=start,
-                holdout=holdout,
-                by=by or started_by(self._tracker.leases.owner),
-            )
+        return continual.promote(self._tracker, holdout, start_run_id=start_run_id, by=by)
 
     def download_champion_model(self) -> Any:
         """The champion's model (``models:/<name>@champion``); before the first promotion,
         the model :meth:`download_last_model` gives."""
-        champion = self.promotion.champion() if self.promotion.available else None
-        if champion is None or champion.run is None:
-            return self.download_last_model()
-        run = champion.run
-        return self._tracker.load_best(lambda: run)
+        return self._lookup.load_champion()
