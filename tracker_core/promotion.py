@@ -36,6 +36,10 @@ The optional :class:`~tracker_core.webhook.Webhook` is called from inside the lo
 the decision is written, once per promotion (or rollback), with an idempotency key; its
 delivery is recorded on the version, so a repeat sends it again only if it was not recorded
 (then with the same key, for the receiver to drop).
+
+This module decides (the gate, a person's promotion, a rollback) under the lock;
+:mod:`tracker_core.champion_versions` installs what was decided (versions, aliases,
+protection, webhook).
 """
 
 from __future__ import annotations
@@ -44,48 +48,37 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tracker_core import tags as T
+from tracker_core.champion_versions import ChampionVersions, cached_holdout, existing_run
 from tracker_core.clock import Clock
 from tracker_core.decisions import Champion, Decision, Outcome, PromotionConfig, reason_of
 from tracker_core.errors import PromotionError
 from tracker_core.iterations import Iterations
 from tracker_core.lease import Leases
 from tracker_core.lineage import Lineage
-from tracker_core.models import ModelKeeper, is_marked
+from tracker_core.models import ModelKeeper
 from tracker_core.ranking import Ranking
-from tracker_core.registry_store import ModelVersion, RegistryStore
+from tracker_core.registry_store import RegistryStore
 from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.runs import RunTracker, looked_up_again
-from tracker_core.stores import RunQuery, TrackingStore
-from tracker_core.values import MetricValue, RunRecord, RunStatus
-from tracker_core.webhook import WebhookError
+from tracker_core.stores import TrackingStore
+from tracker_core.values import MetricValue, RunRecord
 
 __all__ = ["Champion", "Decision", "Outcome", "Promoter", "PromotionConfig", "reason_of"]
 
 log = logging.getLogger(__name__)
 
-TAG_HOLDOUT = "tracker.holdout"
-TAG_DECISION = "tracker.promotion"
-TAG_NOTIFIED = "tracker.notified"
 METRIC_HOLDOUT = "holdout"
 METRIC_CHAMPION_HOLDOUT = "champion_holdout"
 
 HoldoutScore = Callable[[RunRecord], float]
 
 
-def _cached(tags: Mapping[str, str]) -> float | None:
-    text = tags.get(TAG_HOLDOUT)
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None
-
-
 def _recorded(run: RunRecord) -> Decision | None:
-    text = run.tags.get(TAG_DECISION)
+    text = run.tags.get(T.TAG_DECISION)
     return Decision.from_json(json.loads(text)) if text else None
 
 
@@ -107,15 +100,17 @@ class Promoter:
         retry: RetryConfig,
     ) -> None:
         self._tracking, self._registry = tracking, registry
-        self._models, self._iterations, self._runs = models, iterations, runs
+        self._iterations, self._runs = iterations, runs
         self._leases, self._lineage, self._ranking = leases, lineage, ranking
         self.config = config
-        self._retrier = Retrier(retry)
+        self.versions = ChampionVersions(
+            tracking, registry, models, iterations, config, leases.clock, Retrier(retry)
+        )
 
     @property
     def name(self) -> str:
         """The registered model's name."""
-        return self.config.registered_model or self._iterations.plugin_name
+        return self.versions.name
 
     @property
     def clock(self) -> Clock:
@@ -128,12 +123,7 @@ class Promoter:
 
     @property
     def registry(self) -> RegistryStore:
-        if self._registry is None:
-            raise PromotionError(
-                f"the tracking store {self._tracking.uri} has no model registry: promotion "
-                "needs one (an MLflow tracking URI: a database or an MLflow server)"
-            )
-        return self._registry
+        return self.versions.registry
 
     # ------------------------------------------------------------------ reading
     def champion(self, alias: str | None = None) -> Champion | None:
@@ -142,22 +132,22 @@ class Promoter:
         if version is None:
             return None
         run = self._tracking.get_run(version.run_id) if version.run_id else None
-        score = _cached(version.tags)
+        score = cached_holdout(version.tags)
         if score is None and run is not None:
-            score = _cached(run.tags)
+            score = cached_holdout(run.tags)
         return Champion(version, run, score)
 
     def score(self, run: RunRecord, holdout: HoldoutScore) -> float:
         """The run's holdout score: cached on the run, else computed and cached (tag and
         metric), before anything depends on it."""
-        cached = _cached(run.tags)
+        cached = cached_holdout(run.tags)
         if cached is not None:
             return cached
         value = float(holdout(run))
         if not math.isfinite(value):
             raise PromotionError(f"the holdout score of run {run.run_id} is {value}")
         metric = MetricValue(METRIC_HOLDOUT, value, step=0, timestamp_ms=self.clock.now_ms())
-        self._tracking.log_batch(run.run_id, [metric], None, {TAG_HOLDOUT: repr(value)})
+        self._tracking.log_batch(run.run_id, [metric], None, {T.TAG_HOLDOUT: repr(value)})
         return value
 
     # ------------------------------------------------------------------ the gate
@@ -172,7 +162,7 @@ class Promoter:
             decision = _recorded(fresh)
             if decision is None:
                 decision = self._decide(fresh, holdout, by)
-            self._notify(decision)
+            self.versions.notify(decision)
         return decision
 
     def _decide(self, challenger: RunRecord, holdout: HoldoutScore, by: str) -> Decision:
@@ -198,10 +188,10 @@ class Promoter:
                 against = champion.holdout
                 if against is None and champion.run is not None:
                     against = self.score(champion.run, holdout)
-                    tags = {TAG_HOLDOUT: repr(against)}
+                    tags = {T.TAG_HOLDOUT: repr(against)}
                     self.registry.set_version_tags(self.name, champion.version.version, tags)
             promote, why = self._beats(score, against, champion is not None)
-            version = self._install(challenger, by, why, score).version if promote else None
+            version = self.versions.install(challenger, by, why, score).version if promote else None
             outcome = Outcome.PROMOTED if promote else Outcome.REJECTED
             decision = self._decision(
                 outcome, challenger.run_id, score, champion, against, version, by, why
@@ -211,7 +201,7 @@ class Promoter:
             value = decision.champion_holdout
             metrics.append(MetricValue(METRIC_CHAMPION_HOLDOUT, value, step=0))
         text = json.dumps(decision.to_json(), sort_keys=True)
-        self._tracking.log_batch(challenger.run_id, metrics, None, {TAG_DECISION: text})
+        self._tracking.log_batch(challenger.run_id, metrics, None, {T.TAG_DECISION: text})
         log.info("challenger %s %s: %s", challenger.run_id, decision.outcome, reason_of(decision))
         return decision
 
@@ -263,18 +253,18 @@ class Promoter:
             run = self._existing(run_id)
             before = self.champion()
             why = reason or f"promoted by {by}"
-            version = self._install(run, by, why, _cached(run.tags))
+            version = self.versions.install(run, by, why, cached_holdout(run.tags))
             decision = self._decision(
                 Outcome.PROMOTED,
                 run_id,
-                _cached(run.tags),
+                cached_holdout(run.tags),
                 before,
                 before.holdout if before else None,
                 version.version,
                 by,
                 why,
             )
-            self._notify(decision)
+            self.versions.notify(decision)
         return decision
 
     def rollback(self, *, by: str, reason: str = "") -> Decision:
@@ -300,111 +290,9 @@ class Promoter:
                 by,
                 why,
             )
-            self._stamp(previous.version, decision)
-            self._notify(decision)
+            self.versions.stamp(previous.version, decision)
+            self.versions.notify(decision)
         return decision
-
-    # ------------------------------------------------------------------ installing
-    def _install(self, run: RunRecord, by: str, reason: str, holdout: float | None) -> ModelVersion:
-        """Protect the run's model, register it (one version per run), move the aliases,
-        release the protection of what lost its last alias."""
-        self._tracking.set_tags(run.run_id, {T.TAG_PROTECTED: T.TRUE})
-        fresh = self._existing(run.run_id)
-        if not is_marked(fresh) or fresh.status != RunStatus.FINISHED:
-            self._tracking.set_tags(run.run_id, {T.TAG_PROTECTED: T.FALSE})
-            raise PromotionError(f"run {run.run_id} holds no model of a FINISHED run")
-        version = self._register(fresh, holdout)
-        current = self.registry.get_version_by_alias(self.name, self.config.champion_alias)
-        if current is not None and current.version != version.version:
-            self.registry.set_alias(self.name, self.config.rollback_alias, current.version)
-        self.registry.set_alias(self.name, self.config.champion_alias, version.version)
-        self._stamp(version, None, by=by, reason=reason)
-        self._release_unaliased()
-        log.info("%s is now models:/%s@%s", version.uri, self.name, self.config.champion_alias)
-        return version
-
-    def _register(self, run: RunRecord, holdout: float | None) -> ModelVersion:
-        """The run's version: found, else created; duplicates (a retried create) deleted."""
-        versions = self.registry.search_versions(self.name, run.run_id)
-        if not versions:
-            self.registry.ensure_registered_model(self.name, {T.TAG_PLUGIN: self._plugin})
-            experiment = self._iterations.get(run.experiment_id)
-            tags = {
-                T.TAG_PLUGIN: self._plugin,
-                "tracker.run_id": run.run_id,
-                "tracker.experiment_id": run.experiment_id,
-                "tracker.batch_id": (experiment.tags.get(T.TAG_BATCH, "") if experiment else ""),
-                "tracker.model_format": run.tags.get(T.TAG_MODEL_FORMAT, ""),
-            }
-            if holdout is not None:
-                tags[TAG_HOLDOUT] = repr(holdout)
-            self.registry.create_version(self.name, self._models.uri_of(run), run.run_id, tags)
-            versions = self.registry.search_versions(self.name, run.run_id)
-        if not versions:
-            raise PromotionError(f"the version of run {run.run_id} vanished after its creation")
-        keep, *extra = versions
-        for duplicate in extra:
-            if not duplicate.aliases:
-                log.info("deleting %s, a duplicate of %s", duplicate.uri, keep.uri)
-                self.registry.delete_version(self.name, duplicate.version)
-        return keep
-
-    @property
-    def _plugin(self) -> str:
-        return self._iterations.plugin_name
-
-    def _stamp(
-        self, version: ModelVersion, decision: Decision | None, *, by: str = "", reason: str = ""
-    ) -> None:
-        tags = {
-            "tracker.promoted_by": decision.decided_by if decision else by,
-            "tracker.promoted_ms": str(decision.decided_ms if decision else self.clock.now_ms()),
-            "tracker.reason": (decision.reason if decision else reason)[:4000],
-        }
-        self.registry.set_version_tags(self.name, version.version, tags)
-
-    def _release_unaliased(self) -> None:
-        """Untag the protected runs no alias points at any more (one query per 50 of the
-        plugin's experiments)."""
-        aliased = {
-            v.run_id
-            for alias in (self.config.champion_alias, self.config.rollback_alias)
-            if (v := self.registry.get_version_by_alias(self.name, alias)) is not None
-        }
-        ids = [e.experiment_id for e in self._iterations.all()]
-        initial = self._iterations.initial()
-        ids += [initial.experiment_id] if initial is not None else []
-        for start in range(0, len(ids), 50):
-            query = RunQuery(tuple(ids[start : start + 50]), tags={T.TAG_PROTECTED: T.TRUE})
-            for run in self._tracking.search_runs(query):
-                if run.run_id not in aliased:
-                    self._tracking.set_tags(run.run_id, {T.TAG_PROTECTED: T.FALSE})
-                    log.info("run %s is no longer aliased: its model may be cleaned up", run.run_id)
-
-    # ------------------------------------------------------------------ notification
-    def _notify(self, decision: Decision) -> None:
-        """Send the webhook for a decision that changed the champion, unless its delivery was
-        recorded (on the version)."""
-        webhook = self.config.webhook
-        if webhook is None or not decision.promoted or decision.version is None:
-            return
-        key = decision.idempotency_key
-        version = self.registry.get_version(self.name, decision.version)
-        if version is None or version.tags.get(TAG_NOTIFIED) == key:
-            return
-        payload = {
-            "event": decision.outcome.value,
-            "idempotency_key": key,
-            "model_uri": f"models:/{self.name}@{self.config.champion_alias}",
-            "version_uri": version.uri,
-            **decision.to_json(),
-        }
-        try:
-            webhook.send(payload, self._retrier)
-        except WebhookError as exc:
-            log.error("the champion changed, but %s; a repeated completion retries it", exc)
-            return
-        self.registry.set_version_tags(self.name, decision.version, {TAG_NOTIFIED: key})
 
     # ------------------------------------------------------------------ the lock
     @contextlib.contextmanager
@@ -412,7 +300,7 @@ class Promoter:
         """Hold the lease of the registered model's lock run (in the lineage experiment)."""
         experiment = self._lineage.experiment(create=True)
         assert experiment is not None
-        tags = {T.TAG_PLUGIN: self._plugin, T.TAG_KIND: "lock"}
+        tags = {T.TAG_PLUGIN: self._iterations.plugin_name, T.TAG_KIND: "lock"}
 
         def take() -> Any:
             run, created = self._runs.get_or_create(
@@ -428,7 +316,4 @@ class Promoter:
                 lease.release()
 
     def _existing(self, run_id: str) -> RunRecord:
-        run = self._tracking.get_run(run_id)
-        if run is None:
-            raise PromotionError(f"run {run_id} does not exist")
-        return run
+        return existing_run(self._tracking, run_id)

@@ -15,6 +15,8 @@ __all__ = [
     "METRIC_MODEL_UPLOADED",
     "MODEL_DIR",
     "TAG_BATCH",
+    "TAG_DECISION",
+    "TAG_HOLDOUT",
     "TAG_KIND",
     "TAG_LEASE",
     "TAG_MODEL_DELETED",
@@ -23,6 +25,7 @@ __all__ = [
     "TAG_MODEL_SHA256",
     "TAG_MODEL_UPLOADED",
     "TAG_MODEL_URI",
+    "TAG_NOTIFIED",
     "TAG_PARAMS_ID",
     "TAG_PARAMS_TYPE",
     "TAG_PLUGIN",
@@ -58,6 +61,12 @@ TAG_MODEL_SHA256 = "tracker.model_sha256"
 #: "true" while a registered-model alias (the champion, the rollback model) points at the
 #: run's model: no cleanup deletes its model or its iteration (:mod:`tracker_core.promotion`)
 TAG_PROTECTED = "tracker.protected"
+#: promotion (:mod:`tracker_core.promotion`): a run's or a version's cached holdout score, the
+#: decision written on a challenger's run, the idempotency key of the webhook delivered for a
+#: version
+TAG_HOLDOUT = "tracker.holdout"
+TAG_DECISION = "tracker.promotion"
+TAG_NOTIFIED = "tracker.notified"
 
 METRIC_MODEL_UPLOADED = "model_uploaded"
 METRIC_MODEL_DELETED = "model_deleted"
