@@ -61,7 +61,8 @@ from typing import Any, Self
 import attrs
 
 from tracker_core.errors import InvalidParamsError
-from tracker_core.param_codecs import _Attrs, _compile_attrs, _Mismatch, _show, _Str, _Unsupported
+from tracker_core.param_codecs import _Mismatch, _show, _Str, _Unsupported
+from tracker_core.param_types import _Attrs, _compile_attrs
 
 __all__ = [
     "MAX_PARAM_KEY_LENGTH",
