@@ -39,8 +39,9 @@ from tracker_core_mlflow import (
     default_tracking_uri,
 )
 from tracker_core_mlflow.errors import tracking_errors
+from tracker_core_mlflow.opening import check_tracking_uri
 from tracker_core_mlflow.registry import MlflowRegistryStore
-from tracker_core_mlflow.tracking import batches, check_tracking_uri
+from tracker_core_mlflow.tracking import batches
 
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 

@@ -15,7 +15,8 @@ behaviour. A ``client`` passed in is used as it is, with its own retries.
 Runs end through the store itself: ``MlflowClient.set_terminated`` prints "View run / View
 experiment" lines to stdout over HTTP (and fetches the run once more to do so). Opening a
 SQLite database keeps MLflow's migration INFO lines out of the user's output
-(:mod:`tracker_core_mlflow.quiet`).
+(:mod:`tracker_core_mlflow.quiet`); how a URI is checked and opened is
+:mod:`tracker_core_mlflow.opening`.
 
 Credentials are best passed as ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``;
 ``user:password@`` in the URI works too and is redacted from every error this store raises.
@@ -23,29 +24,28 @@ Credentials are best passed as ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from tracker_core import arguments
-from tracker_core.errors import ConfigurationError, TrackingStoreError, redact
+from tracker_core.errors import TrackingStoreError, redact
 from tracker_core.stores import ExperimentQuery, RunQuery, TrackingStore
 from tracker_core.values import ExperimentRecord, MetricValue, RunRecord, RunStatus
 from tracker_core_mlflow import filters
 from tracker_core_mlflow.errors import (
     classify_mlflow_error,
     error_code,
-    login_refused,
-    scrub_chain,
     tracking_errors,
+)
+from tracker_core_mlflow.opening import (
+    DEFAULT_REQUEST_TIMEOUT,
+    check_tracking_uri,
+    open_client,
+    resolve_request_timeout,
 )
 from tracker_core_mlflow.quiet import quiet
 from tracker_core_mlflow.registry import MlflowRegistryStore
@@ -64,28 +64,6 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
 #: page size when a search has no (or a large) limit
 PAGE_SIZE = 1000
 _CREATE_ATTEMPTS = 3
-#: seconds an HTTP request to an MLflow server may take (connect, then read) unless the store's
-#: ``request_timeout`` or ``MLFLOW_HTTP_REQUEST_TIMEOUT`` says otherwise (MLflow's default: 120)
-DEFAULT_REQUEST_TIMEOUT = 30.0
-
-
-def resolve_request_timeout(explicit: float | None = None) -> float:
-    """``explicit`` if given, else ``MLFLOW_HTTP_REQUEST_TIMEOUT`` if set, else
-    :data:`DEFAULT_REQUEST_TIMEOUT`."""
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
-
-    if explicit is not None:
-        if explicit <= 0:
-            raise ConfigurationError(f"request_timeout must be positive, got {explicit!r}")
-        return float(explicit)
-    if MLFLOW_HTTP_REQUEST_TIMEOUT.defined:
-        return float(MLFLOW_HTTP_REQUEST_TIMEOUT.get())  # type: ignore[no-untyped-call]
-    return DEFAULT_REQUEST_TIMEOUT
-
-
-def _is_migration_chatter(record: logging.LogRecord) -> bool:
-    """MLflow's INFO lines when it opens (and migrates) a database."""
-    return record.levelno < logging.WARNING
 
 
 def _is_caught_database_error(record: logging.LogRecord) -> bool:
@@ -155,118 +133,6 @@ def _run_record(run: Run) -> RunRecord:
     )
 
 
-@contextlib.contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[bool]:
-    """Hold a file lock on a SQLite database while MLflow opens it.
-
-    MLflow migrates a fresh database on first use; several worker processes starting at
-    once on the same new file race in alembic and fail. The first one to take the lock
-    migrates; the others find the tables ready. The lock is a ``flock`` on the database file
-    itself; SQLite's own locks are POSIX record locks, which ``flock`` does not touch. Other
-    URIs need no lock (yields False).
-
-    An existing database is opened read-only for the lock (``flock`` needs no write access),
-    so a read-only database file serves reads; writes to it then fail in MLflow with a
-    :class:`~tracker_core.errors.TrackingStoreError`. A missing database is created empty
-    (SQLite reads an empty file as an empty database), with its folder, as MLflow would.
-    A file that cannot be opened raises :class:`~tracker_core.errors.TrackingStoreError`.
-    """
-    parts = urlsplit(uri)
-    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
-        yield False
-        return
-    db_path = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
-    try:
-        try:
-            fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise TrackingStoreError(
-            f"cannot open the SQLite tracking database {db_path}: {reason}; check that the "
-            "path is right and that this user may read it (and write it, to record runs)"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-#: the schemes MLflow has a tracking store for (a ``+driver`` suffix is SQLAlchemy's)
-TRACKING_SCHEMES = (
-    "sqlite",
-    "postgresql",
-    "mysql",
-    "mssql",
-    "http",
-    "https",
-    "file",
-    "databricks",
-    "databricks-uc",
-    "uc",
-)
-
-
-def _store_scheme(tracking_uri: str) -> str:
-    """The scheme of a tracking URI, without SQLAlchemy's ``+driver`` suffix."""
-    return urlsplit(tracking_uri).scheme.split("+", 1)[0].lower()
-
-
-def check_tracking_uri(tracking_uri: str) -> None:
-    """Refuse, before any connection, a URI for which MLflow has no tracking store."""
-    scheme = _store_scheme(tracking_uri)
-    if tracking_uri in ("databricks", "databricks-uc", "uc") or scheme in TRACKING_SCHEMES:
-        return
-    if len(scheme) <= 1:  # a plain path (or a Windows drive): MLflow's file store
-        return
-    arguments.refuse(
-        "tracking_uri",
-        tracking_uri,
-        f"MLflow has no tracking store for {scheme}://; give sqlite:///path/mlflow.db, "
-        "postgresql+psycopg://host/db (or mysql://, mssql://), or the http(s):// URL of an "
-        "MLflow tracking server",
-    )
-
-
-#: database schemes MLflow reaches through SQLAlchemy over the network
-_SERVER_DATABASES = frozenset({"postgresql", "mysql", "mssql"})
-
-
-def _refuse_a_refused_login(uri: str, display_uri: str, password: str | None) -> None:
-    """Connect once, and fail at once if the database refuses the login.
-
-    MLflow retries a failed first connection ten times with doubling sleeps (about 100 s):
-    right for a database that is down or starting, which is left to it, but a wrong password
-    or an unknown role would only fail the same way 100 s later. Raises a permanent
-    :class:`~tracker_core.errors.TrackingStoreError` carrying the server's words, redacted."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    engine = None
-    try:
-        engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
-        with engine.connect():
-            return
-    except Exception as exc:
-        if not login_refused(exc):
-            return  # down, starting, unreachable, no driver...: MLflow says so itself
-        scrub_chain(exc, password)
-        orig = getattr(exc, "orig", None) or exc
-        detail = redact(str(orig).strip(), password)
-        raise TrackingStoreError(
-            f"open on tracking store {display_uri} failed: the database refused the login: {detail}"
-        ) from exc
-    finally:
-        if engine is not None:
-            engine.dispose()
-
-
 def _deleted_name(name: str, experiment_id: str) -> str:
     return f"{name} (deleted {experiment_id})"
 
@@ -289,7 +155,7 @@ class MlflowTrackingStore(TrackingStore):
     ) -> None:
         """``request_timeout``: seconds per HTTP request to an MLflow server (see
         :func:`resolve_request_timeout`); ignored for databases and for a ``client`` passed in."""
-        from tracker_core_mlflow.rest import SingleAttemptRestStore, single_attempt_client
+        from tracker_core_mlflow.rest import SingleAttemptRestStore
 
         check_tracking_uri(tracking_uri)
         self.uri = tracking_uri
@@ -297,18 +163,11 @@ class MlflowTrackingStore(TrackingStore):
         self.display_uri = redact(tracking_uri, self._password)
         self.request_timeout = resolve_request_timeout(request_timeout)
         if client is None:
-            if _store_scheme(tracking_uri) in _SERVER_DATABASES:
-                _refuse_a_refused_login(tracking_uri, self.display_uri, self._password)
-            with (
-                quiet("mlflow.store.db.utils", _is_migration_chatter),
-                _sqlite_init_lock(tracking_uri) as is_sqlite,
-            ):
-                client = single_attempt_client(tracking_uri, self.request_timeout)
-                if is_sqlite:
-                    with tracking_errors("open", self.display_uri, self._password):
-                        client.search_experiments(max_results=1)  # a fresh DB migrates here
+            client = open_client(
+                tracking_uri, self.display_uri, self._password, self.request_timeout
+            )
         self.client = client
-        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
         self._rest: SingleAttemptRestStore | None = (
             store if isinstance(store, SingleAttemptRestStore) else None
         )

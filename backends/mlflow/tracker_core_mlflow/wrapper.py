@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from tracker_core import arguments
 from tracker_core.retry import RetryConfig
-from tracker_core_mlflow.tracking import MlflowTrackingStore, check_tracking_uri
+from tracker_core_mlflow.opening import check_tracking_uri
+from tracker_core_mlflow.tracking import MlflowTrackingStore
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
