@@ -586,7 +586,7 @@ class Trial:
         match = re.match(r".*://(\w+)@([\d.]+):(\d+)/(\w+)", database)
         if match:
             user, host, port, name = match.groups()
-            from tracker_core.testing.servers import _pg_bindir
+            from tracker_core.testing.postgres import _pg_bindir
 
             with contextlib.suppress(Exception):
                 subprocess.run(
