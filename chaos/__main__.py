@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from chaos.soak import Sizes, load_results, run_soak, say, table
+from chaos.report import load_results, table
+from chaos.settings import Sizes, say
+from chaos.soak import run_soak
 
 #: the soak's trials
 SEEDS = tuple(range(1, 21))

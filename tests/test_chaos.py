@@ -23,9 +23,12 @@ from _s3gcs_fixtures import artifact_leg
 import tracker_core
 from chaos import workload as W
 from chaos.journal import Journal
+from chaos.kills import Killer, arm
 from chaos.proxy import FaultPlan, FaultProxy, ProxySet
-from chaos.soak import Sizes, load_results, run_soak, table
-from chaos.worker import S3_PART_SIZE, Killer, arm
+from chaos.report import load_results, table
+from chaos.settings import Sizes
+from chaos.soak import run_soak
+from chaos.worker import S3_PART_SIZE
 from tracker_core import (
     ExperimentsManager,
     FineTuningIteration,
