@@ -68,6 +68,10 @@ class ChampionVersions:
         return self.config.registered_model or self._iterations.plugin_name
 
     @property
+    def available(self) -> bool:
+        return self._registry is not None
+
+    @property
     def registry(self) -> RegistryStore:
         if self._registry is None:
             raise PromotionError(

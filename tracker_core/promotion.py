@@ -59,10 +59,8 @@ from tracker_core.errors import PromotionError
 from tracker_core.iterations import Iterations
 from tracker_core.lease import Leases
 from tracker_core.lineage import Lineage
-from tracker_core.models import ModelKeeper
 from tracker_core.ranking import Ranking
 from tracker_core.registry_store import RegistryStore
-from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.runs import RunTracker, looked_up_again
 from tracker_core.stores import TrackingStore
 from tracker_core.values import MetricValue, RunRecord
@@ -89,23 +87,17 @@ class Promoter:
     def __init__(
         self,
         tracking: TrackingStore,
-        registry: RegistryStore | None,
-        models: ModelKeeper,
+        versions: ChampionVersions,
         iterations: Iterations,
         runs: RunTracker,
         leases: Leases,
         lineage: Lineage,
         ranking: Ranking,
-        config: PromotionConfig,
-        retry: RetryConfig,
     ) -> None:
-        self._tracking, self._registry = tracking, registry
+        self._tracking, self.versions = tracking, versions
         self._iterations, self._runs = iterations, runs
         self._leases, self._lineage, self._ranking = leases, lineage, ranking
-        self.config = config
-        self.versions = ChampionVersions(
-            tracking, registry, models, iterations, config, leases.clock, Retrier(retry)
-        )
+        self.config = versions.config
 
     @property
     def name(self) -> str:
@@ -119,7 +111,7 @@ class Promoter:
     @property
     def available(self) -> bool:
         """Whether there is a model registry to promote in."""
-        return self._registry is not None
+        return self.versions.available
 
     @property
     def registry(self) -> RegistryStore:

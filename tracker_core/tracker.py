@@ -34,6 +34,7 @@ from typing import Any
 import attrs
 
 from tracker_core.accumulators import MetricsAccumulator
+from tracker_core.champion_versions import ChampionVersions
 from tracker_core.clock import SYSTEM_CLOCK, Clock
 from tracker_core.codecs import ModelFactory
 from tracker_core.errors import (
@@ -51,7 +52,7 @@ from tracker_core.params import FineTuningParams
 from tracker_core.promotion import Promoter, PromotionConfig
 from tracker_core.ranking import Ranking, TopRuns
 from tracker_core.reconcile import Reconciler
-from tracker_core.retry import RetryConfig
+from tracker_core.retry import Retrier, RetryConfig
 from tracker_core.retrying import Stores
 from tracker_core.runs import EndedRun, RunTracker, looked_up_again
 from tracker_core.tags import KIND_ITERATION, TAG_PARAMS_ID, TAG_PARAMS_TYPE, TAG_PLUGIN
@@ -118,17 +119,23 @@ class Tracker:
         self.reconcile = Reconciler(stores, self.models, clock)
         self.top = TopRuns(stores.tracking, self.ranking)
         self.lineage = Lineage(stores.tracking, self.iterations, self.runs)
-        self.promoter = Promoter(
+        versions = ChampionVersions(
             stores.tracking,
             stores.registry,
             self.models,
+            self.iterations,
+            settings.promotion,
+            clock,
+            Retrier(settings.retry),
+        )
+        self.promoter = Promoter(
+            stores.tracking,
+            versions,
             self.iterations,
             self.runs,
             self.leases,
             self.lineage,
             self.ranking,
-            settings.promotion,
-            settings.retry,
         )
         self.lock = threading.RLock()
         self.iteration: FineTuningIteration | None = None
