@@ -91,10 +91,12 @@ def promote(
         experiment = tracker.require_iteration()
         iteration = tracker.iteration
         start = start_run_id or (iteration.run_id if iteration else None)
-        if start is None:
-            champion = tracker.promoter.champion() if tracker.promoter.available else None
-            last = tracker.last_model()
-            start = (champion.run_id if champion else None) or (last[1].run_id if last else None)
+        if start is None:  # each looked up only if the one before gives none
+            champion = tracker.promoter.serving()
+            start = champion.run_id if champion else None
+            if not start:
+                last = tracker.last_model()
+                start = last[1].run_id if last else None
             if not start:
                 initial = tracker.initial.run()
                 start = initial.run_id if initial else ""
@@ -169,8 +171,8 @@ def start_run(tracker: Tracker, policy: str, last_best: RunRecord) -> RunRecord:
     there is one whose model is servable) or ``last_best``, the last iteration's best."""
     if policy not in START_FROM:
         raise ValueError(f"start_from must be one of {START_FROM}, got {policy!r}")
-    if policy == "champion" and tracker.promoter.available:
-        champion = tracker.promoter.champion()
+    if policy == "champion":
+        champion = tracker.promoter.serving()
         run = champion.run if champion is not None else None
         if run is not None and is_marked(run) and run.status == RunStatus.FINISHED:
             if run.run_id != last_best.run_id:

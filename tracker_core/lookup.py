@@ -98,8 +98,7 @@ class ModelLookup:
     def load_champion(self) -> Any:
         """The champion's model; before the first promotion, the last iteration's best (else
         the initial model)."""
-        promoter = self._tracker.promoter
-        champion = promoter.champion() if promoter.available else None
+        champion = self._tracker.promoter.serving()
         run = champion.run if champion is not None else None
         return self._tracker.load_best(lambda: run if run is not None else self.last_run())
 

@@ -129,6 +129,10 @@ class Promoter:
             score = cached_holdout(run.tags)
         return Champion(version, run, score)
 
+    def serving(self) -> Champion | None:
+        """The champion, or None before the first promotion or without a model registry."""
+        return self.champion() if self.available else None
+
     def score(self, run: RunRecord, holdout: HoldoutScore) -> float:
         """The run's holdout score: cached on the run, else computed and cached (tag and
         metric), before anything depends on it."""
